@@ -1,0 +1,132 @@
+"""Backend shim: the one module that knows NumPy, CuPy and array-api-strict exist.
+
+Every array function of ``hicd_core`` starts with ``xp = array_namespace(...)``
+and then uses only the array API standard's functions through ``xp``. This
+module provides that namespace lookup, the host <-> device transfers that happen
+at the edges (data loading, logging, checkpoints), and the few helpers the
+standard lacks.
+
+Namespace lookup is delegated to ``array_api_compat``: it returns a
+standard-conforming wrapper for NumPy and CuPy arrays (CuPy 14 arrays carry no
+``__array_namespace__``, array-api-compat recognises them by type) and the
+library itself for namespaces that conform already (array-api-strict).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "array_namespace",
+    "namespace",
+    "is_numpy_namespace",
+    "is_cupy_namespace",
+    "to_host",
+    "from_host",
+    "all_finite",
+    "available_backends",
+]
+
+_BACKENDS = {
+    "numpy": "array_api_compat.numpy",
+    "cupy": "array_api_compat.cupy",
+    "array_api_strict": "array_api_strict",
+}
+
+
+def array_namespace(*arrays):
+    """Return the array-API namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    Raises
+    ------
+    TypeError
+        If the arrays belong to different namespaces (say NumPy and CuPy), or if
+        one of them is not an array at all. The message names the types.
+    """
+    present = [a for a in arrays if a is not None]
+    if not present:
+        raise TypeError("hicd: expected at least one array, got none")
+    try:
+        return array_api_compat.array_namespace(*present)
+    except TypeError as exc:
+        kinds = sorted({f"{type(a).__module__}.{type(a).__qualname__}" for a in present})
+        raise TypeError(
+            f"hicd: inputs must be arrays of one array-API namespace, got {', '.join(kinds)} ({exc})"
+        ) from None
+
+
+def namespace(name: str):
+    """Return the namespace for a backend name: ``numpy``, ``cupy`` or ``array_api_strict``.
+
+    This is how user input (a ``--backend`` option) becomes a namespace; the
+    library itself always takes the namespace from its input arrays.
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"hicd: unknown backend {name!r}; choose one of {sorted(_BACKENDS)}")
+    try:
+        return importlib.import_module(_BACKENDS[name])
+    except ImportError as exc:
+        hint = " (install the 'gpu' extra: pip install hicd[gpu])" if name == "cupy" else ""
+        raise ImportError(f"hicd: backend {name!r} is not available: {exc}{hint}") from None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that import here; ``cupy`` only when a GPU is usable."""
+    names = []
+    for name in _BACKENDS:
+        try:
+            xp = namespace(name)
+            if name == "cupy":
+                xp.zeros(1)  # raises without a driver / device
+        except Exception:  # noqa: BLE001 - any failure means "not available here"
+            continue
+        names.append(name)
+    return names
+
+
+def is_numpy_namespace(xp) -> bool:
+    return array_api_compat.is_numpy_namespace(xp)
+
+
+def is_cupy_namespace(xp) -> bool:
+    return array_api_compat.is_cupy_namespace(xp)
+
+
+def to_host(x) -> np.ndarray:
+    """Copy an array of any supported namespace to a NumPy array on the host."""
+    if isinstance(x, np.ndarray):
+        return x
+    if np.isscalar(x):
+        return np.asarray(x)
+    if array_api_compat.is_cupy_array(x):
+        return x.get()
+    return np.from_dlpack(x) if hasattr(x, "__dlpack__") else np.asarray(x)
+
+
+def from_host(a, xp, *, dtype=None, device=None):
+    """Move a host (NumPy) array into namespace ``xp`` (a copy on GPU backends).
+
+    ``dtype`` may be given as a NumPy dtype or name; it is mapped to ``xp``'s own.
+    """
+    a = np.asarray(a)
+    if dtype is not None:
+        a = a.astype(np.dtype(dtype), copy=False)
+    target = getattr(xp, a.dtype.name)
+    if device is None:
+        return xp.asarray(a, dtype=target)
+    return xp.asarray(a, dtype=target, device=device)
+
+
+def all_finite(*arrays) -> bool:
+    """True when every element of every array is finite (one host sync in total)."""
+    xp = array_namespace(*arrays)
+    flags = [xp.all(xp.isfinite(a)) for a in arrays]
+    return bool(xp.all(xp.stack(flags))) if len(flags) > 1 else bool(flags[0])
+
+
+def device(x):
+    """The device an array lives on (array-API ``device``)."""
+    return array_api_compat.device(x)

@@ -1,0 +1,299 @@
+"""Correlation distillation losses: ``correlation_distance`` and ``hicd_loss``.
+
+HiCD, Pang et al., "Hierarchical correlation distillation for change detection
+with different image quality", IEEE TGRS 2024 (arXiv 2401.10752), Sec. III-B/C:
+the student reproduces the frozen teacher's self-, cross- and global
+correlations of semantic (encoder) and change (decoder) features. Normative
+definitions, normalisations and reductions: SPEC section 2; derivations of every
+gradient: ``docs/MATH.md``.
+
+Every loss returns ``(loss, gradient)``: the loss is a 0-d array of the inputs'
+namespace (no host sync), the gradient is with respect to the student only (the
+teacher is a constant).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .backend import all_finite, array_namespace, device
+from .correlation import (
+    _cross_gram,
+    _cross_gram_backward,
+    _self_gram,
+    _self_gram_backward,
+    check_feature,
+    check_pair,
+    check_window,
+    global_correlation_backward,
+    global_correlation_forward,
+    window_features,
+    window_features_backward,
+)
+from .errors import NonFiniteError
+
+__all__ = ["correlation_distance", "hicd_loss", "feature_mse_loss", "KINDS"]
+
+KINDS = ("kl", "mse")
+
+
+def _log_softmax(z, *, xp):
+    """Stable log-softmax along the last axis (the row max is subtracted first)."""
+    shifted = z - xp.max(z, axis=-1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
+def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
+    """Distance between a student and a teacher correlation, and its gradient.
+
+    Parameters
+    ----------
+    r_s, r_t : arrays (..., M) of the same shape
+        Student and teacher correlations; ``P = prod(shape[:-1])`` rows.
+    kind : {"kl", "mse"}
+    tau : float
+        Softmax temperature (``kind="kl"`` only), > 0.
+
+    Returns
+    -------
+    loss : 0-d array
+    dr_s : array shaped like ``r_s``
+
+    Notes
+    -----
+    ``kl``: ``p = softmax(r_t / tau)``, ``q = softmax(r_s / tau)`` along the last
+    axis, ``D = tau^2 / P * sum_rows sum_j p_j (log p_j - log q_j)``, so that
+    ``dD/dr_s = tau / P * (q - p)`` (the tau^2 factor keeps gradient magnitudes
+    comparable across temperatures, as in Hinton et al. 2015).
+
+    ``mse``: ``D = mean((r_s - r_t)^2)`` over all elements, ``dD/dr_s = 2 (r_s - r_t) / size``.
+    """
+    xp = array_namespace(r_s, r_t)
+    if tuple(r_s.shape) != tuple(r_t.shape):
+        raise ValueError(
+            f"student and teacher correlations must have the same shape, got {tuple(r_s.shape)} and {tuple(r_t.shape)}"
+        )
+    if r_s.ndim < 1 or r_s.shape[-1] == 0:
+        raise ValueError(f"correlations need a non-empty last axis, got shape {tuple(r_s.shape)}")
+    size = math.prod(r_s.shape)
+    if kind == "kl":
+        if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+        tau = float(tau)
+        rows = size // r_s.shape[-1]
+        log_q = _log_softmax(r_s * (1.0 / tau), xp=xp)
+        log_p = _log_softmax(r_t * (1.0 / tau), xp=xp)
+        p = xp.exp(log_p)
+        loss = xp.sum(p * (log_p - log_q)) * (tau * tau / rows)
+        return xp.asarray(loss), (xp.exp(log_q) - p) * (tau / rows)
+    if kind == "mse":
+        diff = r_s - r_t
+        return xp.asarray(xp.sum(diff * diff) * (1.0 / size)), diff * (2.0 / size)
+    raise ValueError(f"unknown distance kind {kind!r}; choose one of {KINDS}")
+
+
+def _validate_stages(student_sem, teacher_sem, windows):
+    if len(student_sem) != len(teacher_sem):
+        raise ValueError(
+            f"student_sem has {len(student_sem)} stages but teacher_sem has {len(teacher_sem)}"
+        )
+    if len(windows) != len(student_sem):
+        raise ValueError(f"windows has {len(windows)} entries for {len(student_sem)} semantic stages")
+    for l, (s_pair, t_pair) in enumerate(zip(student_sem, teacher_sem)):
+        if len(s_pair) != 2 or len(t_pair) != 2:
+            raise ValueError(f"stage {l}: student_sem and teacher_sem entries must be (f1, f2) pairs")
+        check_pair(*s_pair, names=(f"student stage {l} f1", f"student stage {l} f2"))
+        check_pair(*t_pair, names=(f"teacher stage {l} f1", f"teacher stage {l} f2"))
+        _check_student_teacher(s_pair[0], t_pair[0], f"stage {l}")
+        check_window(s_pair[0].shape, windows[l], f"stage {l} features")
+
+
+def _check_student_teacher(s, t, where):
+    (Ns, _, Hs, Ws), (Nt, _, Ht, Wt) = s.shape, t.shape
+    if (Ns, Hs, Ws) != (Nt, Ht, Wt):
+        raise ValueError(
+            f"{where}: student features {tuple(s.shape)} and teacher features {tuple(t.shape)} "
+            "must agree in N, H and W (channel counts may differ)"
+        )
+
+
+def _finish(terms, grads_sem, grad_chg, check_finite, *, xp, like):
+    if terms:
+        values = list(terms.values())
+        loss = values[0]
+        for v in values[1:]:
+            loss = loss + v
+    else:
+        loss = xp.zeros((), dtype=like.dtype, device=device(like))
+    # NumPy reductions return scalars; the API promises 0-d arrays of the namespace.
+    loss = xp.asarray(loss)
+    if check_finite and terms and not all_finite(loss):
+        bad = [name for name, v in terms.items() if not all_finite(v)]
+        raise NonFiniteError(f"non-finite distillation loss in term(s) {', '.join(bad) or 'sum'}")
+    return loss, {"sem": grads_sem, "chg": grad_chg, "terms": terms}
+
+
+def hicd_loss(
+    student_sem: Sequence,
+    teacher_sem: Sequence,
+    student_chg=None,
+    teacher_chg=None,
+    *,
+    windows: Sequence,
+    change_window=None,
+    w_self: float = 1.0,
+    w_cross: float = 1.0,
+    w_global: float = 1.0,
+    kind: str = "kl",
+    tau: float = 0.5,
+    eps: float = 1e-6,
+    check_finite: bool = True,
+):
+    """The HiCD loss (SPEC section 2) and its gradients for every student feature.
+
+    Parameters
+    ----------
+    student_sem, teacher_sem : sequences of (f1, f2) pairs, one per semantic stage
+        ``f1`` (t1 phase) and ``f2`` (t2 phase) of shape (N, C_l, H_l, W_l); the
+        teacher's channel counts may differ from the student's.
+    student_chg, teacher_chg : arrays (N, C, H, W) or None
+        Change features; both or neither.
+    windows : sequence of int or None, one per stage
+    change_window : int or None
+    w_self, w_cross, w_global : float
+        Term weights; a weight of 0 skips the term's computation.
+    kind, tau : see ``correlation_distance``
+    eps : float
+        Normalisation eps (inside the square root).
+    check_finite : bool
+        If True (default) a non-finite loss raises ``NonFiniteError`` naming the
+        term(s); this costs one device-to-host sync.
+
+    Returns
+    -------
+    loss : 0-d array
+    grads : dict
+        ``grads["sem"]``: list of (g1, g2) shaped like ``student_sem``;
+        ``grads["chg"]``: gradient for ``student_chg`` or None;
+        ``grads["terms"]``: dict of the weighted terms (0-d arrays) by name,
+        ``"sem{l}.self"``, ``"sem{l}.cross"``, ``"sem{l}.global"``, ``"chg.self"``,
+        ``"chg.global"``, for logging.
+
+    Notes
+    -----
+    ::
+
+        L_sem_l = w_self   * (D(SC(s1,w), SC(t1,w)) + D(SC(s2,w), SC(t2,w))) / 2
+                + w_cross  *  D(CC(s1,s2,w), CC(t1,t2,w))
+                + w_global *  D(GC([s1; s2]), GC([t1; t2]))
+        L_chg   = w_self * D(SC(c_s,w_c), SC(c_t,w_c)) + w_global * D(GC(c_s), GC(c_t))
+
+    Per stage the two phases are partitioned and normalised once and shared by
+    the self and cross terms; their window-space gradients are summed before the
+    single backward through the normalisation.
+    """
+    arrays = [f for pair in student_sem for f in pair] + [f for pair in teacher_sem for f in pair]
+    arrays += [a for a in (student_chg, teacher_chg) if a is not None]
+    if not arrays:
+        raise ValueError("hicd_loss needs at least one semantic stage or change features")
+    xp = array_namespace(*arrays)
+    _validate_stages(student_sem, teacher_sem, windows)
+    if (student_chg is None) != (teacher_chg is None):
+        raise ValueError("student_chg and teacher_chg must be given together")
+    for name, w in (("w_self", w_self), ("w_cross", w_cross), ("w_global", w_global)):
+        if not (isinstance(w, (int, float)) and w >= 0 and math.isfinite(w)):
+            raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+
+    dist = lambda r_s, r_t: correlation_distance(r_s, r_t, kind, tau)  # noqa: E731
+    terms = {}
+    grads_sem = []
+    for l, ((s1, s2), (t1, t2), window) in enumerate(zip(student_sem, teacher_sem, windows)):
+        g1 = g2 = None
+        if w_self or w_cross:
+            X1, c1 = window_features(s1, window, eps)
+            X2, c2 = window_features(s2, window, eps)
+            T1 = window_features(t1, window, eps)[0]
+            T2 = window_features(t2, window, eps)[0]
+            dX1 = dX2 = None
+            if w_self:
+                d_a, dr_a = dist(_self_gram(X1, xp=xp), _self_gram(T1, xp=xp))
+                d_b, dr_b = dist(_self_gram(X2, xp=xp), _self_gram(T2, xp=xp))
+                terms[f"sem{l}.self"] = (d_a + d_b) * (0.5 * w_self)
+                dX1 = _self_gram_backward(dr_a * (0.5 * w_self), X1, xp=xp)
+                dX2 = _self_gram_backward(dr_b * (0.5 * w_self), X2, xp=xp)
+            if w_cross:
+                d_c, dr_c = dist(_cross_gram(X1, X2, xp=xp), _cross_gram(T1, T2, xp=xp))
+                terms[f"sem{l}.cross"] = d_c * w_cross
+                e1, e2 = _cross_gram_backward(dr_c * w_cross, X1, X2, xp=xp)
+                dX1 = e1 if dX1 is None else dX1 + e1
+                dX2 = e2 if dX2 is None else dX2 + e2
+            g1 = window_features_backward(dX1, c1)
+            g2 = window_features_backward(dX2, c2)
+        if w_global:
+            N = s1.shape[0]
+            r_s, cache = global_correlation_forward(xp.concat([s1, s2], axis=0), eps)
+            r_t = global_correlation_forward(xp.concat([t1, t2], axis=0), eps)[0]
+            d_g, dr_g = dist(r_s, r_t)
+            terms[f"sem{l}.global"] = d_g * w_global
+            dcat = global_correlation_backward(dr_g * w_global, cache)
+            g1 = dcat[:N, ...] if g1 is None else g1 + dcat[:N, ...]
+            g2 = dcat[N:, ...] if g2 is None else g2 + dcat[N:, ...]
+        if g1 is None:
+            g1, g2 = xp.zeros_like(s1), xp.zeros_like(s2)
+        grads_sem.append((g1, g2))
+
+    grad_chg = None
+    if student_chg is not None:
+        check_feature(student_chg, "student_chg")
+        check_feature(teacher_chg, "teacher_chg")
+        _check_student_teacher(student_chg, teacher_chg, "change features")
+        check_window(student_chg.shape, change_window, "change features")
+        if w_self:
+            X, cache = window_features(student_chg, change_window, eps)
+            T = window_features(teacher_chg, change_window, eps)[0]
+            d_s, dr_s = dist(_self_gram(X, xp=xp), _self_gram(T, xp=xp))
+            terms["chg.self"] = d_s * w_self
+            grad_chg = window_features_backward(_self_gram_backward(dr_s * w_self, X, xp=xp), cache)
+        if w_global:
+            r_s, cache = global_correlation_forward(student_chg, eps)
+            r_t = global_correlation_forward(teacher_chg, eps)[0]
+            d_g, dr_g = dist(r_s, r_t)
+            terms["chg.global"] = d_g * w_global
+            g = global_correlation_backward(dr_g * w_global, cache)
+            grad_chg = g if grad_chg is None else grad_chg + g
+        if grad_chg is None:
+            grad_chg = xp.zeros_like(student_chg)
+
+    return _finish(terms, grads_sem, grad_chg, check_finite, xp=xp, like=arrays[0])
+
+
+def feature_mse_loss(student_feats: Sequence, teacher_feats: Sequence, *, check_finite: bool = True):
+    """Plain feature matching, the usual distillation baseline (FitNets, Romero et al. 2015).
+
+    Parameters
+    ----------
+    student_feats, teacher_feats : sequences of arrays (N, C, H, W), pairwise the same shape
+        (this baseline has no projection layer, so channel counts must agree).
+
+    Returns
+    -------
+    loss : 0-d array, ``sum_l mean((s_l - t_l)^2)``
+    grads : list of arrays, ``2 (s_l - t_l) / size_l``
+    """
+    if len(student_feats) != len(teacher_feats):
+        raise ValueError(f"{len(student_feats)} student features but {len(teacher_feats)} teacher features")
+    if not student_feats:
+        raise ValueError("feature_mse_loss needs at least one feature pair")
+    xp = array_namespace(*student_feats, *teacher_feats)
+    loss, grads = None, []
+    for l, (s, t) in enumerate(zip(student_feats, teacher_feats)):
+        if tuple(s.shape) != tuple(t.shape):
+            raise ValueError(f"feature {l}: student shape {tuple(s.shape)} differs from teacher shape {tuple(t.shape)}")
+        d, g = correlation_distance(s, t, kind="mse")
+        loss = d if loss is None else loss + d
+        grads.append(g)
+    loss = xp.asarray(loss)
+    if check_finite and not all_finite(loss):
+        raise NonFiniteError("non-finite feature-mse distillation loss")
+    return loss, grads

@@ -1,0 +1,44 @@
+"""Install script for hicd: hierarchical correlation distillation for change detection."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="hicd",
+    version="0.1.0",
+    description=(
+        "Autodiff-free change detection across image quality by hierarchical "
+        "correlation distillation (HiCD, Pang et al., IEEE TGRS 2024)"
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hicd_core", "hicd_core.*"]),
+    install_requires=[
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "h5py>=3.8",
+        "array-api-compat>=1.9",
+    ],
+    extras_require={
+        "gpu": ["cupy>=13"],
+        "io": ["Pillow>=9"],
+        "progress": ["tqdm>=4.60"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6.80",
+            "array-api-strict>=2.2",
+            "Pillow>=9",
+            "tqdm>=4.60",
+        ],
+    },
+    classifiers=[
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+)

@@ -1,0 +1,72 @@
+"""The backend shim: namespace lookup, transfers, and the rule that only it imports NumPy."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hicd_core
+from hicd_core import backend
+from tests.conftest import to_np, to_xp
+
+PACKAGE = Path(hicd_core.__file__).parent
+# Host-side modules that may use NumPy directly (SPEC/STYLE: backend, io, data/).
+HOST_SIDE = {"backend.py", "io.py"}
+ARRAY_LIBS = {"numpy", "cupy", "cupyx", "array_api_strict", "torch"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_only_host_side_modules_import_array_libraries():
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        if rel.parts[0] == "data" or rel.name in HOST_SIDE:
+            continue
+        bad = imported_roots(path) & ARRAY_LIBS
+        if bad:
+            offenders[str(rel)] = sorted(bad)
+    assert not offenders, f"array libraries imported outside the backend shim: {offenders}"
+
+
+def test_torch_is_never_imported_by_the_package():
+    for path in PACKAGE.rglob("*.py"):
+        assert "torch" not in imported_roots(path), path
+
+
+def test_round_trip_keeps_values_and_dtype(xp):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    x = to_xp(xp, a)
+    assert backend.array_namespace(x).__name__ == xp.__name__
+    assert x.dtype == xp.float32
+    back = to_np(x)
+    assert back.dtype == np.float32 and np.array_equal(back, a)
+
+
+def test_mixed_namespaces_raise_with_the_types():
+    xs = pytest.importorskip("array_api_strict")
+    with pytest.raises(TypeError, match="one array-API namespace.*array_api_strict.*numpy"):
+        backend.array_namespace(np.ones(2), xs.ones(2))
+    with pytest.raises(TypeError, match="one array-API namespace"):
+        backend.array_namespace(np.ones(2), [1.0, 2.0])
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend 'jax'"):
+        backend.namespace("jax")
+
+
+def test_all_finite(xp):
+    assert backend.all_finite(to_xp(xp, np.ones(3)), to_xp(xp, np.zeros(2)))
+    assert not backend.all_finite(to_xp(xp, np.array([1.0, np.inf])))

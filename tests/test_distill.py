@@ -1,0 +1,220 @@
+"""correlation_distance and hicd_loss: parity with reference/, gradient checks, properties, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference.correlation as ref
+from hicd_core import NonFiniteError, correlation_distance, feature_mse_loss, hicd_loss
+from tests.conftest import assert_close, to_np, to_xp
+from tests.test_correlation import central_difference, seeds
+
+kinds = st.sampled_from(["kl", "mse"])
+taus = st.floats(0.1, 2.0)
+
+
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), kinds, taus, seeds)
+def test_distance_matches_reference(xp, shape, kind, tau, seed):
+    rng = np.random.default_rng(seed)
+    r_s, r_t = np.tanh(rng.standard_normal(shape)), np.tanh(rng.standard_normal(shape))
+    loss, grad = correlation_distance(to_xp(xp, r_s), to_xp(xp, r_t), kind, tau)
+    assert_close(loss, ref.distance(r_s, r_t, kind, tau), xp, dtype="float64")
+    assert_close(grad, ref.distance_grad(r_s, r_t, kind, tau), xp, dtype="float64")
+
+
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=3), kinds, taus, seeds)
+def test_distance_is_zero_at_teacher_and_nonnegative(shape, kind, tau, seed):
+    rng = np.random.default_rng(seed)
+    r_t = np.tanh(rng.standard_normal(shape))
+    loss, grad = correlation_distance(r_t.copy(), r_t, kind, tau)
+    assert float(loss) == pytest.approx(0.0, abs=1e-15)
+    assert np.abs(grad).max() <= 1e-15
+    r_s = np.tanh(rng.standard_normal(shape))
+    assert float(correlation_distance(r_s, r_t, kind, tau)[0]) >= -1e-15
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_distance_gradient_matches_central_differences(kind):
+    rng = np.random.default_rng(3)
+    r_s, r_t = np.tanh(rng.standard_normal((2, 3, 5))), np.tanh(rng.standard_normal((2, 3, 5)))
+    _, grad = correlation_distance(r_s, r_t, kind, 0.7)
+    num = central_difference(lambda x: float(correlation_distance(x, r_t, kind, 0.7)[0]), r_s.copy())
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-10)
+
+
+@st.composite
+def hicd_problems(draw):
+    """Random stages (shapes, windows, teacher channel counts) and loss settings."""
+    n = draw(st.integers(1, 2))
+    stages = []
+    for _ in range(draw(st.integers(1, 2))):
+        window = draw(st.sampled_from([None, 1, 2]))
+        side = draw(st.integers(1, 3)) * (window or 1)
+        stages.append(((n, draw(st.integers(1, 3)), side, side), draw(st.integers(1, 3)), window))
+    change = draw(st.booleans())
+    cw = draw(st.sampled_from([None, 2]))
+    weights = [draw(st.sampled_from([0.0, 0.5, 1.0])) for _ in range(3)]
+    return stages, change, cw, weights, draw(kinds), draw(taus), draw(seeds)
+
+
+def build(problem):
+    stages, change, cw, weights, kind, tau, seed = problem
+    rng = np.random.default_rng(seed)
+    s_sem, t_sem, windows = [], [], []
+    for shape, c_t, window in stages:
+        t_shape = (shape[0], c_t) + shape[2:]
+        s_sem.append((rng.standard_normal(shape), rng.standard_normal(shape)))
+        t_sem.append((rng.standard_normal(t_shape), rng.standard_normal(t_shape)))
+        windows.append(window)
+    n = stages[0][0][0]
+    s_chg = t_chg = None
+    if change:
+        s_chg, t_chg = rng.standard_normal((n, 2, 4, 4)), rng.standard_normal((n, 3, 4, 4))
+    kw = dict(windows=windows, change_window=cw, w_self=weights[0], w_cross=weights[1], w_global=weights[2],
+              kind=kind, tau=tau)
+    return s_sem, t_sem, s_chg, t_chg, kw
+
+
+@given(hicd_problems())
+def test_hicd_loss_matches_reference(xp, problem):
+    s_sem, t_sem, s_chg, t_chg, kw = build(problem)
+    conv = lambda a: None if a is None else to_xp(xp, a)  # noqa: E731
+    loss, grads = hicd_loss(
+        [(conv(a), conv(b)) for a, b in s_sem], [(conv(a), conv(b)) for a, b in t_sem], conv(s_chg), conv(t_chg), **kw
+    )
+    ref_loss, ref_grads = ref.hicd_loss(s_sem, t_sem, s_chg, t_chg, **kw)
+    assert_close(loss, ref_loss, xp, dtype="float64")
+    for (g1, g2), (e1, e2) in zip(grads["sem"], ref_grads["sem"]):
+        assert_close(g1, e1, xp, dtype="float64")
+        assert_close(g2, e2, xp, dtype="float64")
+    if s_chg is None:
+        assert grads["chg"] is None
+    else:
+        assert_close(grads["chg"], ref_grads["chg"], xp, dtype="float64")
+    expected_terms = sum(1 for w in (kw["w_self"], kw["w_cross"], kw["w_global"]) if w) * len(s_sem)
+    if s_chg is not None:
+        expected_terms += sum(1 for w in (kw["w_self"], kw["w_global"]) if w)
+    assert len(grads["terms"]) == expected_terms
+
+
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_hicd_loss_gradient_matches_central_differences(kind):
+    rng = np.random.default_rng(11)
+    s_sem = [(rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 3, 4, 4))),
+             (rng.standard_normal((2, 4, 2, 2)), rng.standard_normal((2, 4, 2, 2)))]
+    t_sem = [(rng.standard_normal((2, 5, 4, 4)), rng.standard_normal((2, 5, 4, 4))),
+             (rng.standard_normal((2, 2, 2, 2)), rng.standard_normal((2, 2, 2, 2)))]
+    s_chg, t_chg = rng.standard_normal((2, 2, 4, 4)), rng.standard_normal((2, 2, 4, 4))
+    kw = dict(windows=[2, None], change_window=2, w_self=0.7, w_cross=1.3, w_global=0.9, kind=kind, tau=0.5)
+    _, grads = hicd_loss(s_sem, t_sem, s_chg, t_chg, **kw)
+
+    def loss_with(replace):
+        sem = [list(p) for p in s_sem]
+        chg = s_chg
+        for (where, x) in replace:
+            if where == "chg":
+                chg = x
+            else:
+                sem[where[0]][where[1]] = x
+        return float(hicd_loss([tuple(p) for p in sem], t_sem, chg, t_chg, **kw)[0])
+
+    for l in range(2):
+        for phase in range(2):
+            num = central_difference(lambda x: loss_with([((l, phase), x)]), s_sem[l][phase].copy())
+            np.testing.assert_allclose(grads["sem"][l][phase], num, rtol=1e-6, atol=1e-9)
+    num = central_difference(lambda x: loss_with([("chg", x)]), s_chg.copy())
+    np.testing.assert_allclose(grads["chg"], num, rtol=1e-6, atol=1e-9)
+
+
+def test_hicd_loss_directional_check_at_training_sizes():
+    """One directional derivative at the default tap shapes (small batch), float64."""
+    rng = np.random.default_rng(5)
+    shapes = [(2, 32, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8)]
+    s_sem = [(rng.standard_normal(s), rng.standard_normal(s)) for s in shapes]
+    t_sem = [(rng.standard_normal(s), rng.standard_normal(s)) for s in shapes]
+    s_chg, t_chg = rng.standard_normal((2, 16, 64, 64)), rng.standard_normal((2, 16, 64, 64))
+    kw = dict(windows=[8, 8, None], change_window=8)
+    _, grads = hicd_loss(s_sem, t_sem, s_chg, t_chg, **kw)
+    v_sem = [(rng.standard_normal(s), rng.standard_normal(s)) for s in shapes]
+    v_chg = rng.standard_normal(s_chg.shape)
+    analytic = sum(np.sum(g1 * v1) + np.sum(g2 * v2) for (g1, g2), (v1, v2) in zip(grads["sem"], v_sem))
+    analytic += np.sum(grads["chg"] * v_chg)
+    h = 1e-5
+
+    def at(t):
+        sem = [(a + t * va, b + t * vb) for (a, b), (va, vb) in zip(s_sem, v_sem)]
+        return float(hicd_loss(sem, t_sem, s_chg + t * v_chg, t_chg, **kw)[0])
+
+    numeric = (at(h) - at(-h)) / (2 * h)
+    assert analytic == pytest.approx(numeric, rel=1e-6)
+
+
+def test_student_equal_to_teacher_gives_zero_loss_and_gradient(xp):
+    rng = np.random.default_rng(0)
+    f1, f2, c = (to_xp(xp, rng.standard_normal(s)) for s in [(2, 3, 4, 4), (2, 3, 4, 4), (2, 2, 4, 4)])
+    loss, grads = hicd_loss([(f1, f2)], [(f1, f2)], c, c, windows=[2], change_window=2)
+    assert abs(float(loss)) < 1e-14
+    for g in [*grads["sem"][0], grads["chg"]]:
+        assert np.abs(to_np(g)).max() < 1e-14
+
+
+def test_zero_weights_skip_terms_and_give_zero_gradients():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((2, 3, 4, 4))
+    loss, grads = hicd_loss([(f, f + 1)], [(f, f)], windows=[2], w_self=0.0, w_cross=0.0, w_global=0.0)
+    assert float(loss) == 0.0 and grads["terms"] == {}
+    assert not np.any(grads["sem"][0][0]) and grads["chg"] is None
+    _, grads = hicd_loss([(f, f + 1)], [(f, f)], windows=[2], w_cross=0.0)
+    assert set(grads["terms"]) == {"sem0.self", "sem0.global"}
+
+
+def test_errors_name_the_shapes():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4, 4))
+    with pytest.raises(ValueError, match="windows has 2 entries for 1"):
+        hicd_loss([(a, a)], [(a, a)], windows=[2, 2])
+    with pytest.raises(ValueError, match="student_sem has 1 stages but teacher_sem has 2"):
+        hicd_loss([(a, a)], [(a, a), (a, a)], windows=[2])
+    with pytest.raises(ValueError, match=r"same shape.*\(2, 3, 4, 4\).*\(2, 3, 4, 2\)"):
+        hicd_loss([(a, a[..., :2])], [(a, a)], windows=[2])
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(1, 3, 4, 4\).*N, H and W"):
+        hicd_loss([(a, a)], [(a[:1], a[:1])], windows=[2])
+    with pytest.raises(ValueError, match=r"window 3 does not divide.*\(2, 3, 4, 4\)"):
+        hicd_loss([(a, a)], [(a, a)], windows=[3])
+    with pytest.raises(ValueError, match="change features"):
+        hicd_loss([(a, a)], [(a, a)], a, a[:, :, :2], windows=[2])
+    with pytest.raises(ValueError, match="together"):
+        hicd_loss([(a, a)], [(a, a)], a, None, windows=[2])
+    with pytest.raises(ValueError, match="unknown distance kind"):
+        hicd_loss([(a, a)], [(a, a)], windows=[2], kind="l1")
+    with pytest.raises(ValueError, match="tau"):
+        correlation_distance(a, a, tau=0.0)
+    with pytest.raises(ValueError, match="w_cross"):
+        hicd_loss([(a, a)], [(a, a)], windows=[2], w_cross=-1.0)
+
+
+def test_non_finite_loss_names_the_term():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 3, 4, 4))
+    bad = a.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with np.errstate(invalid="ignore"):
+        with pytest.raises(NonFiniteError, match="sem0.self"):
+            hicd_loss([(a, a)], [(bad, a)], windows=[2], w_cross=0.0, w_global=0.0)
+        with pytest.raises(NonFiniteError, match="chg.global"):
+            hicd_loss([(a, a)], [(a, a)], a, bad, windows=[2], w_self=0.0, w_cross=0.0)
+
+
+def test_feature_mse_loss():
+    rng = np.random.default_rng(0)
+    s = [rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 5, 2, 2))]
+    t = [rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 5, 2, 2))]
+    loss, grads = feature_mse_loss(s, t)
+    assert float(loss) == pytest.approx(sum(np.mean((a - b) ** 2) for a, b in zip(s, t)), rel=1e-12)
+    num = central_difference(lambda x: float(feature_mse_loss([x, s[1]], t)[0]), s[0].copy())
+    np.testing.assert_allclose(grads[0], num, rtol=1e-6, atol=1e-10)
+    with pytest.raises(ValueError, match="student shape"):
+        feature_mse_loss([s[0]], [t[1]])
