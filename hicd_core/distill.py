@@ -38,10 +38,28 @@ __all__ = ["correlation_distance", "hicd_loss", "feature_mse_loss", "KINDS"]
 KINDS = ("kl", "mse")
 
 
-def _log_softmax(z, *, xp):
-    """Stable log-softmax along the last axis (the row max is subtracted first)."""
-    shifted = z - xp.max(z, axis=-1, keepdims=True)
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+def _row_sum(x, *, xp):
+    """Sum along the last axis, keepdims, as a matrix-vector product.
+
+    Equal to ``xp.sum(x, axis=-1, keepdims=True)``; BLAS runs this several times
+    faster than NumPy's reduction over a short contiguous axis (64 entries here).
+    """
+    ones = xp.ones((x.shape[-1], 1), dtype=x.dtype, device=device(x))
+    return xp.matmul(x, ones)
+
+
+def _softmax_parts(r, inv_tau, *, xp):
+    """Row-wise softmax of ``r * inv_tau`` along the last axis, computed stably.
+
+    Returns ``(z, prob, log_sum)`` with ``z = r * inv_tau - rowmax`` and
+    ``log softmax = z - log_sum``; every array here is freshly allocated.
+    """
+    z = r * inv_tau
+    z -= xp.max(z, axis=-1, keepdims=True)
+    prob = xp.exp(z)
+    total = _row_sum(prob, xp=xp)
+    prob *= 1.0 / total
+    return z, prob, xp.log(total)
 
 
 def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
@@ -82,11 +100,14 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
             raise ValueError(f"tau must be a positive finite number, got {tau!r}")
         tau = float(tau)
         rows = size // r_s.shape[-1]
-        log_q = _log_softmax(r_s * (1.0 / tau), xp=xp)
-        log_p = _log_softmax(r_t * (1.0 / tau), xp=xp)
-        p = xp.exp(log_p)
-        loss = xp.sum(p * (log_p - log_q)) * (tau * tau / rows)
-        return xp.asarray(loss), (xp.exp(log_q) - p) * (tau / rows)
+        z_s, q, log_sum_s = _softmax_parts(r_s, 1.0 / tau, xp=xp)
+        z_t, p, log_sum_t = _softmax_parts(r_t, 1.0 / tau, xp=xp)
+        # sum_j p_j (log p_j - log q_j) = sum_j p_j (z_t - z_s)_j + log_sum_s - log_sum_t, as sum_j p_j = 1
+        z_t -= z_s
+        kl = xp.sum(p * z_t) + xp.sum(log_sum_s - log_sum_t)
+        q -= p
+        q *= tau / rows
+        return xp.asarray(kl * (tau * tau / rows)), q
     if kind == "mse":
         diff = r_s - r_t
         return xp.asarray(xp.sum(diff * diff) * (1.0 / size)), diff * (2.0 / size)

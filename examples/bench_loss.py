@@ -1,0 +1,174 @@
+"""Benchmark: ``hicd_loss`` forward + backward at the default training sizes.
+
+Times the hand-derived HiCD loss (float32; batch 8; semantic stages 32x32x32
+window 8, 64x16x16 window 8, 128x8x8 window None; change features 16x64x64
+window 8) and prints one JSON line with the median milliseconds. When PyTorch is
+installed (it is never a dependency of hicd_core) it also times the same loss
+written with torch autograd on the same device and thread count, checks that the
+two agree, and prints the ratio ``median_ms / torch_median_ms`` (< 1: faster).
+
+    python examples/bench_loss.py                      # NumPy on the CPU
+    python examples/bench_loss.py --backend cupy       # CuPy, torch on CUDA
+    python examples/bench_loss.py --no-torch --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hicd_core import backend, hicd_loss  # noqa: E402
+
+SEM_SHAPES = [(32, 32), (64, 16), (128, 8)]  # (channels, side) of E2, E3, E4 at input 64x64
+SEM_WINDOWS = [8, 8, None]
+CHG_CHANNELS, CHG_SIDE, CHG_WINDOW = 16, 64, 8
+
+
+def make_inputs(batch, seed=0):
+    """Host float32 features: student and teacher, semantic pairs and change features."""
+    rng = np.random.default_rng(seed)
+    draw = lambda c, s: rng.standard_normal((batch, c, s, s)).astype(np.float32)  # noqa: E731
+    s_sem = [(draw(c, s), draw(c, s)) for c, s in SEM_SHAPES]
+    t_sem = [(draw(c, s), draw(c, s)) for c, s in SEM_SHAPES]
+    return s_sem, t_sem, draw(CHG_CHANNELS, CHG_SIDE), draw(CHG_CHANNELS, CHG_SIDE)
+
+
+def timed(fn, sync, repeats, warmup=3):
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
+
+
+def torch_twin(torch, device):
+    """The same SPEC section 2 loss in PyTorch, differentiated by autograd."""
+    eps, tau = 1e-6, 0.5
+
+    def windows_of(f, w):
+        N, C, H, W = f.shape
+        if w is None:
+            x = f.reshape(N, 1, C, H * W).transpose(2, 3)
+        else:
+            x = f.reshape(N, C, H // w, w, W // w, w).permute(0, 2, 4, 3, 5, 1).reshape(N, -1, w * w, C)
+        return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+    def global_of(f):
+        g = f.mean(dim=(2, 3))
+        g = g / torch.sqrt((g * g).sum(-1, keepdim=True) + eps)
+        return g @ g.T
+
+    def dist(rs, rt):
+        rows = rs.numel() // rs.shape[-1]
+        log_p = torch.log_softmax(rt / tau, -1)
+        log_q = torch.log_softmax(rs / tau, -1)
+        return tau * tau / rows * (log_p.exp() * (log_p - log_q)).sum()
+
+    def loss_fn(s_sem, t_sem, c_s, c_t):
+        total = 0.0
+        for (s1, s2), (t1, t2), w in zip(s_sem, t_sem, SEM_WINDOWS):
+            x1, x2, y1, y2 = (windows_of(f, w) for f in (s1, s2, t1, t2))
+            gram = lambda a, b: a @ b.transpose(-1, -2)  # noqa: E731
+            total = total + (dist(gram(x1, x1), gram(y1, y1)) + dist(gram(x2, x2), gram(y2, y2))) / 2
+            total = total + dist(gram(x1, x2), gram(y1, y2))
+            total = total + dist(global_of(torch.cat([s1, s2])), global_of(torch.cat([t1, t2])))
+        x, y = windows_of(c_s, CHG_WINDOW), windows_of(c_t, CHG_WINDOW)
+        total = total + dist(x @ x.transpose(-1, -2), y @ y.transpose(-1, -2))
+        return total + dist(global_of(c_s), global_of(c_t))
+
+    return loss_fn
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "array_api_strict"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch autograd comparison")
+    args = parser.parse_args(argv)
+
+    xp = backend.namespace(args.backend)
+    on_gpu = backend.is_cupy_namespace(xp)
+    if on_gpu:
+        import cupy
+
+        sync = cupy.cuda.Device().synchronize
+    else:
+        sync = lambda: None  # noqa: E731
+
+    host = make_inputs(args.batch)
+    s_sem = [tuple(backend.from_host(a, xp) for a in pair) for pair in host[0]]
+    t_sem = [tuple(backend.from_host(a, xp) for a in pair) for pair in host[1]]
+    c_s, c_t = backend.from_host(host[2], xp), backend.from_host(host[3], xp)
+    kw = dict(windows=SEM_WINDOWS, change_window=CHG_WINDOW)
+    run = lambda: hicd_loss(s_sem, t_sem, c_s, c_t, **kw)  # noqa: E731
+    median_ms, _ = timed(run, sync, args.repeats)
+    loss = float(run()[0])
+    result = {
+        "bench": "hicd_loss forward+backward",
+        "backend": args.backend,
+        "dtype": "float32",
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "median_ms": round(median_ms, 3),
+        "loss": loss,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            result["torch"] = "not installed"
+        else:
+            device = "cuda" if on_gpu else "cpu"
+            twin = torch_twin(torch, device)
+            tt = lambda a: torch.as_tensor(a, device=device).requires_grad_(True)  # noqa: E731
+            ts_sem = [tuple(tt(a) for a in pair) for pair in host[0]]
+            tt_sem = [tuple(torch.as_tensor(a, device=device) for a in pair) for pair in host[1]]
+            tc_s, tc_t = tt(host[2]), torch.as_tensor(host[3], device=device)
+            leaves = [a for pair in ts_sem for a in pair] + [tc_s]
+
+            def torch_step():
+                for leaf in leaves:
+                    leaf.grad = None
+                out = twin(ts_sem, tt_sem, tc_s, tc_t)
+                out.backward()
+                return out
+
+            tsync = torch.cuda.synchronize if on_gpu else (lambda: None)
+            torch_ms, _ = timed(torch_step, tsync, args.repeats)
+            torch_loss = float(torch_step().detach())
+            ours = run()[1]
+            grad_err = float(np.max(np.abs(backend.to_host(ours["chg"]) - tc_s.grad.cpu().numpy())))
+            result.update(
+                torch_version=torch.__version__,
+                torch_device=device,
+                torch_threads=torch.get_num_threads(),
+                torch_median_ms=round(torch_ms, 3),
+                ratio=round(median_ms / torch_ms, 3),
+                loss_abs_diff=abs(loss - torch_loss),
+                chg_grad_max_abs_diff=grad_err,
+            )
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
