@@ -28,6 +28,9 @@ __all__ = [
     "from_host",
     "all_finite",
     "available_backends",
+    "host_rng",
+    "normal",
+    "device",
 ]
 
 _BACKENDS = {
@@ -130,3 +133,17 @@ def all_finite(*arrays) -> bool:
 def device(x):
     """The device an array lives on (array-API ``device``)."""
     return array_api_compat.device(x)
+
+
+def host_rng(seed):
+    """A seeded host ``numpy.random.Generator`` (PCG64): the one source of weight randomness."""
+    return np.random.default_rng(seed)
+
+
+def normal(rng, shape, std, xp, *, dtype="float32", device=None):
+    """Draw ``N(0, std^2)`` on the host from ``rng`` and move it to ``xp``.
+
+    Drawing on the host in float64 and casting makes NumPy and CuPy runs start
+    from identical weights for the same seed.
+    """
+    return from_host(rng.standard_normal(shape) * std, xp, dtype=dtype, device=device)

@@ -1,0 +1,387 @@
+"""Stateless layer pairs with hand-derived backward passes.
+
+Every layer is ``thing_forward(x, params..., *, options) -> (y, cache)`` and
+``thing_backward(dy, cache) -> gradients`` (CS231n style). Caches are small named
+tuples holding exactly what the backward needs; nothing here keeps state, writes
+into ``dy``, an input or a cache. Arrays are channel-first ``(N, C, H, W)``; the
+code runs on any array-API namespace (NumPy, CuPy, array-api-strict).
+Derivations: ``docs/MATH.md`` section 7.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from .backend import array_namespace, device
+
+__all__ = [
+    "conv2d_forward",
+    "conv2d_backward",
+    "batchnorm2d_forward",
+    "batchnorm2d_backward",
+    "relu_forward",
+    "relu_backward",
+    "absdiff_forward",
+    "absdiff_backward",
+    "concat_forward",
+    "concat_backward",
+    "upsample2x_forward",
+    "upsample2x_backward",
+    "bce_with_logits",
+    "soft_dice",
+    "sigmoid",
+]
+
+
+# --------------------------------------------------------------------------- conv2d
+
+
+class ConvCache(NamedTuple):
+    cols: object  # (N, C*kh*kw, Ho*Wo) or, for a plain 1x1 conv, (N, C, H*W)
+    weight: object  # (O, C, kh, kw)
+    x_shape: tuple
+    stride: int
+    padding: int
+    has_bias: bool
+
+
+def _conv_out(size, k, stride, padding):
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _im2col(x, kh, kw, stride, padding, Ho, Wo, *, xp):
+    """(N, C, H, W) -> (N, C*kh*kw, Ho*Wo): one strided slice per kernel offset, stacked."""
+    N, C, H, W = x.shape
+    if padding:
+        xpad = xp.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=x.dtype, device=device(x))
+        xpad[:, :, padding : padding + H, padding : padding + W] = x
+    else:
+        xpad = x
+    slices = [
+        xpad[:, :, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    cols = xp.stack(slices, axis=2)  # (N, C, kh*kw, Ho, Wo)
+    return xp.reshape(cols, (N, C * kh * kw, Ho * Wo))
+
+
+def _col2im(dcols, x_shape, kh, kw, stride, padding, Ho, Wo, *, xp):
+    """Adjoint of ``_im2col``: scatter-add every kernel offset's slice back (docs/MATH.md 7.1)."""
+    N, C, H, W = x_shape
+    dcols = xp.reshape(dcols, (N, C, kh * kw, Ho, Wo))
+    dxpad = xp.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=dcols.dtype, device=device(dcols))
+    for i in range(kh):
+        for j in range(kw):
+            # offsets address disjoint strided positions only within one slice; across
+            # offsets positions overlap, hence one += per offset (never fancy-index +=)
+            dxpad[:, :, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride] += dcols[
+                :, :, i * kw + j, ...
+            ]
+    if padding:
+        return dxpad[:, :, padding : padding + H, padding : padding + W]
+    return dxpad
+
+
+def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
+    """2-d convolution (cross-correlation, as in deep-learning frameworks).
+
+    Parameters
+    ----------
+    x : array (N, C, H, W)
+    weight : array (O, C, kh, kw)
+    bias : array (O,) or None
+    stride, padding : int
+        Same in both spatial directions; zero padding.
+
+    Returns
+    -------
+    y : array (N, O, Ho, Wo), ``Ho = (H + 2 padding - kh) // stride + 1``
+    cache : ConvCache
+
+    Notes
+    -----
+    ``y[n, o] = sum_{c, i, j} weight[o, c, i, j] xpad[n, c, s*y + i, s*x + j] + bias[o]``,
+    computed as one batched matmul ``W (O, C kh kw) @ cols (N, C kh kw, Ho Wo)``.
+    Backward: ``dW = sum_n dy_n cols_n^T``, ``db = sum dy``, ``dcols = W^T dy``
+    scattered back by the adjoint of im2col.
+    """
+    xp = array_namespace(x, weight, bias)
+    if x.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"conv2d expects x (N, C, H, W) and weight (O, C, kh, kw), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    N, C, H, W = x.shape
+    O, Cw, kh, kw = weight.shape
+    if Cw != C:
+        raise ValueError(f"conv2d: x has {C} channels but weight {tuple(weight.shape)} expects {Cw}")
+    if bias is not None and tuple(bias.shape) != (O,):
+        raise ValueError(f"conv2d: bias must have shape ({O},), got {tuple(bias.shape)}")
+    if stride < 1 or padding < 0:
+        raise ValueError(f"conv2d: stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    Ho, Wo = _conv_out(H, kh, stride, padding), _conv_out(W, kw, stride, padding)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
+    if kh == kw == 1 and stride == 1 and padding == 0:
+        cols = xp.reshape(x, (N, C, H * W))
+    else:
+        cols = _im2col(x, kh, kw, stride, padding, Ho, Wo, xp=xp)
+    y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)
+    if bias is not None:
+        y = y + xp.reshape(bias, (O, 1))
+    return xp.reshape(y, (N, O, Ho, Wo)), ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None)
+
+
+def conv2d_backward(dy, cache: ConvCache):
+    """Gradients of ``conv2d_forward``: ``dy (N, O, Ho, Wo) -> (dx, dweight, dbias or None)``."""
+    xp = array_namespace(dy)
+    N, O, Ho, Wo = dy.shape
+    _, C, kh, kw = cache.weight.shape
+    dy2 = xp.reshape(dy, (N, O, Ho * Wo))
+    dweight = xp.sum(xp.matmul(dy2, xp.matrix_transpose(cache.cols)), axis=0)
+    dweight = xp.reshape(dweight, cache.weight.shape)
+    dbias = xp.sum(dy2, axis=(0, 2)) if cache.has_bias else None
+    dcols = xp.matmul(xp.matrix_transpose(xp.reshape(cache.weight, (O, C * kh * kw))), dy2)
+    if kh == kw == 1 and cache.stride == 1 and cache.padding == 0:
+        dx = xp.reshape(dcols, cache.x_shape)
+    else:
+        dx = _col2im(dcols, cache.x_shape, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp)
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------- batchnorm2d
+
+
+class BatchNormCache(NamedTuple):
+    xhat: object  # (N, C, H, W) normalised input
+    inv_std: object  # (1, C, 1, 1)
+    gamma: object  # (C,)
+    training: bool
+
+
+def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, momentum=0.1, eps=1e-5):
+    """Batch normalisation over (N, H, W) per channel.
+
+    Parameters
+    ----------
+    x : array (N, C, H, W)
+    gamma, beta : arrays (C,)
+    running_mean, running_var : arrays (C,)
+    training : bool
+        True: normalise with the batch statistics and return updated running
+        statistics; False: normalise with the running statistics.
+    momentum, eps : float
+        ``running = (1 - momentum) running + momentum batch`` (the running variance
+        takes the unbiased batch variance), ``eps`` inside the square root; as in
+        common frameworks.
+
+    Returns
+    -------
+    y : array (N, C, H, W)
+    cache : BatchNormCache
+    new_running_mean, new_running_var : arrays (C,) (new arrays; the inputs are untouched)
+
+    Notes
+    -----
+    Training: ``xhat = (x - mu) / sqrt(var + eps)`` with biased batch variance,
+    ``y = gamma xhat + beta``. With ``m = N H W`` and ``g = dy gamma``:
+    ``dx = inv_std / m * (m g - sum g - xhat sum(g xhat))``,
+    ``dgamma = sum(dy xhat)``, ``dbeta = sum(dy)``. Evaluation: ``dx = g inv_std``.
+    """
+    xp = array_namespace(x, gamma, beta, running_mean, running_var)
+    if x.ndim != 4:
+        raise ValueError(f"batchnorm2d expects x of shape (N, C, H, W), got {tuple(x.shape)}")
+    C = x.shape[1]
+    for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)):
+        if tuple(a.shape) != (C,):
+            raise ValueError(f"batchnorm2d: {name} must have shape ({C},), got {tuple(a.shape)}")
+    shape = (1, C, 1, 1)
+    if training:
+        m = x.shape[0] * x.shape[2] * x.shape[3]
+        if m < 2:
+            raise ValueError(f"batchnorm2d in training needs more than one value per channel, got input {tuple(x.shape)}")
+        mean = xp.mean(x, axis=(0, 2, 3))
+        centred = x - xp.reshape(mean, shape)
+        var = xp.mean(centred * centred, axis=(0, 2, 3))
+        inv_std = xp.reshape(1.0 / xp.sqrt(var + eps), shape)
+        xhat = centred * inv_std
+        new_mean = running_mean * (1.0 - momentum) + mean * momentum
+        new_var = running_var * (1.0 - momentum) + var * (momentum * m / (m - 1))
+    else:
+        inv_std = xp.reshape(1.0 / xp.sqrt(running_var + eps), shape)
+        xhat = (x - xp.reshape(running_mean, shape)) * inv_std
+        new_mean, new_var = running_mean, running_var
+    y = xhat * xp.reshape(gamma, shape) + xp.reshape(beta, shape)
+    return y, BatchNormCache(xhat, inv_std, gamma, training), new_mean, new_var
+
+
+def batchnorm2d_backward(dy, cache: BatchNormCache):
+    """Gradients of ``batchnorm2d_forward``: ``dy -> (dx, dgamma, dbeta)``."""
+    xp = array_namespace(dy)
+    C = dy.shape[1]
+    shape = (1, C, 1, 1)
+    dbeta = xp.sum(dy, axis=(0, 2, 3))
+    dgamma = xp.sum(dy * cache.xhat, axis=(0, 2, 3))
+    g_scale = xp.reshape(cache.gamma, shape) * cache.inv_std
+    if not cache.training:
+        return dy * g_scale, dgamma, dbeta
+    m = dy.shape[0] * dy.shape[2] * dy.shape[3]
+    # dx = gamma inv_std (dy - mean(dy) - xhat mean(dy xhat)), per channel
+    mean_dy = xp.reshape(dbeta * (1.0 / m), shape)
+    mean_dy_xhat = xp.reshape(dgamma * (1.0 / m), shape)
+    dx = (dy - mean_dy - cache.xhat * mean_dy_xhat) * g_scale
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------- elementwise and shape layers
+
+
+class MaskCache(NamedTuple):
+    mask: object
+
+
+def relu_forward(x):
+    """``y = max(x, 0)``; the cache is the mask ``x > 0`` (the subgradient at 0 is 0)."""
+    xp = array_namespace(x)
+    mask = x > 0
+    return xp.where(mask, x, xp.zeros_like(x)), MaskCache(mask)
+
+
+def relu_backward(dy, cache: MaskCache):
+    xp = array_namespace(dy)
+    return xp.where(cache.mask, dy, xp.zeros_like(dy))
+
+
+class SignCache(NamedTuple):
+    sign: object
+
+
+def absdiff_forward(a, b):
+    """``y = |a - b|``; backward ``da = sign(a - b) dy``, ``db = -da`` (sign(0) = 0)."""
+    xp = array_namespace(a, b)
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"absdiff: shapes differ, {tuple(a.shape)} and {tuple(b.shape)}")
+    diff = a - b
+    return xp.abs(diff), SignCache(xp.sign(diff))
+
+
+def absdiff_backward(dy, cache: SignCache):
+    da = dy * cache.sign
+    return da, -da
+
+
+class ConcatCache(NamedTuple):
+    sizes: tuple
+
+
+def concat_forward(arrays, axis=1):
+    """Concatenate along ``axis`` (channels by default); backward splits ``dy``."""
+    xp = array_namespace(*arrays)
+    return xp.concat(list(arrays), axis=axis), ConcatCache(tuple((a.shape[axis], axis) for a in arrays))
+
+
+def concat_backward(dy, cache: ConcatCache):
+    out, start = [], 0
+    for size, axis in cache.sizes:
+        index = [slice(None)] * dy.ndim
+        index[axis] = slice(start, start + size)
+        out.append(dy[tuple(index)])
+        start += size
+    return out
+
+
+def upsample2x_forward(x):
+    """Nearest-neighbour x2 upsampling: ``y[n, c, 2h + a, 2w + b] = x[n, c, h, w]``."""
+    xp = array_namespace(x)
+    N, C, H, W = x.shape
+    y = xp.broadcast_to(xp.reshape(x, (N, C, H, 1, W, 1)), (N, C, H, 2, W, 2))
+    return xp.reshape(y, (N, C, 2 * H, 2 * W)), None
+
+
+def upsample2x_backward(dy, cache=None):
+    """Adjoint of nearest x2 upsampling: the sum over each 2 x 2 block."""
+    xp = array_namespace(dy)
+    N, C, H2, W2 = dy.shape
+    return xp.sum(xp.reshape(dy, (N, C, H2 // 2, 2, W2 // 2, 2)), axis=(3, 5))
+
+
+# --------------------------------------------------------------------------- task losses
+
+
+def sigmoid(z):
+    """Logistic function, stable for large |z| (no overflow in exp)."""
+    xp = array_namespace(z)
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _valid_mask(target, ignore_index, *, xp):
+    if ignore_index is None:
+        return None
+    return target != ignore_index
+
+
+def bce_with_logits(logits, target, *, ignore_index=None):
+    """Binary cross-entropy with logits, mean over the valid pixels, and its gradient.
+
+    Parameters
+    ----------
+    logits : array (N, 1, H, W) or (N, H, W), float
+    target : array of the same number of elements, values {0, 1} (or ``ignore_index``)
+    ignore_index : int or None
+        Pixels whose target equals it are excluded from the mean.
+
+    Returns
+    -------
+    loss : 0-d array
+    dlogits : array shaped like ``logits``
+
+    Notes
+    -----
+    ``l(z, t) = max(z, 0) - z t + log(1 + exp(-|z|))`` (stable for any z);
+    ``dl/dz = sigmoid(z) - t``; the mean divides by the number of valid pixels.
+    """
+    xp = array_namespace(logits, target)
+    t = xp.reshape(target, logits.shape)
+    valid = _valid_mask(t, ignore_index, xp=xp)
+    tf = xp.astype(t, logits.dtype)
+    if valid is not None:
+        tf = xp.where(valid, tf, xp.zeros_like(tf))
+    per_pixel = xp.maximum(logits, 0.0) - logits * tf + xp.log1p(xp.exp(-xp.abs(logits)))
+    grad = sigmoid(logits) - tf
+    if valid is not None:
+        vf = xp.astype(valid, logits.dtype)
+        count = xp.maximum(xp.sum(vf), 1.0)
+        return xp.sum(per_pixel * vf) / count, grad * vf / count
+    count = float(math.prod(logits.shape))
+    return xp.sum(per_pixel) * (1.0 / count), grad * (1.0 / count)
+
+
+def soft_dice(logits, target, *, smooth=1.0, ignore_index=None):
+    """Soft Dice loss on ``sigmoid(logits)`` over the whole batch, and its gradient.
+
+    Notes
+    -----
+    ``p = sigmoid(z)``, ``I = sum p t``, ``S = sum p + sum t``,
+    ``L = 1 - (2 I + s) / (S + s)``; ``dL/dp = -(2 t (S + s) - (2 I + s)) / (S + s)^2``,
+    ``dL/dz = dL/dp * p (1 - p)``.
+    """
+    xp = array_namespace(logits, target)
+    t = xp.reshape(target, logits.shape)
+    valid = _valid_mask(t, ignore_index, xp=xp)
+    tf = xp.astype(t, logits.dtype)
+    p = sigmoid(logits)
+    if valid is not None:
+        vf = xp.astype(valid, logits.dtype)
+        tf = tf * vf
+        p_used = p * vf
+    else:
+        vf = None
+        p_used = p
+    inter = xp.sum(p_used * tf)
+    denom = xp.sum(p_used) + xp.sum(tf) + smooth
+    loss = 1.0 - (2.0 * inter + smooth) / denom
+    dp = -(2.0 * tf * denom - (2.0 * inter + smooth)) / (denom * denom)
+    dz = dp * p * (1.0 - p)
+    if vf is not None:
+        dz = dz * vf
+    return loss, dz

@@ -1,0 +1,231 @@
+"""HDF5 checkpoints: atomic writes, per-array checksums, strict schema checks.
+
+Layout of a checkpoint file (format ``hicd-checkpoint``, version 1)::
+
+    /                 attrs: format, format_version, step, config (JSON),
+                             model_config (JSON), rng_state (JSON), optimizer (JSON)
+    /params/<name>    float arrays, one per model parameter
+    /buffers/<name>   BatchNorm running statistics
+    /optim/<slot>/<name>  optimizer moments (AdamW: m, v; SGD: momentum_buffer)
+
+Every dataset is chunked with HDF5's Fletcher32 filter (0-d arrays cannot be
+chunked) and carries a ``sha256`` attribute of its dtype, shape and bytes. HDF5
+catches truncation, Fletcher32 catches most damage inside chunks, and the SHA-256
+catches the rest (a flipped byte in a contiguous dataset reads back silently).
+
+Writes go to a temporary file in the target's folder, are flushed and fsynced,
+then ``os.replace``d over the target: a crash mid-save leaves the previous file
+intact. Every failure to read raises ``CheckpointError`` naming the file, the key
+and what was expected; nothing is half-loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CheckpointError, NonFiniteError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_path", "array_digest", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "hicd-checkpoint"
+FORMAT_VERSION = 1
+_SUPPORTED_VERSIONS = (1,)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # not every filesystem can fsync a directory
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def array_digest(a: np.ndarray) -> str:
+    """SHA-256 of an array's dtype, shape and C-order bytes."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256()
+    h.update(f"{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def write_array(group, name: str, a) -> None:
+    """Create a checksummed dataset (Fletcher32 when chunkable, SHA-256 always)."""
+    a = np.ascontiguousarray(a)
+    chunkable = a.ndim > 0 and a.size > 0
+    ds = group.create_dataset(name, data=a, chunks=True if chunkable else None, fletcher32=chunkable)
+    ds.attrs["sha256"] = array_digest(a)
+
+
+def read_array(group, name: str, source: str, *, shape=None, dtype=None) -> np.ndarray:
+    """Read and verify one dataset; raise ``CheckpointError`` naming ``source`` and the key."""
+    key = f"{group.name.rstrip('/')}/{name}"
+    if name not in group:
+        raise CheckpointError(f"{source}: missing key {key!r}")
+    ds = group[name]
+    if not isinstance(ds, h5py.Dataset):
+        raise CheckpointError(f"{source}: key {key!r} is not a dataset")
+    try:
+        a = ds[()]
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: key {key!r} is corrupted (checksum or read failure: {exc})") from None
+    a = np.asarray(a)
+    expected = ds.attrs.get("sha256")
+    if expected is None:
+        raise CheckpointError(f"{source}: key {key!r} has no sha256 checksum")
+    if isinstance(expected, bytes):
+        expected = expected.decode()
+    if array_digest(a) != expected:
+        raise CheckpointError(f"{source}: key {key!r} is corrupted (SHA-256 mismatch)")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise CheckpointError(f"{source}: key {key!r} has shape {a.shape}, expected {tuple(shape)}")
+    if dtype is not None and a.dtype != np.dtype(dtype):
+        raise CheckpointError(f"{source}: key {key!r} has dtype {a.dtype}, expected {np.dtype(dtype)}")
+    return a
+
+
+def _json_attr(f, key, source):
+    if key not in f.attrs:
+        raise CheckpointError(f"{source}: missing attribute {key!r}")
+    raw = f.attrs[key]
+    try:
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: attribute {key!r} is not valid JSON ({exc})") from None
+
+
+def save_checkpoint(path, *, model, optimizer=None, step=0, rng_state=None, config=None) -> Path:
+    """Write a checkpoint atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+    model : TinySiamCD (anything with ``state_dict()`` and ``config()``)
+    optimizer : AdamW or SGD, optional
+    step : int
+        Training steps done.
+    rng_state : dict, optional
+        JSON-serialisable RNG state (e.g. ``numpy.random.Generator.bit_generator.state``).
+    config : dict, optional
+        The run's configuration (JSON-serialisable).
+    """
+    state = model.state_dict()
+    opt_state = optimizer.state_dict() if optimizer is not None else None
+    for group in ("params", "buffers"):
+        for name, a in state[group].items():
+            if not np.all(np.isfinite(a)):
+                raise NonFiniteError(f"refusing to write {path}: {group}/{name} has non-finite values")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["step"] = int(step)
+            f.attrs["config"] = json.dumps(config or {})
+            f.attrs["model_config"] = json.dumps(model.config())
+            f.attrs["rng_state"] = json.dumps(rng_state)
+            for group in ("params", "buffers"):
+                g = f.create_group(group)
+                for name, a in state[group].items():
+                    write_array(g, name, a)
+            meta = None
+            if opt_state is not None:
+                og = f.create_group("optim")
+                meta = {"kind": opt_state["kind"], "step": opt_state["step"], "slots": []}
+                for slot, bufs in opt_state.items():
+                    if isinstance(bufs, dict):
+                        meta["slots"].append(slot)
+                        sg = og.create_group(slot)
+                        for name, a in bufs.items():
+                            write_array(sg, name, a)
+            f.attrs["optimizer"] = json.dumps(meta)
+            f.flush()
+    return path
+
+
+def load_checkpoint(path) -> dict:
+    """Read and verify a checkpoint into host arrays.
+
+    Returns
+    -------
+    dict with keys ``params``, ``buffers`` (name -> NumPy array), ``optim`` (the
+    optimizer's ``state_dict`` or None), ``step``, ``config``, ``model_config``,
+    ``rng_state``, ``path``.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, truncated, corrupted, foreign or wrong-schema file; the message
+        names the file and the key.
+    """
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"{source}: no such checkpoint file")
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{source}: not a readable HDF5 checkpoint (truncated or damaged?): {exc}") from None
+    try:
+        with f:
+            fmt = f.attrs.get("format")
+            if isinstance(fmt, bytes):
+                fmt = fmt.decode()
+            if fmt != FORMAT:
+                raise CheckpointError(f"{source}: not a hicd checkpoint (format attribute {fmt!r}, expected {FORMAT!r})")
+            version = f.attrs.get("format_version")
+            if version is None or int(version) not in _SUPPORTED_VERSIONS:
+                raise CheckpointError(
+                    f"{source}: unknown checkpoint format_version {version!r}; this hicd reads {_SUPPORTED_VERSIONS}"
+                )
+            out = {"path": source, "step": int(f.attrs.get("step", 0))}
+            for key in ("config", "model_config", "rng_state", "optimizer"):
+                out[key] = _json_attr(f, key, source)
+            for group in ("params", "buffers"):
+                if group not in f or not isinstance(f[group], h5py.Group):
+                    raise CheckpointError(f"{source}: missing key '/{group}'")
+                out[group] = {name: read_array(f[group], name, source) for name in f[group]}
+            meta = out.pop("optimizer")
+            out["optim"] = None
+            if meta is not None:
+                if "optim" not in f:
+                    raise CheckpointError(f"{source}: missing key '/optim'")
+                opt = {"kind": meta["kind"], "step": int(meta["step"])}
+                for slot in meta["slots"]:
+                    if slot not in f["optim"]:
+                        raise CheckpointError(f"{source}: missing key '/optim/{slot}'")
+                    opt[slot] = {name: read_array(f["optim"][slot], name, source) for name in f["optim"][slot]}
+                out["optim"] = opt
+            return out
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: damaged checkpoint ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,277 @@
+"""TinySiamCD: the compact Siamese change-detection network of SPEC section 4.
+
+Shared encoder (four stages of two conv3x3-BN-ReLU blocks, stride 2 at the start
+of stages 2-4), absolute-difference fusion per stage, a U-shaped decoder with
+nearest x2 upsampling and concatenation, and a 1x1 conv head giving logits.
+Forward and backward are composed from ``functional``'s stateless layer pairs.
+
+Choices the SPEC leaves open:
+
+* The shared encoder runs **once on the stacked pair** ``[x1; x2]`` (batch 2N):
+  one set of larger matmuls instead of two, and the shared weights' gradients
+  sum both phases automatically. Consequently the encoder's BatchNorm batch
+  statistics are computed over both phases together (the PyTorch twin in the
+  benchmarks does the same).
+* Running statistics are the model's only mutable state besides the parameters:
+  a training-mode forward replaces ``model.buffers`` entries with updated arrays.
+  Caches are returned, never stored on the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from . import backend
+from .backend import array_namespace
+from .errors import CheckpointError
+from .functional import (
+    absdiff_backward,
+    absdiff_forward,
+    batchnorm2d_backward,
+    batchnorm2d_forward,
+    concat_backward,
+    concat_forward,
+    conv2d_backward,
+    conv2d_forward,
+    relu_backward,
+    relu_forward,
+    upsample2x_backward,
+    upsample2x_forward,
+)
+
+__all__ = ["TinySiamCD", "DEFAULT_WIDTHS", "TAP_NAMES"]
+
+DEFAULT_WIDTHS = (16, 32, 64, 128)
+TAP_NAMES = ("E1", "E2", "E3", "E4", "d1")
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+
+
+class CBRCache(NamedTuple):
+    conv: object
+    bn: object
+    relu: object
+
+
+class ForwardCache(NamedTuple):
+    n: int  # pairs in the batch
+    encoder: list  # per stage: (cache of block .0, cache of block .1)
+    fusion: list  # per stage: absdiff cache
+    decoder: dict  # name -> (CBR cache, concat cache or None)
+    head: object
+
+
+class TinySiamCD:
+    """Siamese change-detection CNN with hand-derived backward.
+
+    Parameters
+    ----------
+    widths : tuple of 4 ints
+        Channel widths ``(w1, w2, w3, w4)`` of the encoder stages.
+    in_channels : int
+    xp : namespace, optional
+        Where the parameters live (default NumPy); see ``hicd_core.backend.namespace``.
+    dtype : str
+        ``"float32"`` for training, ``"float64"`` for gradient checks.
+    seed : int
+        Seed of the host generator that draws the initial weights (Kaiming normal,
+        fan-in, ReLU gain; biases 0; BatchNorm weight 1, bias 0).
+
+    Attributes
+    ----------
+    params : dict name -> array
+        ``"<layer>.conv.weight"``, ``"<layer>.conv.bias"``, ``"<layer>.bn.weight"``,
+        ``"<layer>.bn.bias"`` for layers ``enc1.0 ... enc4.1, dec4 ... dec1``, plus
+        ``"head.weight"``, ``"head.bias"``.
+    buffers : dict name -> array
+        ``"<layer>.bn.running_mean"``, ``"<layer>.bn.running_var"``.
+    """
+
+    def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0):
+        widths = tuple(int(w) for w in widths)
+        if len(widths) != 4 or min(widths) < 1:
+            raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
+        if dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        self.widths, self.in_channels, self.dtype, self.seed = widths, int(in_channels), dtype, seed
+        self.xp = xp if xp is not None else backend.namespace("numpy")
+        w1, w2, w3, w4 = widths
+        layers = [("enc1.0", in_channels, w1, 1), ("enc1.1", w1, w1, 1)]
+        for k in range(2, 5):
+            layers += [(f"enc{k}.0", widths[k - 2], widths[k - 1], 2), (f"enc{k}.1", widths[k - 1], widths[k - 1], 1)]
+        layers += [("dec4", w4, w3, 1), ("dec3", 2 * w3, w3, 1), ("dec2", w3 + w2, w2, 1), ("dec1", w2 + w1, w1, 1)]
+        self.layers = {name: (cin, cout, stride) for name, cin, cout, stride in layers}
+        self.params, self.buffers = {}, {}
+        rng = backend.host_rng(seed)
+        xp_ = self.xp
+        for name, (cin, cout, _) in self.layers.items():
+            fan_in = cin * 9
+            self.params[f"{name}.conv.weight"] = backend.normal(rng, (cout, cin, 3, 3), math.sqrt(2.0 / fan_in), xp_, dtype=dtype)
+            self.params[f"{name}.conv.bias"] = xp_.zeros((cout,), dtype=getattr(xp_, dtype))
+            self.params[f"{name}.bn.weight"] = xp_.ones((cout,), dtype=getattr(xp_, dtype))
+            self.params[f"{name}.bn.bias"] = xp_.zeros((cout,), dtype=getattr(xp_, dtype))
+            self.buffers[f"{name}.bn.running_mean"] = xp_.zeros((cout,), dtype=getattr(xp_, dtype))
+            self.buffers[f"{name}.bn.running_var"] = xp_.ones((cout,), dtype=getattr(xp_, dtype))
+        self.params["head.weight"] = backend.normal(rng, (1, w1, 1, 1), math.sqrt(1.0 / w1), xp_, dtype=dtype)
+        self.params["head.bias"] = xp_.zeros((1,), dtype=getattr(xp_, dtype))
+
+    # ------------------------------------------------------------------ config and state
+
+    def config(self) -> dict:
+        return {"arch": "TinySiamCD", "widths": list(self.widths), "in_channels": self.in_channels}
+
+    def state_dict(self) -> dict:
+        """Host (NumPy) copies: ``{"params": {...}, "buffers": {...}}``."""
+        return {
+            "params": {k: backend.to_host(v).copy() for k, v in self.params.items()},
+            "buffers": {k: backend.to_host(v).copy() for k, v in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict, *, source: str = "state") -> None:
+        """Load host arrays after checking every key, shape and dtype; nothing is changed on error."""
+        new = {}
+        for group, current in (("params", self.params), ("buffers", self.buffers)):
+            given = state.get(group)
+            if not isinstance(given, dict):
+                raise CheckpointError(f"{source}: missing group {group!r}")
+            missing = sorted(set(current) - set(given))
+            extra = sorted(set(given) - set(current))
+            if missing or extra:
+                raise CheckpointError(f"{source}: {group} keys differ from the model: missing {missing}, unexpected {extra}")
+            for name, arr in current.items():
+                host = given[name]
+                if tuple(host.shape) != tuple(arr.shape):
+                    raise CheckpointError(f"{source}: {group}/{name} has shape {tuple(host.shape)}, expected {tuple(arr.shape)}")
+                if str(host.dtype) != self.dtype:
+                    raise CheckpointError(f"{source}: {group}/{name} has dtype {host.dtype}, expected {self.dtype}")
+                new[(group, name)] = backend.from_host(host, self.xp, dtype=self.dtype)
+        for (group, name), arr in new.items():
+            getattr(self, group)[name] = arr
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(p.shape) for p in self.params.values())
+
+    # ------------------------------------------------------------------ blocks
+
+    def _cbr_forward(self, x, name, training):
+        cin, cout, stride = self.layers[name]
+        p, b = self.params, self.buffers
+        y, conv_cache = conv2d_forward(x, p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], stride=stride, padding=1)
+        y, bn_cache, mean, var = batchnorm2d_forward(
+            y, p[f"{name}.bn.weight"], p[f"{name}.bn.bias"], b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"],
+            training=training, momentum=BN_MOMENTUM, eps=BN_EPS,
+        )
+        if training:
+            b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"] = mean, var
+        y, relu_cache = relu_forward(y)
+        return y, CBRCache(conv_cache, bn_cache, relu_cache)
+
+    def _cbr_backward(self, dy, cache: CBRCache, name, grads):
+        dy = relu_backward(dy, cache.relu)
+        dy, grads[f"{name}.bn.weight"], grads[f"{name}.bn.bias"] = batchnorm2d_backward(dy, cache.bn)
+        dx, grads[f"{name}.conv.weight"], grads[f"{name}.conv.bias"] = conv2d_backward(dy, cache.conv)
+        return dx
+
+    # ------------------------------------------------------------------ forward / backward
+
+    def forward(self, x1, x2, *, training=True):
+        """Logits and distillation taps for a batch of pairs.
+
+        Parameters
+        ----------
+        x1, x2 : arrays (N, in_channels, H, W), H and W multiples of 8
+        training : bool
+            BatchNorm with batch statistics (and running-statistic updates) if True.
+
+        Returns
+        -------
+        logits : array (N, 1, H, W)
+        taps : dict
+            ``"E1".."E4"``: ``(t1 features, t2 features)``, each (N, w_k, H/2^(k-1), W/2^(k-1));
+            ``"d1"``: change features (N, w1, H, W).
+        cache : ForwardCache (pass to ``backward``)
+        """
+        xp = array_namespace(x1, x2)
+        if tuple(x1.shape) != tuple(x2.shape):
+            raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+        if x1.ndim != 4 or x1.shape[1] != self.in_channels:
+            raise ValueError(f"inputs must have shape (N, {self.in_channels}, H, W), got {tuple(x1.shape)}")
+        if x1.shape[2] % 8 or x1.shape[3] % 8:
+            raise ValueError(f"input height and width must be multiples of 8, got {tuple(x1.shape)}")
+        n = x1.shape[0]
+        h = xp.concat([x1, x2], axis=0)
+        stages, enc_caches, fusion_caches, deltas = [], [], [], []
+        for k in range(1, 5):
+            h, ca = self._cbr_forward(h, f"enc{k}.0", training)
+            h, cb = self._cbr_forward(h, f"enc{k}.1", training)
+            enc_caches.append((ca, cb))
+            stages.append(h)
+            delta, fc = absdiff_forward(h[:n, ...], h[n:, ...])
+            deltas.append(delta)
+            fusion_caches.append(fc)
+        dec = {}
+        d, c = self._cbr_forward(deltas[3], "dec4", training)
+        dec["dec4"] = (c, None)
+        for k in (3, 2, 1):
+            up, _ = upsample2x_forward(d)
+            cat, cat_cache = concat_forward([up, deltas[k - 1]])
+            d, c = self._cbr_forward(cat, f"dec{k}", training)
+            dec[f"dec{k}"] = (c, cat_cache)
+        logits, head_cache = conv2d_forward(d, self.params["head.weight"], self.params["head.bias"])
+        taps = {f"E{k + 1}": (s[:n, ...], s[n:, ...]) for k, s in enumerate(stages)}
+        taps["d1"] = d
+        return logits, taps, ForwardCache(n, enc_caches, fusion_caches, dec, head_cache)
+
+    def backward(self, dlogits, cache: ForwardCache, tap_grads=None):
+        """Parameter gradients from ``dlogits`` plus optional gradients for taps.
+
+        Parameters
+        ----------
+        dlogits : array (N, 1, H, W)
+        cache : ForwardCache from ``forward``
+        tap_grads : dict, optional
+            ``"E1".."E4"`` -> ``(g1, g2)`` (either may be None) and/or ``"d1"`` -> g,
+            e.g. from ``hicd_loss``; added to the gradients flowing through those
+            points.
+
+        Returns
+        -------
+        grads : dict name -> array, one entry per parameter (shared encoder weights
+            sum the contributions of both phases).
+        """
+        xp = array_namespace(dlogits)
+        tap_grads = dict(tap_grads or {})
+        unknown = set(tap_grads) - set(TAP_NAMES)
+        if unknown:
+            raise ValueError(f"unknown taps {sorted(unknown)}; available: {TAP_NAMES}")
+        grads = {}
+        dd, grads["head.weight"], grads["head.bias"] = conv2d_backward(dlogits, cache.head)
+        if tap_grads.get("d1") is not None:
+            dd = dd + tap_grads["d1"]
+        ddeltas = [None] * 4
+        for k in (1, 2, 3):
+            cbr_cache, cat_cache = cache.decoder[f"dec{k}"]
+            dcat = self._cbr_backward(dd, cbr_cache, f"dec{k}", grads)
+            dup, ddeltas[k - 1] = concat_backward(dcat, cat_cache)
+            dd = upsample2x_backward(dup)
+        ddeltas[3] = self._cbr_backward(dd, cache.decoder["dec4"][0], "dec4", grads)
+        dh = None
+        for k in (4, 3, 2, 1):
+            da, db = absdiff_backward(ddeltas[k - 1], cache.fusion[k - 1])
+            g1, g2 = tap_grads.get(f"E{k}") or (None, None)
+            if g1 is not None:
+                da = da + g1
+            if g2 is not None:
+                db = db + g2
+            dstage = xp.concat([da, db], axis=0)
+            if dh is not None:
+                dstage = dstage + dh
+            ca, cb = cache.encoder[k - 1]
+            dh = self._cbr_backward(dstage, cb, f"enc{k}.1", grads)
+            dh = self._cbr_backward(dh, ca, f"enc{k}.0", grads)
+        return grads
+
+    def predict_logits(self, x1, x2):
+        """Evaluation-mode logits (running BatchNorm statistics, no state change)."""
+        return self.forward(x1, x2, training=False)[0]

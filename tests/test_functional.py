@@ -1,0 +1,221 @@
+"""Layer pairs: parity with reference/layers.py, central-difference gradients, no writes into inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import reference.layers as ref
+from hicd_core import functional as F
+from tests.conftest import assert_close, to_np, to_xp
+from tests.test_correlation import central_difference, seeds
+
+
+def rel_err(a, b):
+    return np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b)), 1e-12)
+
+
+@st.composite
+def conv_problems(draw):
+    k = draw(st.sampled_from([1, 2, 3]))
+    stride = draw(st.integers(1, 2))
+    padding = draw(st.integers(0, 2))
+    h = draw(st.integers(max(1, k - 2 * padding), 7))
+    w = draw(st.integers(max(1, k - 2 * padding), 7))
+    return (draw(st.integers(1, 2)), draw(st.integers(1, 3)), h, w), (draw(st.integers(1, 3)), k), stride, padding
+
+
+@given(conv_problems(), seeds, st.booleans())
+def test_conv2d_matches_reference(xp, problem, seed, with_bias):
+    (N, C, H, W), (O, k), stride, padding = problem
+    rng = np.random.default_rng(seed)
+    x, w, b = rng.standard_normal((N, C, H, W)), rng.standard_normal((O, C, k, k)), rng.standard_normal(O)
+    y, cache = F.conv2d_forward(to_xp(xp, x), to_xp(xp, w), to_xp(xp, b) if with_bias else None,
+                                stride=stride, padding=padding)
+    expected = ref.conv2d(x, w, b if with_bias else None, stride, padding)
+    assert_close(y, expected, xp, dtype="float64")
+    dy = rng.standard_normal(expected.shape)
+    dx, dw, db = F.conv2d_backward(to_xp(xp, dy), cache)
+    ex, ew, eb = ref.conv2d_grad(dy, x, w, stride, padding)
+    assert_close(dx, ex, xp)
+    assert_close(dw, ew, xp)
+    if with_bias:
+        assert_close(db, eb, xp)
+    else:
+        assert db is None
+
+
+def test_conv2d_central_differences():
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((2, 3, 5, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    y, cache = F.conv2d_forward(x, w, b, stride=2, padding=1)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = F.conv2d_backward(dy, cache)
+    loss = lambda x_, w_, b_: np.sum(F.conv2d_forward(x_, w_, b_, stride=2, padding=1)[0] * dy)  # noqa: E731
+    assert rel_err(dx, central_difference(lambda v: loss(v, w, b), x.copy())) < 1e-6
+    assert rel_err(dw, central_difference(lambda v: loss(x, v, b), w.copy())) < 1e-6
+    assert rel_err(db, central_difference(lambda v: loss(x, w, v), b.copy())) < 1e-6
+
+
+def test_conv2d_errors_name_shapes():
+    x = np.zeros((1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"3 channels.*\(2, 2, 3, 3\)"):
+        F.conv2d_forward(x, np.zeros((2, 2, 3, 3)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(2,\)"):
+        F.conv2d_forward(x, np.zeros((2, 3, 3, 3)), np.zeros(3))
+    with pytest.raises(ValueError, match="does not fit"):
+        F.conv2d_forward(x, np.zeros((2, 3, 5, 5)))
+
+
+@given(st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)), seeds)
+def test_batchnorm_training_matches_reference(xp, shape, seed):
+    if shape[0] * shape[2] * shape[3] < 2:
+        return
+    rng = np.random.default_rng(seed)
+    C = shape[1]
+    x = rng.standard_normal(shape) * 2 + 1
+    gamma, beta = rng.standard_normal(C), rng.standard_normal(C)
+    rm, rv = rng.standard_normal(C), rng.random(C) + 0.5
+    y, cache, nm, nv = F.batchnorm2d_forward(*(to_xp(xp, a) for a in (x, gamma, beta, rm, rv)), training=True)
+    assert_close(y, ref.batchnorm2d_train(x, gamma, beta), xp, dtype="float64")
+    m = shape[0] * shape[2] * shape[3]
+    mean = x.mean(axis=(0, 2, 3))
+    var_unbiased = x.var(axis=(0, 2, 3)) * m / (m - 1)
+    assert_close(nm, 0.9 * rm + 0.1 * mean, xp)
+    assert_close(nv, 0.9 * rv + 0.1 * var_unbiased, xp)
+    dy = rng.standard_normal(shape)
+    dx, dgamma, dbeta = F.batchnorm2d_backward(to_xp(xp, dy), cache)
+    ex, eg, eb = ref.batchnorm2d_train_grad(dy, x, gamma)
+    assert_close(dx, ex, xp, rtol=1e-9, atol=1e-10)
+    assert_close(dgamma, eg, xp)
+    assert_close(dbeta, eb, xp)
+
+
+def test_batchnorm_eval_uses_running_statistics_and_central_differences():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 4, 4))
+    gamma, beta, rm, rv = rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal(3), rng.random(3) + 0.5
+    y, cache, nm, nv = F.batchnorm2d_forward(x, gamma, beta, rm, rv, training=False)
+    expected = (x - rm[None, :, None, None]) / np.sqrt(rv[None, :, None, None] + 1e-5) * gamma[None, :, None, None]
+    np.testing.assert_allclose(y, expected + beta[None, :, None, None], rtol=1e-12)
+    assert nm is rm and nv is rv
+    dy = rng.standard_normal(x.shape)
+    for training in (False, True):
+        _, cache, _, _ = F.batchnorm2d_forward(x, gamma, beta, rm, rv, training=training)
+        dx, dg, db = F.batchnorm2d_backward(dy, cache)
+        f = lambda x_, g_: np.sum(F.batchnorm2d_forward(x_, g_, beta, rm, rv, training=training)[0] * dy)  # noqa: E731
+        assert rel_err(dx, central_difference(lambda v: f(v, gamma), x.copy())) < 1e-6
+        assert rel_err(dg, central_difference(lambda v: f(x, v), gamma.copy())) < 1e-6
+
+
+def away_from_zero(rng, shape, margin=0.1):
+    v = rng.standard_normal(shape)
+    return np.where(v >= 0, v + margin, v - margin)
+
+
+def test_elementwise_and_shape_layers_central_differences():
+    rng = np.random.default_rng(2)
+    x = away_from_zero(rng, (2, 3, 4, 4))
+    a, b = rng.standard_normal((2, 3, 4, 4)), None
+    b = a + away_from_zero(rng, a.shape)  # a - b away from the kink of |.|
+    dy = rng.standard_normal(x.shape)
+
+    _, c = F.relu_forward(x)
+    num = central_difference(lambda v: np.sum(F.relu_forward(v)[0] * dy), x.copy())
+    assert rel_err(F.relu_backward(dy, c), num) < 1e-8
+
+    _, c = F.absdiff_forward(a, b)
+    da, db = F.absdiff_backward(dy, c)
+    assert rel_err(da, central_difference(lambda v: np.sum(F.absdiff_forward(v, b)[0] * dy), a.copy())) < 1e-8
+    assert rel_err(db, central_difference(lambda v: np.sum(F.absdiff_forward(a, v)[0] * dy), b.copy())) < 1e-8
+
+    up, _ = F.upsample2x_forward(x)
+    assert up.shape == (2, 3, 8, 8) and np.array_equal(up[:, :, 1::2, ::2], x)
+    dup = rng.standard_normal(up.shape)
+    num = central_difference(lambda v: np.sum(F.upsample2x_forward(v)[0] * dup), x.copy())
+    assert rel_err(F.upsample2x_backward(dup), num) < 1e-8
+
+    y, c = F.concat_forward([x, a[:, :2]])
+    assert y.shape == (2, 5, 4, 4)
+    g1, g2 = F.concat_backward(np.arange(y.size, dtype=float).reshape(y.shape), c)
+    assert g1.shape == x.shape and g2.shape == (2, 2, 4, 4) and g2[0, 0, 0, 0] == 3 * 16
+
+
+@pytest.mark.parametrize("ignore", [None, 255])
+def test_bce_with_logits(xp, ignore):
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((2, 1, 4, 4)) * 3
+    t = (rng.random((2, 4, 4)) > 0.5).astype(np.uint8)
+    if ignore is not None:
+        t[0, 0, :2] = ignore
+    loss, dz = F.bce_with_logits(to_xp(xp, z), to_xp(xp, t), ignore_index=ignore)
+    valid = np.ones(t.shape, bool) if ignore is None else t != ignore
+    p = 1 / (1 + np.exp(-z[:, 0]))
+    tt = t.astype(float)
+    naive = -(tt * np.log(p) + (1 - tt) * np.log(1 - p))
+    assert_close(loss, naive[valid].mean(), xp, dtype="float64")
+    num = central_difference(lambda v: float(F.bce_with_logits(v, t, ignore_index=ignore)[0]), z.copy())
+    assert rel_err(to_np(dz), num) < 1e-6
+
+
+def test_bce_is_stable_for_huge_logits():
+    z = np.array([[[[1e4, -1e4]]]], dtype=np.float32)
+    t = np.array([[[0, 1]]], dtype=np.uint8)
+    loss, dz = F.bce_with_logits(z, t)
+    assert np.isfinite(loss) and float(loss) == pytest.approx(1e4, rel=1e-6)
+    assert np.all(np.isfinite(dz))
+
+
+def test_soft_dice_central_differences():
+    rng = np.random.default_rng(4)
+    z = rng.standard_normal((2, 1, 4, 4))
+    t = (rng.random((2, 4, 4)) > 0.5).astype(np.uint8)
+    loss, dz = F.soft_dice(z, t)
+    assert 0 <= float(loss) <= 1
+    num = central_difference(lambda v: float(F.soft_dice(v, t)[0]), z.copy())
+    assert rel_err(dz, num) < 1e-6
+
+
+def _snapshot(obj):
+    """Copies of every array reachable in a cache / tuple, for no-write checks."""
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, tuple):
+        return tuple(_snapshot(o) for o in obj)
+    return obj
+
+
+def _same(a, b):
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    if isinstance(a, tuple):
+        return all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_backward_never_writes_into_dy_inputs_or_caches():
+    rng = np.random.default_rng(5)
+    x = away_from_zero(rng, (2, 3, 6, 6))
+    w, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    g, be, rm, rv = rng.standard_normal(3), rng.standard_normal(3), np.zeros(3), np.ones(3)
+    cases = [
+        (lambda: F.conv2d_forward(x, w, b, stride=2, padding=1), F.conv2d_backward),
+        (lambda: F.conv2d_forward(x, w[:, :, :1, :1], b), F.conv2d_backward),
+        (lambda: F.batchnorm2d_forward(x, g, be, rm, rv, training=True)[:2], F.batchnorm2d_backward),
+        (lambda: F.relu_forward(x), F.relu_backward),
+        (lambda: F.absdiff_forward(x, x[::-1]), F.absdiff_backward),
+        (lambda: F.upsample2x_forward(x), F.upsample2x_backward),
+        (lambda: F.concat_forward([x, x]), F.concat_backward),
+    ]
+    inputs = [x, w, b, g, be, rm, rv]
+    before_inputs = [a.copy() for a in inputs]
+    for forward, backward in cases:
+        y, cache = forward()
+        dy = rng.standard_normal(y.shape)
+        dy_before, cache_before = dy.copy(), _snapshot(cache)
+        backward(dy, cache)
+        assert np.array_equal(dy, dy_before)
+        assert _same(cache, cache_before)
+    assert all(np.array_equal(a, bfr) for a, bfr in zip(inputs, before_inputs))
