@@ -122,6 +122,19 @@ def _json_attr(f, key, source):
         raise CheckpointError(f"{source}: attribute {key!r} is not valid JSON ({exc})") from None
 
 
+_META_KEYS = ("format", "format_version", "step", "config", "model_config", "rng_state", "optimizer")
+
+
+def _meta_digest(attrs) -> str:
+    """SHA-256 over the metadata attributes, so a flipped byte in them cannot pass unnoticed."""
+    h = hashlib.sha256()
+    for key in _META_KEYS:
+        value = attrs.get(key)
+        value = value.decode() if isinstance(value, bytes) else value
+        h.update(f"{key}={value!s}\n".encode())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, *, model, optimizer=None, step=0, rng_state=None, config=None) -> Path:
     """Write a checkpoint atomically.
 
@@ -167,6 +180,7 @@ def save_checkpoint(path, *, model, optimizer=None, step=0, rng_state=None, conf
                         for name, a in bufs.items():
                             write_array(sg, name, a)
             f.attrs["optimizer"] = json.dumps(meta)
+            f.attrs["meta_sha256"] = _meta_digest(f.attrs)
             f.flush()
     return path
 
@@ -202,10 +216,15 @@ def load_checkpoint(path) -> dict:
             if fmt != FORMAT:
                 raise CheckpointError(f"{source}: not a hicd checkpoint (format attribute {fmt!r}, expected {FORMAT!r})")
             version = f.attrs.get("format_version")
-            if version is None or int(version) not in _SUPPORTED_VERSIONS:
+            version = None if version is None else int(version)
+            if version not in _SUPPORTED_VERSIONS:
                 raise CheckpointError(
-                    f"{source}: unknown checkpoint format_version {version!r}; this hicd reads {_SUPPORTED_VERSIONS}"
+                    f"{source}: unknown checkpoint format_version {version}; this hicd reads {list(_SUPPORTED_VERSIONS)}"
                 )
+            digest = f.attrs.get("meta_sha256")
+            digest = digest.decode() if isinstance(digest, bytes) else digest
+            if digest != _meta_digest(f.attrs):
+                raise CheckpointError(f"{source}: metadata attributes are corrupted (SHA-256 mismatch)")
             out = {"path": source, "step": int(f.attrs.get("step", 0))}
             for key in ("config", "model_config", "rng_state", "optimizer"):
                 out[key] = _json_attr(f, key, source)
