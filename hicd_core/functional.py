@@ -235,20 +235,21 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
 # --------------------------------------------------------------------------- elementwise and shape layers
 
 
-class MaskCache(NamedTuple):
-    mask: object
+class ReluCache(NamedTuple):
+    y: object  # the output; y > 0 exactly where x > 0, and it is kept alive downstream anyway
 
 
 def relu_forward(x):
-    """``y = max(x, 0)``; the cache is the mask ``x > 0`` (the subgradient at 0 is 0)."""
+    """``y = max(x, 0)``; backward ``dx = dy [x > 0]`` (the subgradient at 0 is 0)."""
     xp = array_namespace(x)
-    mask = x > 0
-    return xp.where(mask, x, xp.zeros_like(x)), MaskCache(mask)
+    y = xp.maximum(x, 0.0)
+    return y, ReluCache(y)
 
 
-def relu_backward(dy, cache: MaskCache):
+def relu_backward(dy, cache: ReluCache):
     xp = array_namespace(dy)
-    return xp.where(cache.mask, dy, xp.zeros_like(dy))
+    # a multiply by the 0/1 mask is several times faster than where() in NumPy
+    return dy * xp.astype(cache.y > 0, dy.dtype)
 
 
 class SignCache(NamedTuple):

@@ -1,0 +1,218 @@
+"""Benchmark: one full TinySiamCD training step (forward, backward, optimizer).
+
+    python examples/bench.py --backend numpy --batch 8 --size 64 --steps 20 --mode task --json
+    python examples/bench.py --mode hicd --vs-torch          # also time a PyTorch eager twin
+    python examples/bench.py --mode hicd --profile           # where the time goes
+
+``task``: student forward, BCE, backward, AdamW. ``hicd`` adds the frozen
+teacher's forward on the high-quality pair and ``hicd_loss`` on SPEC section 4's
+default taps (E2, E3, E4 with windows 8, 8, None; d1 with window 8), exactly as
+``hicd_core.train.train_step`` does in training. Prints one JSON line with the
+median step time in milliseconds and the peak memory of a step. ``--vs-torch``
+times a PyTorch twin (same network, batch, thread count, float32) in the same
+run and prints the ratio ``median_ms / torch_median_ms``. The twin lives here,
+never in ``hicd_core``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io as _io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hicd_core import backend  # noqa: E402
+from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
+from hicd_core.optim import AdamW  # noqa: E402
+from hicd_core.train import DistillConfig, default_windows, train_step  # noqa: E402
+
+
+def make_batch(batch, size, seed=0):
+    rng = np.random.default_rng(seed)
+    x1 = rng.random((batch, 3, size, size), dtype=np.float32)
+    x2 = rng.random((batch, 3, size, size), dtype=np.float32)
+    x2_hq = rng.random((batch, 3, size, size), dtype=np.float32)
+    label = (rng.random((batch, size, size)) > 0.8).astype(np.uint8)
+    return x1, x2, x2_hq, label
+
+
+def median_time(fn, sync, steps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
+
+
+# --------------------------------------------------------------------------- torch twin
+
+
+def torch_twin(torch, widths):
+    nn = torch.nn
+
+    def cbr(cin, cout, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=True), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class TorchSiamCD(nn.Module):
+        def __init__(self):
+            super().__init__()
+            w1, w2, w3, w4 = widths
+            self.enc = nn.ModuleList(
+                [nn.Sequential(cbr(3, w1), cbr(w1, w1))]
+                + [nn.Sequential(cbr(widths[k - 1], widths[k], 2), cbr(widths[k], widths[k])) for k in (1, 2, 3)]
+            )
+            self.dec4, self.dec3 = cbr(w4, w3), cbr(2 * w3, w3)
+            self.dec2, self.dec1 = cbr(w3 + w2, w2), cbr(w2 + w1, w1)
+            self.head = nn.Conv2d(w1, 1, 1)
+
+        def forward(self, x1, x2):
+            n = x1.shape[0]
+            h = torch.cat([x1, x2])  # encoder once on the stacked pair, as hicd_core does
+            stages, deltas = [], []
+            for block in self.enc:
+                h = block(h)
+                stages.append(h)
+                deltas.append((h[:n] - h[n:]).abs())
+            up = lambda t: nn.functional.interpolate(t, scale_factor=2, mode="nearest")  # noqa: E731
+            d = self.dec4(deltas[3])
+            d = self.dec3(torch.cat([up(d), deltas[2]], 1))
+            d = self.dec2(torch.cat([up(d), deltas[1]], 1))
+            d = self.dec1(torch.cat([up(d), deltas[0]], 1))
+            taps = {f"E{k + 1}": (s[:n], s[n:]) for k, s in enumerate(stages)}
+            taps["d1"] = d
+            return self.head(d), taps
+
+    return TorchSiamCD
+
+
+def run_torch(args, host_batch, windows, change_window, result):
+    try:
+        import torch
+    except ImportError:
+        result["torch"] = "not installed"
+        return
+    from bench_loss import torch_hicd_loss
+
+    device = "cuda" if args.backend == "cupy" else "cpu"
+    Twin = torch_twin(torch, DEFAULT_WIDTHS)
+    student, teacher = Twin().to(device), Twin().to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-3, weight_decay=1e-2)
+    x1, x2, x2_hq, label = (torch.as_tensor(a, device=device) for a in host_batch)
+    target = label.float()[:, None]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits, taps = student(x1, x2)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+        if args.mode == "hicd":
+            with torch.no_grad():
+                _, t_taps = teacher(x1, x2_hq)
+            loss = loss + torch_hicd_loss(
+                torch, [taps[t] for t in ("E2", "E3", "E4")], [t_taps[t] for t in ("E2", "E3", "E4")],
+                taps["d1"], t_taps["d1"], windows, change_window,
+            )
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms, _ = median_time(step, sync, args.steps)
+    result.update(
+        torch_version=torch.__version__, torch_device=device, torch_threads=torch.get_num_threads(),
+        torch_median_ms=round(ms, 3), ratio=round(result["median_ms"] / ms, 3),
+    )
+    if device == "cuda":
+        result["torch_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Time one TinySiamCD training step.")
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "array_api_strict"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--mode", default="task", choices=["task", "hicd"])
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--vs-torch", action="store_true", help="also time the PyTorch eager twin")
+    parser.add_argument("--profile", action="store_true", help="print the top functions of a profiled step")
+    args = parser.parse_args(argv)
+
+    xp = backend.namespace(args.backend)
+    on_gpu = backend.is_cupy_namespace(xp)
+    if on_gpu:
+        import cupy
+
+        sync = cupy.cuda.Device().synchronize
+    else:
+        sync = lambda: None  # noqa: E731
+
+    host_batch = make_batch(args.batch, args.size)
+    x1, x2, x2_hq, label = (backend.from_host(a, xp) for a in host_batch)
+    student = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=0)
+    teacher = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=1) if args.mode == "hicd" else None
+    opt = AdamW(student.params, lr=1e-3, weight_decay=1e-2)
+    windows, change_window = default_windows(args.size)
+    distill = DistillConfig(method="hicd", windows=windows, change_window=change_window) if args.mode == "hicd" else None
+
+    def step():
+        return train_step(student, opt, x1, x2, label, teacher=teacher, teacher_x2=x2_hq, distill=distill)
+
+    ms, times = median_time(step, sync, args.steps)
+    result = {
+        "bench": "train step", "mode": args.mode, "backend": args.backend, "dtype": "float32",
+        "batch": args.batch, "size": args.size, "steps": args.steps, "windows": list(windows),
+        "median_ms": round(ms, 3), "min_ms": round(min(times), 3),
+        "pairs_per_s": round(args.batch / ms * 1e3, 1),
+        "machine": platform.machine(), "cpus": os.cpu_count(),
+    }
+    if on_gpu:
+        pool = cupy.get_default_memory_pool()
+        result["peak_mem_mb"] = round(pool.total_bytes() / 2**20, 1)  # the pool's high-water mark
+        result["device"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    else:
+        tracemalloc.start()
+        step()
+        result["peak_mem_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
+        tracemalloc.stop()
+    if args.vs_torch:
+        run_torch(args, host_batch, windows, change_window, result)
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(3):
+            step()
+        sync()
+        prof.disable()
+        out = _io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+        print(out.getvalue())
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
