@@ -1,0 +1,337 @@
+"""Real change-detection datasets: LEVIR-CD / WHU-CD / DSIFN folders, HDF5 packs, augmentation.
+
+Folder layout::
+
+    root/A/<name>.png       t1 images (PNG, JPG or TIFF; RGB, 8 bits per channel)
+    root/B/<name>.png       t2 images, same names and sizes
+    root/label/<name>.png   change labels: 0/255 or 0/1 (1 or 255 = change)
+    root/list/train.txt     optional: one name per line (with or without extension)
+
+Labels are returned as uint8 {0, 1}; with ``ignore_value`` set (BANDON marks
+unlabelled pixels with 255), labels are read as 0 = no change, 1 = change and
+``ignore_value`` = unlabelled, and ``ignore_value`` passes through unchanged so
+that the losses and metrics can exclude it. Grayscale images are converted to RGB
+by repeating the channel (documented conversion); RGBA drops alpha; any other
+mode, a missing counterpart, mismatched sizes or unexpected label values raise
+``DatasetError`` naming the file.
+
+Samples follow ``synthetic_pairs``' conventions: ``t1, t2`` float32 (3, H, W) in
+[0, 1], ``label`` uint8 (H, W).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import DatasetError
+from ..io import atomic_path
+from .degradations import degrade
+
+__all__ = [
+    "FolderDataset",
+    "H5Dataset",
+    "ArrayDataset",
+    "DegradedView",
+    "pack_dataset",
+    "build_degraded_set",
+    "open_dataset",
+    "random_crop_flip",
+    "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+PACK_FORMAT = "hicd-dataset"
+PACK_VERSION = 1
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("reading image folders needs Pillow: pip install hicd[io]") from None
+    return Image
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB image file as float32 (3, H, W) in [0, 1]; grayscale is repeated to 3 channels."""
+    Image = _pil()
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("L", "P", "LA", "RGBA", "RGB", "1"):
+                arr = np.asarray(im.convert("RGB"))
+            else:
+                raise DatasetError(f"{path}: unsupported image mode {mode!r} (expected 8-bit RGB or grayscale)")
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
+        raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+
+def read_label(path: Path, ignore_value: int | None = None) -> np.ndarray:
+    """A label file as uint8 (H, W): 0 = no change, 1 = change, ``ignore_value`` kept as is."""
+    Image = _pil()
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im)
+    except Exception as exc:  # noqa: BLE001
+        raise DatasetError(f"{path}: cannot read label ({type(exc).__name__}: {exc})") from None
+    if arr.ndim == 3:
+        if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(arr.shape[2], 3))):
+            raise DatasetError(f"{path}: label has {arr.shape[2]} differing channels; expected a single-channel mask")
+        arr = arr[..., 0]
+    values = set(np.unique(arr).tolist())
+    if ignore_value is not None:
+        allowed = {0, 1, ignore_value}
+        if not values <= allowed:
+            raise DatasetError(f"{path}: label values {sorted(values)}; expected a subset of {sorted(allowed)}")
+        return arr.astype(np.uint8)
+    if values <= {0, 1}:
+        return arr.astype(np.uint8)
+    if values <= {0, 255}:
+        return (arr == 255).astype(np.uint8)
+    raise DatasetError(f"{path}: label values {sorted(values)}; expected 0/255 or 0/1")
+
+
+class FolderDataset:
+    """A change-detection dataset folder (LEVIR-CD layout), read lazily.
+
+    Parameters
+    ----------
+    root : path
+    split : str, optional
+        Use the names in ``root/list/<split>.txt``; all files of ``A/`` otherwise.
+    ignore_value : int, optional
+        Label value marking unlabelled pixels (passed through, see module docs).
+
+    ``len(ds)`` and ``ds[i] -> (t1, t2, label)``; ``ds.names`` lists the files.
+    Missing counterparts are reported when the dataset is opened; sizes and label
+    values when a sample is read (``ds.validate()`` reads all of them).
+    """
+
+    def __init__(self, root, split: str | None = None, *, ignore_value: int | None = None):
+        self.root = Path(root)
+        self.ignore_value = ignore_value
+        for sub in ("A", "B", "label"):
+            if not (self.root / sub).is_dir():
+                raise DatasetError(f"{self.root}: missing folder {sub}/ (expected A/, B/ and label/)")
+        files = {p.stem: p for p in sorted((self.root / "A").iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS}
+        if split is not None:
+            list_file = self.root / "list" / f"{split}.txt"
+            if not list_file.is_file():
+                raise DatasetError(f"{list_file}: split list not found")
+            wanted = [Path(line.strip()).stem for line in list_file.read_text().splitlines() if line.strip()]
+            missing = [w for w in wanted if w not in files]
+            if missing:
+                raise DatasetError(f"{list_file}: names not found in {self.root / 'A'}: {missing[:5]}")
+            files = {w: files[w] for w in wanted}
+        if not files:
+            raise DatasetError(f"{self.root / 'A'}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        self.names = list(files)
+        self._paths = []
+        for stem, a_path in files.items():
+            b_path = self._find(self.root / "B", stem, a_path)
+            l_path = self._find(self.root / "label", stem, a_path)
+            self._paths.append((a_path, b_path, l_path))
+
+    @staticmethod
+    def _find(folder: Path, stem: str, counterpart: Path) -> Path:
+        for ext in (counterpart.suffix, *IMAGE_EXTENSIONS):
+            for candidate in (folder / f"{stem}{ext}", folder / f"{stem}{ext.upper()}"):
+                if candidate.is_file():
+                    return candidate
+        raise DatasetError(f"{counterpart}: no counterpart {stem}.* in {folder}")
+
+    def __len__(self):
+        return len(self._paths)
+
+    def __getitem__(self, i):
+        a_path, b_path, l_path = self._paths[i]
+        t1, t2 = read_image(a_path), read_image(b_path)
+        label = read_label(l_path, self.ignore_value)
+        if t1.shape != t2.shape:
+            raise DatasetError(f"{b_path}: size {t2.shape[1:]} differs from {a_path} {t1.shape[1:]}")
+        if label.shape != t1.shape[1:]:
+            raise DatasetError(f"{l_path}: size {label.shape} differs from {a_path} {t1.shape[1:]}")
+        return t1, t2, label
+
+    def validate(self):
+        """Read every sample once (raises the first ``DatasetError``); returns ``len(self)``."""
+        for i in range(len(self)):
+            self[i]
+        return len(self)
+
+
+class ArrayDataset:
+    """In-memory arrays ``(t1 (n, 3, H, W), t2, label (n, H, W))`` as a dataset (e.g. ``synthetic_pairs``)."""
+
+    def __init__(self, t1, t2, label, names=None):
+        if not (len(t1) == len(t2) == len(label)):
+            raise DatasetError(f"ArrayDataset: lengths differ: {len(t1)}, {len(t2)}, {len(label)}")
+        self.t1, self.t2, self.label = t1, t2, label
+        self.names = list(names) if names is not None else [f"{i:06d}" for i in range(len(t1))]
+        self.ignore_value = None
+
+    def __len__(self):
+        return len(self.t1)
+
+    def __getitem__(self, i):
+        return self.t1[i], self.t2[i], self.label[i]
+
+
+class DegradedView:
+    """A dataset whose t2 is degraded by ``setting``; sample ``i`` uses seed ``[seed, i]``.
+
+    Deterministic and lazy: the same (dataset, setting, seed) gives the same
+    low-quality images on any machine. ``hq(i)`` returns the untouched sample.
+    """
+
+    def __init__(self, dataset, setting: str, seed: int):
+        self.dataset, self.setting, self.seed = dataset, setting, int(seed)
+        self.names = list(getattr(dataset, "names", range(len(dataset))))
+        self.ignore_value = getattr(dataset, "ignore_value", None)
+        degrade(np.zeros((3, 8, 8), np.float32), setting, 0)  # fail early on an unknown setting
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def hq(self, i):
+        return self.dataset[i]
+
+    def __getitem__(self, i):
+        t1, t2, label = self.dataset[i]
+        return t1, degrade(t2, self.setting, [self.seed, i]), label
+
+
+def build_degraded_set(dataset, setting: str, seed: int, path) -> Path:
+    """Write the low-quality test set of ``dataset`` under ``setting`` to an HDF5 pack.
+
+    The protocol: t1 and the label untouched, t2 of sample ``i`` degraded with
+    ``degrade(t2, setting, [seed, i])``; the pack records the setting and seed.
+    """
+    return pack_dataset(DegradedView(dataset, setting, seed), path,
+                        attrs={"degradation": json.dumps({"setting": setting, "seed": int(seed)})})
+
+
+def pack_dataset(dataset, path, *, names=None, attrs=None) -> Path:
+    """Write a dataset into one HDF5 file (uint8, one chunk per image), atomically.
+
+    ``dataset`` is anything with ``len`` and ``[i] -> (t1, t2, label)`` of one size
+    (a ``FolderDataset``, an ``H5Dataset``, or a tuple of arrays as returned by
+    ``synthetic_pairs``). Images are stored as uint8 (``round(255 x)``).
+    """
+    if isinstance(dataset, tuple) and len(dataset) == 3:
+        dataset = ArrayDataset(*dataset)
+    n = len(dataset)
+    if n == 0:
+        raise DatasetError("pack_dataset: the dataset is empty")
+    names = list(names or getattr(dataset, "names", [f"{i:06d}" for i in range(n)]))
+    first = dataset[0]
+    shape = first[0].shape
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = PACK_FORMAT
+            f.attrs["format_version"] = PACK_VERSION
+            f.attrs["names"] = json.dumps(names)
+            f.attrs["ignore_value"] = json.dumps(getattr(dataset, "ignore_value", None))
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+            for key, shp in (("A", (n, *shape)), ("B", (n, *shape)), ("label", (n, *shape[1:]))):
+                f.create_dataset(key, shape=shp, dtype=np.uint8, chunks=(1, *shp[1:]), fletcher32=True)
+            for i in range(n):
+                t1, t2, label = first if i == 0 else dataset[i]
+                if t1.shape != shape:
+                    raise DatasetError(f"pack_dataset: sample {names[i]} has size {t1.shape}, the first has {shape}")
+                f["A"][i] = np.round(np.clip(t1, 0, 1) * 255).astype(np.uint8)
+                f["B"][i] = np.round(np.clip(t2, 0, 1) * 255).astype(np.uint8)
+                f["label"][i] = label
+    return Path(path)
+
+
+class H5Dataset:
+    """A dataset packed by ``pack_dataset``; ``len`` and ``[i] -> (t1, t2, label)``.
+
+    Damage (truncation, bad chunks, a foreign file) raises ``DatasetError`` naming
+    the file and the key.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DatasetError(f"{self.path}: no such dataset file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise DatasetError(f"{self.path}: not a readable HDF5 dataset (truncated or damaged?): {exc}") from None
+        f = self._file
+        fmt = f.attrs.get("format")
+        fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+        if fmt != PACK_FORMAT:
+            raise DatasetError(f"{self.path}: not a hicd dataset pack (format {fmt!r})")
+        for key in ("A", "B", "label"):
+            if key not in f:
+                raise DatasetError(f"{self.path}: missing key {key!r}")
+        self.names = json.loads(f.attrs["names"])
+        self.ignore_value = json.loads(f.attrs.get("ignore_value", "null"))
+        self._n = f["A"].shape[0]
+        if f["B"].shape != f["A"].shape or f["label"].shape != (self._n, *f["A"].shape[2:]):
+            raise DatasetError(f"{self.path}: inconsistent shapes A {f['A'].shape}, B {f['B'].shape}, label {f['label'].shape}")
+
+    def __len__(self):
+        return self._n
+
+    def _read(self, key, i):
+        try:
+            return self._file[key][i]
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise DatasetError(f"{self.path}: sample {i} of {key!r} is damaged ({exc})") from None
+
+    def __getitem__(self, i):
+        if not -self._n <= i < self._n:
+            raise IndexError(f"{self.path}: index {i} out of range for {self._n} samples")
+        scale = np.float32(1.0 / 255.0)
+        return (self._read("A", i).astype(np.float32) * scale, self._read("B", i).astype(np.float32) * scale,
+                self._read("label", i))
+
+    def close(self):
+        self._file.close()
+
+
+def open_dataset(path, split=None, *, ignore_value=None):
+    """A ``FolderDataset`` for a folder, an ``H5Dataset`` for a ``.h5``/``.hdf5`` file."""
+    path = Path(path)
+    if path.is_file():
+        return H5Dataset(path)
+    if path.is_dir():
+        return FolderDataset(path, split, ignore_value=ignore_value)
+    raise DatasetError(f"{path}: no such dataset folder or file")
+
+
+def random_crop_flip(t1, t2, label, rng, crop: int | None = None, *, flips=True):
+    """A random ``crop x crop`` window and a random synchronised flip / 90-degree rotation.
+
+    The same geometric transform is applied to ``t1 (3, H, W)``, ``t2 (3, H, W)``
+    and ``label (H, W)``; one of the 8 symmetries of the square when ``flips``.
+    """
+    H, W = label.shape
+    if crop is not None:
+        if crop > H or crop > W:
+            raise ValueError(f"crop {crop} larger than the image {H}x{W}")
+        y = int(rng.integers(0, H - crop + 1))
+        x = int(rng.integers(0, W - crop + 1))
+        t1, t2, label = t1[:, y : y + crop, x : x + crop], t2[:, y : y + crop, x : x + crop], label[y : y + crop, x : x + crop]
+    if flips:
+        k = int(rng.integers(4))
+        flip = bool(rng.integers(2))
+        t1, t2 = np.rot90(t1, k, axes=(1, 2)), np.rot90(t2, k, axes=(1, 2))
+        label = np.rot90(label, k)
+        if flip:
+            t1, t2, label = t1[:, :, ::-1], t2[:, :, ::-1], label[:, ::-1]
+    return np.ascontiguousarray(t1), np.ascontiguousarray(t2), np.ascontiguousarray(label)

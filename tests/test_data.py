@@ -1,0 +1,264 @@
+"""Synthetic scenes, degradations, dataset folders and packs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hicd_core import DatasetError
+from hicd_core.data import (
+    SETTINGS,
+    ArrayDataset,
+    DegradedView,
+    FolderDataset,
+    H5Dataset,
+    build_degraded_set,
+    degrade,
+    degrade_with_params,
+    open_dataset,
+    pack_dataset,
+    random_crop_flip,
+    synthetic_pairs,
+)
+from hicd_core.data import degradations as D
+from tests.conftest import LEVIR_SAMPLES
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+# --------------------------------------------------------------------------- synthetic scenes
+
+
+def test_synthetic_shapes_dtypes_and_labels():
+    t1, t2, label = synthetic_pairs(6, 64, seed=3)
+    assert t1.shape == t2.shape == (6, 3, 64, 64) and t1.dtype == t2.dtype == np.float32
+    assert label.shape == (6, 64, 64) and label.dtype == np.uint8
+    assert set(np.unique(label)) <= {0, 1} and label.any()
+    assert 0.0 <= t1.min() and t1.max() <= 1.0 and 0.0 <= t2.min() and t2.max() <= 1.0
+
+
+def test_synthetic_is_deterministic_per_seed_and_prefix_stable():
+    a = synthetic_pairs(3, 32, seed=7)
+    b = synthetic_pairs(4, 32, seed=7)
+    c = synthetic_pairs(3, 32, seed=8)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y[:3])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_unchanged_pixels_still_differ_pseudo_change():
+    """Pseudo-change (illumination, season, noise) touches unlabelled pixels too."""
+    t1, t2, label = synthetic_pairs(4, 64, seed=0)
+    unchanged = label == 0
+    diff = np.abs(t1 - t2).mean(axis=1)
+    assert diff[unchanged].mean() > 0.01
+    assert diff[label == 1].mean() > diff[unchanged].mean()  # real change is stronger
+
+
+# --------------------------------------------------------------------------- degradations
+
+
+def image(seed=0, size=64):
+    return synthetic_pairs(1, size, seed)[1][0]
+
+
+def high_frequency_energy(img, cutoff):
+    spec = np.abs(np.fft.fft2(img.mean(axis=0))) ** 2
+    f = np.fft.fftfreq(img.shape[1])
+    fy, fx = np.meshgrid(f, f, indexing="ij")
+    return spec[np.maximum(np.abs(fy), np.abs(fx)) > cutoff].sum()
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_settings_keep_shape_dtype_range_and_are_pure(setting):
+    img = image()
+    before = img.copy()
+    a = degrade(img, setting, 5)
+    assert a.shape == img.shape and a.dtype == np.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert np.array_equal(a, degrade(img, setting, 5))
+    assert np.array_equal(img, before)  # the input is not modified
+
+
+def test_random_settings_depend_on_seed():
+    img = image()
+    for setting in ("single", "multi"):
+        outs = [degrade(img, setting, s) for s in range(4)]
+        assert any(not np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_unknown_setting():
+    with pytest.raises(ValueError, match="unknown quality setting 'x3'"):
+        degrade(image(), "x3", 0)
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        degrade(np.zeros((64, 64)), "single", 0)
+
+
+def test_blur_lowers_high_frequency_energy():
+    img = image(size=64)
+    assert high_frequency_energy(D.gaussian_blur(img, 2.0), 0.25) < 0.2 * high_frequency_energy(img, 0.25)
+    aniso = D.gaussian_blur(img, 3.0, 0.5, angle=0.3)
+    assert aniso.shape == img.shape
+
+
+def test_noise_has_the_requested_std():
+    flat = np.full((3, 128, 128), 0.5, np.float32)
+    noisy = D.gaussian_noise(flat, 10 / 255, seed=1)
+    assert np.std(noisy - flat) == pytest.approx(10 / 255, rel=0.03)
+
+
+def test_resolution_x8_removes_detail_above_the_new_nyquist():
+    img = image(size=64)
+    low = D.resolution(img, 8)
+    # the x8 grid's Nyquist frequency is 1/16 cycles per pixel
+    assert high_frequency_energy(low, 1 / 16 + 0.02) < 0.05 * high_frequency_energy(img, 1 / 16 + 0.02)
+    block = D.resolution(np.ones((3, 16, 16), np.float32) * 0.3, 4)
+    np.testing.assert_allclose(block, 0.3, atol=1e-6)  # constant images survive exactly
+
+
+def test_jpeg_quality_orders_the_error_and_values_stay_in_range():
+    img = image()
+    errs = [np.abs(D.jpeg(img, q) - img).mean() for q in (10, 50, 95)]
+    assert errs[0] > errs[1] > errs[2]
+    assert np.abs(D.jpeg(img, 50) - D.jpeg(img, 50, engine="pillow")).mean() < 0.03
+    bright = np.ones((3, 16, 16), np.float32)
+    assert D.jpeg(bright, 30).min() > 0.9  # clipped before quantising: no wrap-around to dark
+
+
+def test_haze_and_low_light():
+    img = image()
+    hz = D.haze(img, 0.5, 0.9)
+    np.testing.assert_allclose(hz, img * 0.5 + 0.45, atol=1e-6)
+    assert hz.std() < img.std()
+    dark = D.low_light(img, 2.0, 0.7)
+    assert dark.mean() < img.mean()
+
+
+def test_multi_keeps_the_pipeline_order():
+    order = ["blur", "resize", "noise", "jpeg"]
+    for seed in range(10):
+        kinds = [k for k, _ in degrade_with_params(image(), "multi", seed)[1]]
+        assert 2 <= len(kinds) <= 4 and kinds == sorted(kinds, key=order.index)
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def write_folder(root, n=3, size=16, label_scale=255, seed=0):
+    rng = np.random.default_rng(seed)
+    for sub in ("A", "B", "label"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        name = f"tile_{i}.png"
+        PIL.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "A" / name)
+        PIL.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / "B" / name)
+        PIL.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * label_scale).save(root / "label" / name)
+    return root
+
+
+@pytest.mark.parametrize("scale", [1, 255])
+def test_folder_dataset_reads_samples(tmp_path, scale):
+    ds = FolderDataset(write_folder(tmp_path, label_scale=scale))
+    assert len(ds) == 3 and ds.names == ["tile_0", "tile_1", "tile_2"]
+    t1, t2, label = ds[0]
+    assert t1.shape == t2.shape == (3, 16, 16) and t1.dtype == np.float32 and t1.max() <= 1
+    assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
+
+
+def test_folder_split_list_and_ignore_value(tmp_path):
+    root = write_folder(tmp_path)
+    (root / "list").mkdir()
+    (root / "list" / "train.txt").write_text("tile_2.png\ntile_0\n")
+    ds = FolderDataset(root, "train")
+    assert ds.names == ["tile_2", "tile_0"]
+    with pytest.raises(DatasetError, match="val.txt: split list not found"):
+        FolderDataset(root, "val")
+    lab = np.zeros((16, 16), np.uint8)
+    lab[:4] = 255
+    lab[4:8] = 1
+    PIL.fromarray(lab).save(root / "label" / "tile_1.png")
+    ds = FolderDataset(root, ignore_value=255)
+    assert set(np.unique(ds[1][2])) == {0, 1, 255}
+    with pytest.raises(DatasetError, match=r"tile_1.png: label values \[0, 1, 255\]"):
+        FolderDataset(root)[1]
+
+
+def test_folder_errors_name_the_file(tmp_path):
+    root = write_folder(tmp_path)
+    (root / "B" / "tile_1.png").unlink()
+    with pytest.raises(DatasetError, match=r"tile_1.png: no counterpart tile_1.\* in .*B"):
+        FolderDataset(root)
+    root = write_folder(tmp_path / "sizes")
+    PIL.fromarray(np.zeros((8, 16, 3), np.uint8)).save(root / "B" / "tile_0.png")
+    with pytest.raises(DatasetError, match=r"B/tile_0.png: size \(8, 16\) differs"):
+        FolderDataset(root)[0]
+    root = write_folder(tmp_path / "labels")
+    PIL.fromarray(np.full((16, 16), 7, np.uint8)).save(root / "label" / "tile_0.png")
+    with pytest.raises(DatasetError, match=r"label/tile_0.png: label values \[7\]"):
+        FolderDataset(root)[0]
+    root = write_folder(tmp_path / "garbage")
+    (root / "A" / "tile_0.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="A/tile_0.png: cannot read image"):
+        FolderDataset(root)[0]
+    with pytest.raises(DatasetError, match="missing folder label/"):
+        (tmp_path / "empty" / "A").mkdir(parents=True)
+        (tmp_path / "empty" / "B").mkdir()
+        FolderDataset(tmp_path / "empty")
+
+
+def test_grayscale_is_converted_to_rgb(tmp_path):
+    root = write_folder(tmp_path)
+    PIL.fromarray(np.full((16, 16), 100, np.uint8), mode="L").save(root / "A" / "tile_0.png")
+    t1 = FolderDataset(root)[0][0]
+    assert t1.shape == (3, 16, 16) and np.allclose(t1, 100 / 255)
+
+
+def test_pack_round_trip_and_damage(tmp_path):
+    ds = FolderDataset(write_folder(tmp_path / "f"))
+    path = pack_dataset(ds, tmp_path / "pack.h5")
+    packed = open_dataset(path)
+    assert isinstance(packed, H5Dataset) and len(packed) == 3 and packed.names == ds.names
+    for i in range(3):
+        for a, b in zip(ds[i], packed[i]):
+            np.testing.assert_allclose(a, b, atol=0.5 / 255)
+    packed.close()
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(DatasetError, match="pack.h5"):
+        H5Dataset(path)[2]
+
+
+def test_degraded_set_is_deterministic(tmp_path):
+    arrays = synthetic_pairs(3, 32, seed=1)
+    a = build_degraded_set(ArrayDataset(*arrays), "multi", 4, tmp_path / "a.h5")
+    b = build_degraded_set(ArrayDataset(*arrays), "multi", 4, tmp_path / "b.h5")
+    da, db = H5Dataset(a), H5Dataset(b)
+    for i in range(3):
+        assert all(np.array_equal(x, y) for x, y in zip(da[i], db[i]))
+        assert np.array_equal(da[i][2], arrays[2][i])
+    view = DegradedView(ArrayDataset(*arrays), "resolution-x4", 0)
+    assert not np.array_equal(view[0][1], arrays[1][0]) and np.array_equal(view.hq(0)[1], arrays[1][0])
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_crop_and_flip_stay_synchronised(seed):
+    rng = np.random.default_rng(seed)
+    base = rng.random((16, 16)).astype(np.float32)
+    t1 = np.stack([base, base * 2, base * 3])
+    label = (base > 0.5).astype(np.uint8)
+    a, b, lab = random_crop_flip(t1, t1 + 1, label, rng, crop=8)
+    assert a.shape == (3, 8, 8) and lab.shape == (8, 8)
+    np.testing.assert_array_equal(b, a + 1)
+    np.testing.assert_array_equal(lab, (a[0] > 0.5).astype(np.uint8))
+
+
+@pytest.mark.skipif(not LEVIR_SAMPLES.is_dir(), reason="../shared/data/levir-cd-samples not present")
+def test_real_levir_samples_load():
+    ds = FolderDataset(LEVIR_SAMPLES)
+    assert len(ds) == 11
+    t1, t2, label = ds[0]
+    assert t1.shape == (3, 256, 256) and label.shape == (256, 256)
+    assert set(np.unique(label)) <= {0, 1}
+    assert ds.validate() == 11
