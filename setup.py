@@ -24,6 +24,7 @@ setup(
         "h5py>=3.8",
         "array-api-compat>=1.9",
     ],
+    entry_points={"console_scripts": ["hicd = hicd_core.cli:main"]},
     extras_require={
         "gpu": ["cupy>=13"],
         "io": ["Pillow>=9"],

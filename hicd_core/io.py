@@ -122,7 +122,7 @@ def _json_attr(f, key, source):
         raise CheckpointError(f"{source}: attribute {key!r} is not valid JSON ({exc})") from None
 
 
-_META_KEYS = ("format", "format_version", "step", "config", "model_config", "rng_state", "optimizer")
+_META_KEYS = ("format", "format_version", "step", "config", "model_config", "rng_state", "optimizer", "extra")
 
 
 def _meta_digest(attrs) -> str:
@@ -135,7 +135,7 @@ def _meta_digest(attrs) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path, *, model, optimizer=None, step=0, rng_state=None, config=None) -> Path:
+def save_checkpoint(path, *, model, optimizer=None, step=0, rng_state=None, config=None, extra=None) -> Path:
     """Write a checkpoint atomically.
 
     Parameters
@@ -149,6 +149,8 @@ def save_checkpoint(path, *, model, optimizer=None, step=0, rng_state=None, conf
         JSON-serialisable RNG state (e.g. ``numpy.random.Generator.bit_generator.state``).
     config : dict, optional
         The run's configuration (JSON-serialisable).
+    extra : dict, optional
+        Any other JSON-serialisable progress (epoch, best score, ...).
     """
     state = model.state_dict()
     opt_state = optimizer.state_dict() if optimizer is not None else None
@@ -165,6 +167,7 @@ def save_checkpoint(path, *, model, optimizer=None, step=0, rng_state=None, conf
             f.attrs["config"] = json.dumps(config or {})
             f.attrs["model_config"] = json.dumps(model.config())
             f.attrs["rng_state"] = json.dumps(rng_state)
+            f.attrs["extra"] = json.dumps(extra or {})
             for group in ("params", "buffers"):
                 g = f.create_group(group)
                 for name, a in state[group].items():
@@ -192,7 +195,7 @@ def load_checkpoint(path) -> dict:
     -------
     dict with keys ``params``, ``buffers`` (name -> NumPy array), ``optim`` (the
     optimizer's ``state_dict`` or None), ``step``, ``config``, ``model_config``,
-    ``rng_state``, ``path``.
+    ``rng_state``, ``extra``, ``path``.
 
     Raises
     ------
@@ -226,7 +229,7 @@ def load_checkpoint(path) -> dict:
             if digest != _meta_digest(f.attrs):
                 raise CheckpointError(f"{source}: metadata attributes are corrupted (SHA-256 mismatch)")
             out = {"path": source, "step": int(f.attrs.get("step", 0))}
-            for key in ("config", "model_config", "rng_state", "optimizer"):
+            for key in ("config", "model_config", "rng_state", "optimizer", "extra"):
                 out[key] = _json_attr(f, key, source)
             for group in ("params", "buffers"):
                 if group not in f or not isinstance(f[group], h5py.Group):

@@ -15,14 +15,25 @@ The loop (epochs, validation, checkpoints, resume) is built on top of this.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+from . import backend
 from .backend import all_finite
+from .data.folder import DegradedView
+from .data.loader import TrainBatches
 from .distill import feature_mse_loss, hicd_loss
-from .errors import NonFiniteError
+from .errors import CheckpointError, NonFiniteError
 from .functional import bce_with_logits, soft_dice
+from .infer import evaluate
+from .io import atomic_path, load_checkpoint, save_checkpoint
+from .metrics import METRIC_KEYS
+from .model import TinySiamCD
+from .optim import SGD, AdamW, make_schedule
 
-__all__ = ["DistillConfig", "train_step", "default_windows", "METHODS"]
+__all__ = ["DistillConfig", "TrainConfig", "FitResult", "train_step", "fit", "load_model", "default_windows", "METHODS"]
 
 METHODS = ("baseline", "hicd", "feature-mse")
 
@@ -62,7 +73,6 @@ class DistillConfig:
     w_global: float = 1.0
     kind: str = "kl"
     tau: float = 0.5
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -161,3 +171,234 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
     optimizer.step(model.params, grads, lr=lr)
     return terms
 
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint and checked on resume).
+
+    ``role``: ``"teacher"`` (HQ/HQ pairs, task loss) or ``"student"`` (t2 degraded
+    by ``setting``, drawn fresh per batch, plus ``distill``). ``student_init``:
+    ``"teacher"`` starts a student from the teacher's weights (the default: every
+    student variant starts from the same point, and the comparison isolates the
+    loss), ``"fresh"`` from the Kaiming initialisation of ``seed``.
+    Validation uses a fixed low-quality set: t2 of sample ``i`` degraded with
+    seed ``[val_seed, i]``.
+    """
+
+    role: str = "teacher"
+    setting: str | None = None
+    epochs: int = 10
+    batch_size: int = 8
+    crop: int | None = None
+    augment: bool = True
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    dice_weight: float = 0.0
+    ignore_index: int | None = None
+    widths: tuple = (16, 32, 64, 128)
+    seed: int = 0
+    student_init: str = "teacher"
+    val_seed: int = 12345
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(method="baseline"))
+
+    def __post_init__(self):
+        if isinstance(self.distill, dict):
+            self.distill = DistillConfig(**self.distill)
+        self.widths = tuple(self.widths)
+        if self.role not in ("teacher", "student"):
+            raise ValueError(f"role must be 'teacher' or 'student', got {self.role!r}")
+        if self.role == "student" and self.setting is None:
+            raise ValueError("a student needs a quality setting")
+        if self.student_init not in ("teacher", "fresh"):
+            raise ValueError(f"student_init must be 'teacher' or 'fresh', got {self.student_init!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["distill"]["taps"] = list(self.distill.taps)
+        d["distill"]["windows"] = list(self.distill.windows)
+        return d
+
+
+@dataclass
+class FitResult:
+    model: object
+    history: list
+    best: dict
+    out_dir: object
+
+
+def _make_optimizer(cfg, params):
+    if cfg.optimizer == "adamw":
+        return AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
+
+
+class _Progress:
+    """tqdm when it is installed and wanted, otherwise nothing; shows loss terms and pairs/s."""
+
+    def __init__(self, total, desc, enabled):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, n, postfix=None):
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None, resume=False,
+        progress=True, log_every=10, on_epoch=None) -> FitResult:
+    """Train a teacher or a student; write ``last.h5``, ``best.h5`` and ``log.jsonl`` into ``out_dir``.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    train_set, val_set : datasets (``len`` and ``[i] -> (t1, t2, label)``)
+    out_dir : path
+    xp : namespace, optional (default NumPy)
+    teacher : TinySiamCD, optional
+        Required for students that distil or start from the teacher.
+    resume : bool
+        Continue from ``out_dir/last.h5`` (written at the end of every epoch); the
+        run then ends bitwise where an uninterrupted run ends. The configuration
+        must match the checkpoint's.
+    progress : bool
+        Show a tqdm progress bar (loss terms, pairs/s) when tqdm is installed.
+
+    Returns
+    -------
+    FitResult with the trained model (last epoch), the history (one dict per
+    epoch, as in ``log.jsonl``) and the best validation metrics.
+    """
+    xp = xp if xp is not None else backend.namespace("numpy")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path, log_path = out_dir / "last.h5", out_dir / "best.h5", out_dir / "log.jsonl"
+    student = cfg.role == "student"
+    distill = cfg.distill if student else None
+    needs_teacher = student and (cfg.student_init == "teacher" or cfg.distill.method != "baseline")
+    if needs_teacher and teacher is None:
+        raise ValueError("this student configuration needs a trained teacher")
+
+    model = TinySiamCD(cfg.widths, xp=xp, seed=cfg.seed)
+    if needs_teacher and cfg.student_init == "teacher":
+        model.load_state_dict(teacher.state_dict(), source="teacher")
+    optimizer = _make_optimizer(cfg, model.params)
+    rng = backend.host_rng(cfg.seed)
+    batches = TrainBatches(train_set, cfg.batch_size, rng=rng, crop=cfg.crop,
+                           setting=cfg.setting if student else None, augment=cfg.augment)
+    steps_per_epoch = len(batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    schedule = make_schedule(cfg.schedule, total_steps, cfg.lr,
+                             **({"warmup_steps": cfg.warmup_steps} if cfg.schedule == "cosine" else {}))
+    val_view = DegradedView(val_set, cfg.setting, cfg.val_seed) if student else val_set
+
+    config = cfg.to_dict()
+    start_epoch, best, history = 0, {"f1": -1.0}, []
+    if resume and last_path.exists():
+        ck = load_checkpoint(last_path)
+        if ck["config"] != config:
+            raise ValueError(f"{last_path}: the checkpoint was written by a different configuration; "
+                             "use another --out folder or the same options")
+        model.load_state_dict(ck, source=str(last_path))
+        optimizer.load_state_dict(ck["optim"], source=str(last_path))
+        rng.bit_generator.state = ck["rng_state"]
+        start_epoch, best = ck["extra"]["epoch"], ck["extra"]["best"]
+        history = _read_log(log_path)[:start_epoch]
+    _write_log(log_path, history)
+
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        bar = _Progress(steps_per_epoch, f"{cfg.role} epoch {epoch + 1}/{cfg.epochs}", progress)
+        sums, count, started = {}, 0, time.perf_counter()
+        for x1, x2_hq, x2_lq, label in batches.epoch():
+            x1_d, hq_d, label_d = (backend.from_host(a, xp) for a in (x1, x2_hq, label))
+            x2_d = backend.from_host(x2_lq, xp) if student else hq_d
+            lr = schedule(step)
+            try:
+                terms = train_step(model, optimizer, x1_d, x2_d, label_d, lr=lr, teacher=teacher,
+                                   teacher_x2=hq_d, distill=distill, dice_weight=cfg.dice_weight,
+                                   ignore_index=cfg.ignore_index)
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"{cfg.role} training stopped at step {step} (epoch {epoch + 1}): {exc}") from None
+            for k, v in terms.items():
+                sums[k] = v if k not in sums else sums[k] + v
+            count += 1
+            step += 1
+            postfix = None
+            if count % log_every == 0 or count == steps_per_epoch:
+                elapsed = time.perf_counter() - started
+                postfix = {k: f"{float(v) / count:.4f}" for k, v in sums.items() if "/" not in k}
+                postfix["pairs/s"] = f"{count * cfg.batch_size / elapsed:.1f}"
+            bar.update(1, postfix)
+        bar.close()
+        seconds = time.perf_counter() - started
+        metrics = evaluate(model, val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index)
+        record = {"epoch": epoch + 1, "step": step, "lr": schedule(step - 1),
+                  "train": {k: float(v) / count for k, v in sums.items()},
+                  "val": {k: metrics[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
+                  "pairs_per_s": round(count * cfg.batch_size / seconds, 2)}
+        history.append(record)
+        improved = metrics["f1"] > best["f1"]
+        if improved:
+            best = dict(record["val"], epoch=epoch + 1)
+        extra = {"epoch": epoch + 1, "best": best}
+        try:
+            if improved:
+                save_checkpoint(best_path, model=model, optimizer=optimizer, step=step,
+                                rng_state=rng.bit_generator.state, config=config, extra=extra)
+            save_checkpoint(last_path, model=model, optimizer=optimizer, step=step,
+                            rng_state=rng.bit_generator.state, config=config, extra=extra)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"{cfg.role} training stopped after step {step} (epoch {epoch + 1}): {exc}") from None
+        _write_log(log_path, history)
+        if on_epoch is not None:
+            on_epoch(record)
+    return FitResult(model, history, best, out_dir)
+
+
+def _read_log(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_log(path, history):
+    """Rewrite the JSONL log atomically (one line per finished epoch)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+
+
+def load_model(path, xp=None):
+    """A TinySiamCD rebuilt from a checkpoint file (its widths), ready for evaluation."""
+    ck = load_checkpoint(path)
+    mc = ck["model_config"]
+    if mc.get("arch") != "TinySiamCD":
+        raise CheckpointError(f"{path}: unknown architecture {mc.get('arch')!r}")
+    dtype = str(next(iter(ck["params"].values())).dtype)
+    model = TinySiamCD(mc["widths"], mc.get("in_channels", 3), xp=xp, dtype=dtype)
+    model.load_state_dict(ck, source=str(path))
+    return model, ck

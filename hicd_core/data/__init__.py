@@ -32,3 +32,8 @@ __all__ = [
     "open_dataset",
     "random_crop_flip",
 ]
+
+from .loader import TrainBatches, iterate_batches  # noqa: E402
+from .splits import Subset, load_splits  # noqa: E402
+
+__all__ += ["TrainBatches", "iterate_batches", "Subset", "load_splits"]

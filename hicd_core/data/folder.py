@@ -335,3 +335,45 @@ def random_crop_flip(t1, t2, label, rng, crop: int | None = None, *, flips=True)
         if flip:
             t1, t2, label = t1[:, :, ::-1], t2[:, :, ::-1], label[:, ::-1]
     return np.ascontiguousarray(t1), np.ascontiguousarray(t2), np.ascontiguousarray(label)
+
+
+# --------------------------------------------------------------------------- writing images
+
+
+def to_uint8(img) -> np.ndarray:
+    """float (3, H, W) in [0, 1] -> uint8 (H, W, 3); float/bool (H, W) -> uint8 (H, W)."""
+    img = np.asarray(img)
+    if img.dtype == bool:
+        return img.astype(np.uint8) * 255
+    scaled = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return scaled.transpose(1, 2, 0) if scaled.ndim == 3 else scaled
+
+
+def write_png(array, path) -> Path:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG, atomically."""
+    Image = _pil()
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.asarray(array)).save(tmp, format="PNG")
+    return Path(path)
+
+
+def change_overlay(t2, change, colour=(255, 0, 0), alpha=0.5) -> np.ndarray:
+    """``t2 (3, H, W)`` as uint8 RGB with the ``change (H, W)`` pixels tinted by ``colour``."""
+    rgb = to_uint8(t2).astype(np.float32)
+    change = np.asarray(change, bool)
+    rgb[change] = (1 - alpha) * rgb[change] + alpha * np.asarray(colour, np.float32)
+    return np.round(rgb).astype(np.uint8)
+
+
+def write_dataset_folder(dataset, out) -> Path:
+    """Write a dataset as a LEVIR-CD style folder (A/, B/, label/ PNGs, labels 0/255)."""
+    out = Path(out)
+    names = getattr(dataset, "names", None) or [f"{i:06d}" for i in range(len(dataset))]
+    for i in range(len(dataset)):
+        t1, t2, label = dataset[i]
+        name = f"{names[i]}.png"
+        write_png(to_uint8(t1), out / "A" / name)
+        write_png(to_uint8(t2), out / "B" / name)
+        label = np.asarray(label)
+        write_png(np.where(label == 1, 255, label).astype(np.uint8) if label.max() <= 1 else label, out / "label" / name)
+    return out

@@ -1,0 +1,243 @@
+"""The ``hicd`` command: train, eval, predict, degrade, pack.
+
+The only place where a backend is chosen from user input. Every error the user
+can cause prints one line (``hicd: error: ...``) and exits with status 2; no
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from . import backend
+from .data import SETTINGS
+from .errors import HicdError
+
+__all__ = ["main"]
+
+
+def _add_backend(p):
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"], help="array backend (default numpy)")
+
+
+def _none_or_int(text):
+    return None if text.lower() == "none" else int(text)
+
+
+def build_parser():
+    from .experiment import STUDENTS
+
+    parser = argparse.ArgumentParser(prog="hicd", description="Change detection across image quality by "
+                                     "hierarchical correlation distillation (HiCD).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a teacher (HQ/HQ) or a student (HQ/LQ)",
+                       description="Train a teacher on high-quality pairs or a student on high/low-quality pairs. "
+                       "Writes last.h5, best.h5 (by validation F1) and log.jsonl into --out; --resume continues.")
+    t.add_argument("--role", choices=["teacher", "student"], default="teacher")
+    t.add_argument("--data", default=None, help="LEVIR-CD style folder or HDF5 pack (default: built-in synthetic)")
+    t.add_argument("--size", type=int, default=64, help="synthetic scene size (default 64)")
+    t.add_argument("--n-train", type=int, default=400, help="synthetic training pairs (default 400)")
+    t.add_argument("--n-val", type=int, default=64, help="synthetic validation pairs (default 64)")
+    t.add_argument("--setting", choices=SETTINGS, default=None, help="quality setting of t2 (students)")
+    t.add_argument("--method", choices=sorted(STUDENTS), default="hicd", help="student variant (default hicd)")
+    t.add_argument("--teacher", default=None, help="teacher checkpoint (students)")
+    t.add_argument("--student-init", choices=["teacher", "fresh"], default="teacher",
+                   help="start a student from the teacher's weights (default) or a fresh init")
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--crop", type=int, default=None, help="random training crop (real data)")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--weight-decay", type=float, default=1e-2)
+    t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    t.add_argument("--schedule", choices=["cosine", "poly", "constant"], default="cosine")
+    t.add_argument("--dice-weight", type=float, default=0.0, help="weight of the soft Dice term (default off)")
+    t.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (e.g. 255)")
+    t.add_argument("--distill-weight", type=float, default=1.0, help="weight of the whole distillation loss")
+    t.add_argument("--w-self", type=float, default=None, help="HiCD self-correlation weight")
+    t.add_argument("--w-cross", type=float, default=None, help="HiCD cross-correlation weight")
+    t.add_argument("--w-global", type=float, default=None, help="HiCD global-correlation weight")
+    t.add_argument("--kind", choices=["kl", "mse"], default="kl", help="correlation distance (default kl)")
+    t.add_argument("--tau", type=float, default=0.5, help="softmax temperature of the kl distance")
+    t.add_argument("--windows", type=_none_or_int, nargs=3, default=None, metavar="W",
+                   help="windows of taps E2 E3 E4 (ints or none; default from the input size)")
+    t.add_argument("--change-window", type=_none_or_int, default=None, metavar="W", help="window of d1")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/last.h5")
+    t.add_argument("--no-progress", action="store_true")
+    _add_backend(t)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset and setting",
+                       description="Print the change metrics (percent) of a checkpoint on a dataset, with t2 "
+                       "degraded by --setting (seeded) or untouched.")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", default=None, help="folder or HDF5 pack (default: synthetic test scenes)")
+    e.add_argument("--split", default=None, help="split list of a folder (list/<split>.txt)")
+    e.add_argument("--size", type=int, default=64, help="synthetic scene size")
+    e.add_argument("--n", type=int, default=128, help="synthetic test pairs")
+    e.add_argument("--setting", choices=SETTINGS, default=None, help="degrade t2 (default: evaluate HQ)")
+    e.add_argument("--seed", type=int, default=54321, help="degradation seed of the test set")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--ignore-index", type=int, default=None)
+    _add_backend(e)
+
+    p = sub.add_parser("predict", help="change map of one image pair of any size",
+                       description="Predict the change map of T1 -> T2 with tiled sliding-window inference.")
+    p.add_argument("t1")
+    p.add_argument("t2")
+    p.add_argument("-o", "--output", required=True, help="binary change map (PNG, 0/255)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prob", default=None, help="also write the probability map (8-bit PNG)")
+    p.add_argument("--overlay", default=None, help="also write T2 with the changes drawn in red")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--overlap", type=int, default=32)
+    _add_backend(p)
+
+    d = sub.add_parser("degrade", help="build a degraded test set",
+                       description="Write a dataset whose t2 is degraded by SETTING (sample i with seed "
+                       "[SEED, i]); an .h5 output is an HDF5 pack, anything else an A/B/label folder of PNGs.")
+    d.add_argument("--data", default=None, help="folder or HDF5 pack (default: synthetic test scenes)")
+    d.add_argument("--split", default=None)
+    d.add_argument("--size", type=int, default=64)
+    d.add_argument("--n", type=int, default=128)
+    d.add_argument("--setting", choices=SETTINGS, required=True)
+    d.add_argument("--seed", type=int, default=54321)
+    d.add_argument("-o", "--output", required=True)
+
+    k = sub.add_parser("pack", help="pack a dataset folder into one HDF5 file",
+                       description="Pack a LEVIR-CD style folder (all images one size) into a chunked uint8 "
+                       "HDF5 file for fast random-crop training.")
+    k.add_argument("data")
+    k.add_argument("-o", "--output", required=True)
+    k.add_argument("--split", default=None)
+    k.add_argument("--ignore-index", type=int, default=None)
+    return parser
+
+
+def _dataset(args, *, n_default=128):
+    from .data import ArrayDataset, open_dataset, synthetic_pairs
+
+    if args.data is None:
+        return ArrayDataset(*synthetic_pairs(getattr(args, "n", n_default), args.size, 2000))
+    path = Path(args.data)
+    if path.is_dir():
+        from .data import FolderDataset
+
+        return FolderDataset(path, args.split, ignore_value=getattr(args, "ignore_index", None))
+    return open_dataset(path)
+
+
+def cmd_train(args):
+    from .data import load_splits
+    from .experiment import student_config
+    from .train import TrainConfig, fit, load_model
+
+    xp = backend.namespace(args.backend)
+    train_set, val_set, _ = load_splits(args.data, size=args.size, n_train=args.n_train, n_val=args.n_val,
+                                        n_test=1, seed=args.seed, ignore_value=args.ignore_index)
+    cfg = TrainConfig(role=args.role, setting=args.setting, epochs=args.epochs, batch_size=args.batch_size,
+                      crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                      schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
+                      seed=args.seed, student_init=args.student_init)
+    teacher = None
+    if args.role == "student":
+        overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau}
+        for name in ("w_self", "w_cross", "w_global"):
+            if getattr(args, name) is not None:
+                overrides[name] = getattr(args, name)
+        if args.windows is not None:
+            overrides["windows"] = tuple(args.windows)
+        if args.change_window is not None:
+            overrides["change_window"] = args.change_window
+        cfg = replace(cfg, distill=student_config(args.method, args.crop or args.size, **overrides))
+        if args.teacher is None and (cfg.student_init == "teacher" or cfg.distill.method != "baseline"):
+            raise ValueError("--teacher CHECKPOINT is required for this student")
+        if args.teacher is not None:
+            teacher, _ = load_model(args.teacher, xp=xp)
+    result = fit(cfg, train_set, val_set, args.out, xp=xp, teacher=teacher, resume=args.resume,
+                 progress=not args.no_progress,
+                 on_epoch=lambda r: print(f"epoch {r['epoch']}: loss {r['train']['loss']:.4f}, "
+                                          f"val F1 {r['val']['f1']:.2f}, {r['pairs_per_s']:.1f} pairs/s"))
+    print(json.dumps({"best": result.best, "out": str(result.out_dir)}))
+
+
+def cmd_eval(args):
+    from .data import DegradedView
+    from .infer import evaluate
+    from .train import load_model
+
+    xp = backend.namespace(args.backend)
+    model, _ = load_model(args.checkpoint, xp=xp)
+    data = _dataset(args)
+    if args.setting is not None:
+        data = DegradedView(data, args.setting, args.seed)
+    metrics = evaluate(model, data, batch_size=args.batch_size, ignore_index=args.ignore_index)
+    print(json.dumps({"checkpoint": args.checkpoint, "setting": args.setting, "n": len(data), **metrics}))
+
+
+def cmd_predict(args):
+    from .data.folder import change_overlay, read_image, to_uint8, write_png
+    from .infer import predict_probability
+    from .train import load_model
+
+    xp = backend.namespace(args.backend)
+    t1, t2 = read_image(Path(args.t1)), read_image(Path(args.t2))
+    if t1.shape != t2.shape:
+        raise ValueError(f"{args.t2}: size {t2.shape[1:]} differs from {args.t1} {t1.shape[1:]}")
+    model, _ = load_model(args.checkpoint, xp=xp)
+    prob = backend.to_host(predict_probability(model, t1, t2, tile=args.tile, overlap=args.overlap))
+    change = prob >= args.threshold
+    write_png(to_uint8(change), args.output)
+    if args.prob:
+        write_png(to_uint8(prob), args.prob)
+    if args.overlay:
+        write_png(change_overlay(t2, change), args.overlay)
+    print(json.dumps({"output": args.output, "height": int(prob.shape[0]), "width": int(prob.shape[1]),
+                      "changed_fraction": round(float(change.mean()), 6)}))
+
+
+def cmd_degrade(args):
+    from .data import DegradedView, build_degraded_set
+    from .data.folder import write_dataset_folder
+
+    data = _dataset(args)
+    out = Path(args.output)
+    if out.suffix.lower() in (".h5", ".hdf5"):
+        build_degraded_set(data, args.setting, args.seed, out)
+    else:
+        write_dataset_folder(DegradedView(data, args.setting, args.seed), out)
+    print(json.dumps({"output": str(out), "setting": args.setting, "seed": args.seed, "n": len(data)}))
+
+
+def cmd_pack(args):
+    from .data import FolderDataset, pack_dataset
+
+    ds = FolderDataset(args.data, args.split, ignore_value=args.ignore_index)
+    pack_dataset(ds, args.output)
+    print(json.dumps({"output": args.output, "n": len(ds)}))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "degrade": cmd_degrade, "pack": cmd_pack}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (HicdError, ValueError, OSError, ImportError) as exc:
+        print(f"hicd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hicd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

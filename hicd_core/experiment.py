@@ -1,0 +1,132 @@
+"""The comparison HiCD is about: teacher, baseline student and distilled students on one setting.
+
+``run_comparison`` trains (or reuses) a teacher on HQ/HQ pairs, then each
+requested student on HQ/LQ pairs, picks every model's checkpoint by validation
+F1, and evaluates all of them on one held-out low-quality test set (t2 of test
+sample ``i`` degraded with seed ``[test_seed, i]``). Rows:
+
+``teacher HQ/HQ``   the teacher on the clean test pairs (upper bound);
+``teacher HQ/LQ``   the teacher on the degraded pairs (no adaptation);
+``student <name>``  each student on the degraded pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import backend
+from .data.folder import DegradedView
+from .data.splits import load_splits
+from .infer import evaluate
+from .io import atomic_path
+from .metrics import METRIC_KEYS
+from .train import DistillConfig, TrainConfig, default_windows, fit, load_model
+
+__all__ = ["Profile", "PROFILES", "STUDENTS", "student_config", "run_comparison", "ROW_NAMES"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes and schedules of a comparison run."""
+
+    size: int = 64
+    n_train: int = 400
+    n_val: int = 64
+    n_test: int = 128
+    crop: int | None = None
+    batch_size: int = 8
+    teacher_epochs: int = 8
+    student_epochs: int = 6
+    lr: float = 2e-3
+    student_lr: float = 1e-3
+
+
+PROFILES = {
+    "default": Profile(),
+    "quick": Profile(size=32, n_train=48, n_val=16, n_test=16, teacher_epochs=3, student_epochs=2),
+}
+
+# name -> (row label, DistillConfig fields)
+STUDENTS = {
+    "baseline": ("student baseline", dict(method="baseline")),
+    "feature-mse": ("student feature-mse", dict(method="feature-mse")),
+    "hicd-self": ("student HiCD self", dict(method="hicd", w_cross=0.0, w_global=0.0, use_change=False)),
+    "hicd-self-cross": ("student HiCD self+cross", dict(method="hicd", w_global=0.0, use_change=False)),
+    "hicd": ("student HiCD", dict(method="hicd")),
+}
+ROW_NAMES = ("teacher HQ/HQ", "teacher HQ/LQ") + tuple(label for label, _ in STUDENTS.values())
+
+
+def student_config(name, size, **overrides) -> DistillConfig:
+    """The distillation settings of a named student variant at input ``size`` (default taps and windows)."""
+    if name not in STUDENTS:
+        raise ValueError(f"unknown student {name!r}; choose from {sorted(STUDENTS)}")
+    windows, change_window = default_windows(size)
+    fields = dict(windows=windows, change_window=change_window)
+    fields.update(STUDENTS[name][1])
+    fields.update(overrides)
+    return DistillConfig(**fields)
+
+
+def _metrics_row(method, metrics):
+    return {"method": method, **{k: metrics[k] for k in METRIC_KEYS}}
+
+
+def run_comparison(out_dir, *, setting, seed=0, data=None, students=("baseline", "hicd"), profile="default",
+                   backend_name="numpy", progress=True, distill_overrides=None, test_seed=None, log=print):
+    """Train and evaluate the comparison; returns ``{"rows": [...], "setting", "seed", "seconds"}``.
+
+    Checkpoints go to ``out_dir/teacher`` and ``out_dir/student-<name>``; an
+    interrupted run resumes epoch by epoch when called again on the same folder.
+    """
+    started = time.perf_counter()
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    xp = backend.namespace(backend_name)
+    out_dir = Path(out_dir)
+    train_set, val_set, test_set = load_splits(data, size=prof.size, n_train=prof.n_train, n_val=prof.n_val,
+                                               n_test=prof.n_test, seed=seed)
+    size = prof.crop or prof.size
+    base = TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
+                       lr=prof.lr, seed=seed)
+    log(f"[{setting} seed {seed}] teacher: {len(train_set)} training pairs, {base.epochs} epochs")
+    fit(base, train_set, val_set, out_dir / "teacher", xp=xp, resume=True, progress=progress)
+    teacher, _ = load_model(out_dir / "teacher" / "best.h5", xp=xp)
+
+    test_lq = DegradedView(test_set, setting, 54321 + seed if test_seed is None else test_seed)
+    rows = [_metrics_row("teacher HQ/HQ", evaluate(teacher, test_set, batch_size=prof.batch_size)),
+            _metrics_row("teacher HQ/LQ", evaluate(teacher, test_lq, batch_size=prof.batch_size))]
+    models = {"teacher": teacher}
+    for name in students:
+        label = STUDENTS[name][0] if name in STUDENTS else name
+        distill = student_config(name, size, **(distill_overrides or {}).get(name, {}))
+        cfg = replace(base, role="student", setting=setting, epochs=prof.student_epochs, lr=prof.student_lr,
+                      distill=distill)
+        log(f"[{setting} seed {seed}] {label}: {cfg.epochs} epochs")
+        fit(cfg, train_set, val_set, out_dir / f"student-{name}", xp=xp, teacher=teacher, resume=True,
+            progress=progress)
+        student, _ = load_model(out_dir / f"student-{name}" / "best.h5", xp=xp)
+        models[name] = student
+        rows.append(_metrics_row(label, evaluate(student, test_lq, batch_size=prof.batch_size)))
+    return {"setting": setting, "seed": seed, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
+            "models": models, "test_lq": test_lq, "test_hq": test_set}
+
+
+def format_table(rows, keys=("f1", "iou", "precision", "recall", "oa", "kappa")):
+    """A plain-text / Markdown table: method | F1 | IoU | precision | recall | OA | kappa."""
+    titles = {"f1": "F1", "iou": "IoU", "precision": "precision", "recall": "recall", "oa": "OA", "kappa": "kappa"}
+    width = max(len(r["method"]) for r in rows)
+    head = "| " + "method".ljust(width) + " | " + " | ".join(titles[k].rjust(9) for k in keys) + " |"
+    rule = "|" + "-" * (width + 2) + "|" + "|".join("-" * 10 + ":" for _ in keys) + "|"
+    lines = [head, rule]
+    for r in rows:
+        lines.append("| " + r["method"].ljust(width) + " | " + " | ".join(f"{r[k]:9.2f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")

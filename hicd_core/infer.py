@@ -1,0 +1,109 @@
+"""Evaluation over datasets and tiled sliding-window prediction for images of any size."""
+
+from __future__ import annotations
+
+import math
+
+from . import backend
+from .functional import sigmoid
+from .data.loader import iterate_batches
+from .metrics import ConfusionMatrix
+
+__all__ = ["evaluate", "predict_probability"]
+
+
+def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None):
+    """Change metrics of ``model`` (evaluation mode) over a whole dataset, from one confusion matrix.
+
+    Images whose sides are not multiples of 8, or larger than ``tile`` when given,
+    are predicted tile by tile (``predict_probability``).
+    """
+    xp = model.xp
+    cm = ConfusionMatrix()
+    for t1, t2, label in iterate_batches(dataset, batch_size):
+        H, W = label.shape[-2:]
+        if H % 8 or W % 8 or (tile is not None and max(H, W) > tile):
+            for i in range(len(label)):
+                prob = predict_probability(model, t1[i], t2[i], tile=tile or 256)
+                cm.update(prob >= threshold, backend.from_host(label[i], xp), ignore_index)
+            continue
+        logits = model.predict_logits(backend.from_host(t1, xp), backend.from_host(t2, xp))
+        # sigmoid(z) >= threshold  <=>  z >= logit(threshold)
+        cut = math.log(threshold / (1.0 - threshold))
+        cm.update(logits[:, 0, ...] >= cut, backend.from_host(label, xp), ignore_index)
+    return cm.compute()
+
+
+def _starts(size, tile, stride):
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride)) + [size - tile]
+    return sorted(set(starts))
+
+
+def predict_probability(model, t1, t2, *, tile=256, overlap=32):
+    """Change probability ``(H, W)`` for one pair of any size, by overlapping tiles.
+
+    Parameters
+    ----------
+    model : TinySiamCD
+    t1, t2 : host or backend arrays (3, H, W) in [0, 1]
+    tile : int
+        Side of the square windows (a multiple of 8); smaller images are padded.
+    overlap : int
+        Pixels shared by neighbouring windows; their logits are averaged with a
+        weight that falls off linearly towards each window's border, which hides
+        the seams.
+
+    Returns
+    -------
+    array (H, W) of probabilities in the model's namespace.
+    """
+    xp = model.xp
+    if tile % 8 or tile < 8:
+        raise ValueError(f"tile must be a positive multiple of 8, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap}")
+    t1 = backend.from_host(backend.to_host(t1), xp, dtype=model.dtype)
+    t2 = backend.from_host(backend.to_host(t2), xp, dtype=model.dtype)
+    if t1.ndim != 3 or tuple(t1.shape) != tuple(t2.shape) or t1.shape[0] != model.in_channels:
+        raise ValueError(f"t1 and t2 must both have shape ({model.in_channels}, H, W), got {tuple(t1.shape)} and {tuple(t2.shape)}")
+    C, H, W = t1.shape
+    # pad to at least one tile and to multiples of 8, replicating the border
+    Hp, Wp = max(tile, math.ceil(H / 8) * 8), max(tile, math.ceil(W / 8) * 8)
+    pair = xp.stack([t1, t2])
+    if (Hp, Wp) != (H, W):
+        pair = _pad_edge(pair, Hp, Wp, xp=xp)
+    ramp = _ramp(tile, overlap, xp=xp, dtype=t1.dtype)
+    weight_tile = ramp[:, None] * ramp[None, :]
+    acc = xp.zeros((Hp, Wp), dtype=t1.dtype)
+    norm = xp.zeros((Hp, Wp), dtype=t1.dtype)
+    stride = tile - overlap
+    for y in _starts(Hp, tile, stride):
+        for x in _starts(Wp, tile, stride):
+            window = pair[:, :, y : y + tile, x : x + tile]
+            logits = model.predict_logits(window[0:1, ...], window[1:2, ...])[0, 0, ...]
+            acc[y : y + tile, x : x + tile] += logits * weight_tile
+            norm[y : y + tile, x : x + tile] += weight_tile
+    return sigmoid(acc[:H, :W] / norm[:H, :W])
+
+
+def _ramp(tile, overlap, *, xp, dtype):
+    """1 in the middle, rising linearly over ``overlap`` pixels at each end (never 0)."""
+    i = xp.arange(tile, dtype=dtype)
+    if overlap == 0:
+        return xp.ones((tile,), dtype=dtype)
+    edge = xp.minimum(i + 1.0, tile - i)
+    return xp.minimum(edge / (overlap + 1.0), 1.0)
+
+
+def _pad_edge(x, Hp, Wp, *, xp):
+    """Replicate the last row / column of (..., H, W) out to (..., Hp, Wp)."""
+    H, W = x.shape[-2:]
+    if Hp > H:
+        last = x[..., H - 1 : H, :]
+        x = xp.concat([x, xp.broadcast_to(last, (*x.shape[:-2], Hp - H, W))], axis=-2)
+    if Wp > W:
+        last = x[..., :, W - 1 : W]
+        x = xp.concat([x, xp.broadcast_to(last, (*x.shape[:-1], Wp - W))], axis=-1)
+    return x

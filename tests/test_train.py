@@ -1,0 +1,189 @@
+"""End-to-end training: the example, the teacher's quality, exact resume, the non-finite guard, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hicd_core import NonFiniteError, io
+from hicd_core.cli import main as cli_main
+from hicd_core.data import ArrayDataset, synthetic_pairs
+from hicd_core.infer import evaluate
+from hicd_core.train import DistillConfig, TrainConfig, fit, train_step
+from hicd_core.model import TinySiamCD
+from hicd_core.optim import AdamW
+
+ROOT = Path(__file__).resolve().parents[1]
+PIL = pytest.importorskip("PIL.Image")
+
+
+def run(args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_train_cd_quick_writes_its_files(tmp_path):
+    out = run(["examples/train_cd.py", "--quick", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["setting"] == "resolution-x4" and results["seed"] == 0 and results["seconds"] > 0
+    methods = [r["method"] for r in results["rows"]]
+    assert methods == ["teacher HQ/HQ", "teacher HQ/LQ", "student baseline", "student HiCD"]
+    for r in results["rows"]:
+        assert set(r) == {"method", "f1", "iou", "precision", "recall", "oa", "kappa"}
+    assert (tmp_path / "run" / "predictions.png").stat().st_size > 0
+    assert "| teacher HQ/HQ" in out.stdout
+    for sub in ("teacher", "student-baseline", "student-hicd"):
+        assert (tmp_path / "run" / sub / "best.h5").is_file()
+        assert len((tmp_path / "run" / sub / "log.jsonl").read_text().splitlines()) >= 2
+
+
+def test_teacher_beats_the_all_no_change_predictor(tmp_path):
+    train = ArrayDataset(*synthetic_pairs(96, 64, seed=0))
+    test = ArrayDataset(*synthetic_pairs(24, 64, seed=2000))
+    cfg = TrainConfig(role="teacher", epochs=10, batch_size=8, lr=3e-3, crop=32, seed=0)
+    result = fit(cfg, train, test, tmp_path / "t", progress=False)
+    metrics = evaluate(result.model, test)
+    trivial = {"f1": 0.0, "kappa": 0.0}  # predicting "no change" everywhere scores 0 on both
+    assert metrics["f1"] > trivial["f1"] + 40, metrics  # seen: 54.44 after 10 short epochs
+    assert metrics["kappa"] > trivial["kappa"] + 40, metrics
+
+
+def _arrays(path):
+    ck = io.load_checkpoint(path)
+    flat = {f"p/{k}": v for k, v in ck["params"].items()}
+    flat.update({f"b/{k}": v for k, v in ck["buffers"].items()})
+    for slot in ("m", "v"):
+        flat.update({f"o/{slot}/{k}": v for k, v in ck["optim"][slot].items()})
+    return flat, ck["step"], ck["rng_state"]
+
+
+def test_killed_run_resumes_bitwise(tmp_path):
+    common = ["-m", "hicd_core.cli", "train", "--role", "teacher", "--size", "32", "--n-train", "64",
+              "--n-val", "8", "--epochs", "4", "--no-progress"]
+    ref = run(common + ["--out", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *common, "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "last.h5").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside the second epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len((out / "log.jsonl").read_text().splitlines()) < 4
+    resumed = run(common + ["--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, step_a, rng_a = _arrays(tmp_path / "ref" / "last.h5")
+    b, step_b, rng_b = _arrays(out / "last.h5")
+    assert step_a == step_b and rng_a == rng_b and set(a) == set(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
+    fit(TrainConfig(epochs=1, batch_size=8), data, data, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        fit(TrainConfig(epochs=1, batch_size=8, lr=1.0), data, data, tmp_path, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path):
+    t1, t2, label = synthetic_pairs(16, 16, seed=0)
+    data = ArrayDataset(t1, t2, label)
+    fit(TrainConfig(epochs=1, batch_size=8, augment=False), data, data, tmp_path, progress=False)
+    before = (tmp_path / "last.h5").read_bytes()
+    bad_t1 = t1.copy()
+    bad_t1[3, 0, 2, 2] = np.nan
+    bad = ArrayDataset(bad_t1, t2, label)
+    with pytest.raises(NonFiniteError, match=r"step \d+ \(epoch 1\).*non-finite loss term\(s\): bce"):
+        fit(TrainConfig(epochs=1, batch_size=8, augment=False), bad, data, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad" / "last.h5").exists()
+    assert (tmp_path / "last.h5").read_bytes() == before
+
+
+def test_train_step_names_a_non_finite_distillation_term():
+    rng = np.random.default_rng(0)
+    student, teacher = TinySiamCD((4, 4, 8, 8), seed=0), TinySiamCD((4, 4, 8, 8), seed=1)
+    teacher.params["enc2.0.conv.weight"] = teacher.params["enc2.0.conv.weight"] * np.nan
+    x1, x2 = rng.random((2, 2, 3, 16, 16), dtype=np.float32)
+    label = np.zeros((2, 16, 16), np.uint8)
+    cfg = DistillConfig(method="hicd", windows=(None, None, None), change_window=8)
+    with np.errstate(invalid="ignore"):
+        with pytest.raises(NonFiniteError, match="distill/sem0"):
+            train_step(student, AdamW(student.params), x1, x2, label, teacher=teacher, distill=cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
+    fit(TrainConfig(epochs=1, batch_size=8, widths=(4, 4, 8, 8)), data, data, out, progress=False)
+    return out / "best.h5"
+
+
+def write_pair(tmp_path, h, w, h2=None, w2=None):
+    rng = np.random.default_rng(0)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    PIL.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(a)
+    PIL.fromarray(rng.integers(0, 256, (h2 or h, w2 or w, 3), dtype=np.uint8)).save(b)
+    return a, b
+
+
+def test_predict_on_an_odd_sized_pair(tmp_path, tiny_checkpoint, capsys):
+    a, b = write_pair(tmp_path, 300, 451)
+    out, prob, ovl = tmp_path / "change.png", tmp_path / "prob.png", tmp_path / "overlay.png"
+    code = cli_main(["predict", str(a), str(b), "-o", str(out), "--checkpoint", str(tiny_checkpoint),
+                     "--prob", str(prob), "--overlay", str(ovl), "--tile", "128", "--overlap", "16"])
+    assert code == 0
+    for path, mode in ((out, "L"), (prob, "L"), (ovl, "RGB")):
+        with PIL.open(path) as im:
+            assert im.size == (451, 300) and im.mode == mode
+    report = json.loads(capsys.readouterr().out)
+    assert (report["height"], report["width"]) == (300, 451)
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_checkpoint, capsys):
+    a, b = write_pair(tmp_path, 32, 32, 32, 40)
+    assert cli_main(["predict", str(a), str(b), "-o", str(tmp_path / "o.png"), "--checkpoint",
+                     str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hicd: error:") and "b.png" in err and "differs" in err and "\n" not in err
+    assert cli_main(["predict", str(tmp_path / "missing.png"), str(b), "-o", str(tmp_path / "o.png"),
+                     "--checkpoint", str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "missing.png" in err and "\n" not in err
+    assert cli_main(["eval", str(tmp_path / "nope.h5")]) == 2
+    assert "nope.h5: no such checkpoint file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["degrade", "--setting", "x3", "-o", str(tmp_path / "d.h5")])
+    assert exc.value.code == 2
+    assert "invalid choice: 'x3'" in capsys.readouterr().err
+
+
+def test_cli_eval_degrade_and_pack(tmp_path, tiny_checkpoint, capsys):
+    assert cli_main(["degrade", "--size", "16", "--n", "4", "--setting", "single", "-o", str(tmp_path / "lq")]) == 0
+    assert cli_main(["pack", str(tmp_path / "lq"), "-o", str(tmp_path / "lq.h5")]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", str(tiny_checkpoint), "--data", str(tmp_path / "lq.h5")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 4 and 0 <= report["f1"] <= 100
+    assert cli_main(["eval", str(tiny_checkpoint), "--size", "16", "--n", "4", "--setting", "multi"]) == 0
+
+
+def test_console_script_help():
+    out = run(["-m", "hicd_core.cli", "train", "--help"])
+    assert out.returncode == 0 and "--resume" in out.stdout and "--setting" in out.stdout
