@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU check for a machine with CuPy and PyTorch preinstalled and no network.
+#
+#   bash scripts/device_check.sh OUTDIR
+#
+# Installs the project from this tree (plus the wheels in .whl/ for the pure-Python
+# packages such a machine lacks: array-api-compat, array-api-strict), runs the
+# CuPy-parametrised tests, then the training-step benchmark (task and hicd modes,
+# batch 16, size 256) against a PyTorch CUDA twin and the hicd_loss benchmark
+# against torch autograd on CUDA. Every figure lands as JSON in OUTDIR.
+set -uo pipefail
+OUT=${1:?usage: device_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hicd-site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+  export PYTHONPATH=/tmp/hicd-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 \
+  || { echo "editable install failed (see install.txt); using the tree on PYTHONPATH"; export PYTHONPATH=$PWD:$PYTHONPATH; }
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import sys, numpy, cupy, torch; print(sys.version); print('numpy', numpy.__version__, 'cupy', cupy.__version__, 'torch', torch.__version__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+status=0
+timeout 240 python3 -m pytest -q -p no:cacheprovider -k cupy tests/ > "$OUT/pytest_cupy.txt" 2>&1 || status=1
+tail -n 15 "$OUT/pytest_cupy.txt"
+
+for mode in task hicd; do
+  timeout 120 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
+    > "$OUT/bench_${mode}.json" 2> "$OUT/bench_${mode}.err" || status=1
+  tail -n 1 "$OUT/bench_${mode}.json"
+done
+timeout 90 python3 examples/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2> "$OUT/bench_loss.err" || status=1
+tail -n 1 "$OUT/bench_loss.json"
+exit $status
