@@ -1,0 +1,152 @@
+"""Where a TinySiamCD training step spends its time: each layer kind at the benchmark shapes.
+
+    python examples/profile_layers.py --backend numpy --batch 8 --size 64
+    python examples/profile_layers.py --backend cupy --batch 16 --size 256 --torch
+
+Times (median ms, device-synchronised) the conv layers' parts (im2col, the
+forward matmul, the weight and input-gradient matmuls, col2im), BatchNorm and
+ReLU forward + backward, for every conv shape of the network, and prints one
+JSON line per layer plus totals. ``--torch`` adds the same conv's forward +
+backward through torch (cuDNN / oneDNN) for reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hicd_core import backend  # noqa: E402
+from hicd_core import functional as F  # noqa: E402
+from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
+
+
+def timer(xp):
+    if backend.is_cupy_namespace(xp):
+        import cupy
+
+        sync = cupy.cuda.Device().synchronize
+    else:
+        sync = lambda: None  # noqa: E731
+
+    def t(fn, repeats=10):
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - start) * 1e3)
+        return round(statistics.median(times), 3)
+
+    return t
+
+
+def layer_shapes(batch, size, widths=DEFAULT_WIDTHS):
+    """(name, N, C_in, H, W, C_out, stride) of every 3x3 conv in the network."""
+    model = TinySiamCD(widths)
+    out, side = [], size
+    for name, (cin, cout, stride) in model.layers.items():
+        n = 2 * batch if name.startswith("enc") else batch
+        if name.startswith("dec"):
+            side_in = size // 2 ** (int(name[3]) - 1)
+        else:
+            side_in = side
+            side = side // stride
+        out.append((name, n, cin, side_in, side_in, cout, stride))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--torch", action="store_true")
+    args = parser.parse_args(argv)
+    xp = backend.namespace(args.backend)
+    t = timer(xp)
+    rng = np.random.default_rng(0)
+    totals = {}
+    torch = None
+    if args.torch:
+        import torch
+
+        dev = "cuda" if args.backend == "cupy" else "cpu"
+    for name, n, cin, h, w, cout, stride in layer_shapes(args.batch, args.size):
+        x = backend.from_host(rng.standard_normal((n, cin, h, w), dtype=np.float32), xp)
+        wt = backend.from_host(rng.standard_normal((cout, cin, 3, 3), dtype=np.float32) * 0.1, xp)
+        b = backend.from_host(np.zeros(cout, np.float32), xp)
+        y, cache = F.conv2d_forward(x, wt, b, stride=stride, padding=1)
+        dy = backend.from_host(rng.standard_normal(tuple(y.shape), dtype=np.float32), xp)
+        Ho, Wo = y.shape[2], y.shape[3]
+        cols = cache.cols
+        w2 = xp.reshape(wt, (cout, cin * 9))
+        dy2 = xp.reshape(dy, (n, cout, Ho * Wo))
+        dcols = xp.matmul(xp.matrix_transpose(w2), dy2)
+        row = {
+            "layer": name, "shape": [n, cin, h, w, cout, stride],
+            "im2col": t(lambda: F._im2col(x, 3, 3, stride, 1, Ho, Wo, xp=xp)),
+            "fwd_matmul": t(lambda: xp.matmul(w2, cols)),
+            "dW_matmul": t(lambda: xp.sum(xp.matmul(dy2, xp.matrix_transpose(cols)), axis=0)),
+            "dcols_matmul": t(lambda: xp.matmul(xp.matrix_transpose(w2), dy2)),
+            "col2im": t(lambda: F._col2im(dcols, (n, cin, h, w), 3, 3, stride, 1, Ho, Wo, xp=xp)),
+            "conv_fwd": t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1)),
+            "conv_bwd": t(lambda: F.conv2d_backward(dy, cache)),
+        }
+        if backend.is_cupy_namespace(xp):
+            import cupy
+
+            def im2col_strided():
+                xpad = cupy.zeros((n, cin, h + 2, w + 2), dtype=x.dtype)
+                xpad[:, :, 1:-1, 1:-1] = x
+                sN, sC, sH, sW = xpad.strides
+                view = cupy.lib.stride_tricks.as_strided(
+                    xpad, shape=(n, cin, 3, 3, Ho, Wo), strides=(sN, sC, sH, sW, sH * stride, sW * stride))
+                return cupy.ascontiguousarray(view).reshape(n, cin * 9, Ho * Wo)
+
+            assert bool(cupy.all(im2col_strided() == cols))
+            row["im2col_strided"] = t(im2col_strided)
+        g = backend.from_host(np.ones(cout, np.float32), xp)
+        z = backend.from_host(np.zeros(cout, np.float32), xp)
+        _, bn_cache, _, _ = F.batchnorm2d_forward(y, g, z, z, g, training=True)
+        row["bn_fwd"] = t(lambda: F.batchnorm2d_forward(y, g, z, z, g, training=True))
+        row["bn_bwd"] = t(lambda: F.batchnorm2d_backward(dy, bn_cache))
+        _, relu_cache = F.relu_forward(y)
+        row["relu_fwd_bwd"] = t(lambda: F.relu_backward(dy, F.relu_forward(y)[1]))
+        if torch is not None:
+            tx = torch.as_tensor(backend.to_host(x), device=dev).requires_grad_(True)
+            tw = torch.as_tensor(backend.to_host(wt), device=dev).requires_grad_(True)
+            tdy = torch.as_tensor(backend.to_host(dy), device=dev)
+            tsync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+            def torch_conv():
+                out = torch.nn.functional.conv2d(tx, tw, None, stride=stride, padding=1)
+                out.backward(tdy)
+
+            torch_conv()
+            tsync()
+            times = []
+            for _ in range(10):
+                start = time.perf_counter()
+                torch_conv()
+                tsync()
+                times.append((time.perf_counter() - start) * 1e3)
+            row["torch_conv_fwd_bwd"] = round(statistics.median(times), 3)
+        for k, v in row.items():
+            if isinstance(v, float):
+                totals[k] = round(totals.get(k, 0.0) + v, 3)
+        print(json.dumps(row))
+    print(json.dumps({"totals": totals, "backend": args.backend, "batch": args.batch, "size": args.size}))
+
+
+if __name__ == "__main__":
+    main()
