@@ -97,6 +97,7 @@ def main(argv=None):
             "im2col": t(lambda: F._im2col(x, 3, 3, stride, 1, Ho, Wo, xp=xp)),
             "fwd_matmul": t(lambda: xp.matmul(w2, cols)),
             "dW_matmul": t(lambda: xp.sum(xp.matmul(dy2, xp.matrix_transpose(cols)), axis=0)),
+            "dW_tensordot": t(lambda: xp.tensordot(dy2, cols, axes=([0, 2], [0, 2]))),
             "dcols_matmul": t(lambda: xp.matmul(xp.matrix_transpose(w2), dy2)),
             "col2im": t(lambda: F._col2im(dcols, (n, cin, h, w), 3, 3, stride, 1, Ho, Wo, xp=xp)),
             "conv_fwd": t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1)),

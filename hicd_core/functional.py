@@ -139,7 +139,7 @@ def conv2d_backward(dy, cache: ConvCache):
     dy2 = xp.reshape(dy, (N, O, Ho * Wo))
     dweight = xp.sum(xp.matmul(dy2, xp.matrix_transpose(cache.cols)), axis=0)
     dweight = xp.reshape(dweight, cache.weight.shape)
-    dbias = xp.sum(dy2, axis=(0, 2)) if cache.has_bias else None
+    dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
     dcols = xp.matmul(xp.matrix_transpose(xp.reshape(cache.weight, (O, C * kh * kw))), dy2)
     if kh == kw == 1 and cache.stride == 1 and cache.padding == 0:
         dx = xp.reshape(dcols, cache.x_shape)
@@ -156,6 +156,19 @@ class BatchNormCache(NamedTuple):
     inv_std: object  # (1, C, 1, 1)
     gamma: object  # (C,)
     training: bool
+
+
+def _channel_sum(x, *, xp):
+    """Per-channel sum of (N, C, H, W) -> (C,), as a matrix-vector product then a small sum.
+
+    Equal to ``xp.sum(x, axis=(0, 2, 3))``; a BLAS / cuBLAS product with a ones
+    vector is several times faster than NumPy's or CuPy's reduction over the
+    non-contiguous axes (0, 2, 3).
+    """
+    N, C, H, W = x.shape
+    ones = xp.ones((H * W, 1), dtype=x.dtype, device=device(x))
+    per_image = xp.matmul(xp.reshape(x, (N, C, H * W)), ones)  # (N, C, 1)
+    return xp.sum(xp.reshape(per_image, (N, C)), axis=0)
 
 
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, momentum=0.1, eps=1e-5):
@@ -182,7 +195,8 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
 
     Notes
     -----
-    Training: ``xhat = (x - mu) / sqrt(var + eps)`` with biased batch variance,
+    Training: ``xhat = (x - mu) / sqrt(var + eps)`` with biased batch variance
+    (two passes: the mean first, then the mean of squared deviations),
     ``y = gamma xhat + beta``. With ``m = N H W`` and ``g = dy gamma``:
     ``dx = inv_std / m * (m g - sum g - xhat sum(g xhat))``,
     ``dgamma = sum(dy xhat)``, ``dbeta = sum(dy)``. Evaluation: ``dx = g inv_std``.
@@ -199,9 +213,9 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         m = x.shape[0] * x.shape[2] * x.shape[3]
         if m < 2:
             raise ValueError(f"batchnorm2d in training needs more than one value per channel, got input {tuple(x.shape)}")
-        mean = xp.mean(x, axis=(0, 2, 3))
+        mean = _channel_sum(x, xp=xp) * (1.0 / m)
         centred = x - xp.reshape(mean, shape)
-        var = xp.mean(centred * centred, axis=(0, 2, 3))
+        var = _channel_sum(centred * centred, xp=xp) * (1.0 / m)
         inv_std = xp.reshape(1.0 / xp.sqrt(var + eps), shape)
         xhat = centred * inv_std
         new_mean = running_mean * (1.0 - momentum) + mean * momentum
@@ -219,8 +233,8 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
     xp = array_namespace(dy)
     C = dy.shape[1]
     shape = (1, C, 1, 1)
-    dbeta = xp.sum(dy, axis=(0, 2, 3))
-    dgamma = xp.sum(dy * cache.xhat, axis=(0, 2, 3))
+    dbeta = _channel_sum(dy, xp=xp)
+    dgamma = _channel_sum(dy * cache.xhat, xp=xp)
     g_scale = xp.reshape(cache.gamma, shape) * cache.inv_std
     if not cache.training:
         return dy * g_scale, dgamma, dbeta

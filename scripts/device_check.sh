@@ -7,7 +7,8 @@
 # packages such a machine lacks: array-api-compat, array-api-strict), runs the
 # CuPy-parametrised tests, then the training-step benchmark (task and hicd modes,
 # batch 16, size 256) against a PyTorch CUDA twin and the hicd_loss benchmark
-# against torch autograd on CUDA. Every figure lands as JSON in OUTDIR.
+# against torch autograd on CUDA, and the per-layer profile (examples/profile_layers.py).
+# Every figure lands as JSON in OUTDIR.
 set -uo pipefail
 OUT=${1:?usage: device_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -40,4 +41,6 @@ for mode in task hicd; do
 done
 timeout 90 python3 examples/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2> "$OUT/bench_loss.err" || status=1
 tail -n 1 "$OUT/bench_loss.json"
+timeout 120 python3 examples/profile_layers.py --backend cupy --batch 16 --size 256 --torch > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
+tail -n 1 "$OUT/profile_cupy.jsonl"
 exit $status

@@ -31,16 +31,36 @@ def run_step(xp, dtype, seed=0):
         {k: to_np(v) for k, v in opt.state["momentum_buffer"].items()}
 
 
-@pytest.mark.parametrize("dtype, rtol, atol", [("float64", 1e-9, 1e-12), ("float32", 1e-4, 1e-5)])
-def test_training_step_matches_numpy(xp, dtype, rtol, atol):
-    ref_terms, ref_params, ref_m = run_step(backend.namespace("numpy"), dtype)
-    terms, params, m = run_step(xp, dtype)
+def test_training_step_matches_numpy_float64(xp):
+    ref_terms, ref_params, ref_g = run_step(backend.namespace("numpy"), "float64")
+    terms, params, g = run_step(xp, "float64")
     for k in ref_terms:
-        assert terms[k] == pytest.approx(ref_terms[k], rel=rtol, abs=atol), k
+        assert terms[k] == pytest.approx(ref_terms[k], rel=1e-10), k
     for k in ref_params:
-        assert params[k].dtype == np.dtype(dtype)
-        np.testing.assert_allclose(params[k], ref_params[k], rtol=rtol, atol=atol, err_msg=k)
-        np.testing.assert_allclose(m[k], ref_m[k], rtol=rtol, atol=atol, err_msg=k)
+        assert params[k].dtype == np.float64
+        np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-10, atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(g[k], ref_g[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def rel_norm(a, b):
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_training_step_in_float32_is_as_accurate_as_numpy_float32(xp):
+    """float32 against the float64 result: within 1e-4 for losses and parameters, 2e-3 (norm-wise)
+    for gradients; NumPy's own float32 gradients land up to ~4e-4 from float64 here (BatchNorm
+    backward cancels), so a tighter gradient bound would fail on any float32 implementation."""
+    ref_terms, ref_params, ref_g = run_step(backend.namespace("numpy"), "float64")
+    terms, params, g = run_step(xp, "float32")
+    for k in ref_terms:
+        assert terms[k] == pytest.approx(ref_terms[k], rel=1e-4, abs=1e-6), k
+    for k in ref_params:
+        assert params[k].dtype == np.float32
+        np.testing.assert_allclose(params[k], ref_params[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        if k.endswith(".conv.bias"):  # exactly zero in exact arithmetic (BatchNorm follows)
+            assert np.abs(g[k]).max() < 1e-6, k
+        else:
+            assert rel_norm(g[k], ref_g[k]) < 2e-3, k
 
 
 def test_bad_input_raises_the_same_error(xp):
