@@ -50,6 +50,18 @@ def timer(xp):
     return t
 
 
+def dw_split_k(dy2, cols, xp, chunk=4096):
+    """sum_n dy_n cols_n^T with the pixel axis cut into chunks: more, smaller independent products."""
+    N, O, L = dy2.shape
+    K = cols.shape[1]
+    S = max(L // chunk, 1)
+    if L % S:
+        S = 1
+    a = xp.reshape(xp.permute_dims(xp.reshape(dy2, (N, O, S, L // S)), (0, 2, 1, 3)), (N * S, O, L // S))
+    b = xp.reshape(xp.permute_dims(xp.reshape(cols, (N, K, S, L // S)), (0, 2, 3, 1)), (N * S, L // S, K))
+    return xp.sum(xp.matmul(a, b), axis=0)
+
+
 def layer_shapes(batch, size, widths=DEFAULT_WIDTHS):
     """(name, N, C_in, H, W, C_out, stride) of every 3x3 conv in the network."""
     model = TinySiamCD(widths)
@@ -98,6 +110,7 @@ def main(argv=None):
             "fwd_matmul": t(lambda: xp.matmul(w2, cols)),
             "dW_matmul": t(lambda: xp.sum(xp.matmul(dy2, xp.matrix_transpose(cols)), axis=0)),
             "dW_tensordot": t(lambda: xp.tensordot(dy2, cols, axes=([0, 2], [0, 2]))),
+            "dW_splitk": t(lambda: dw_split_k(dy2, cols, xp)),
             "dcols_matmul": t(lambda: xp.matmul(xp.matrix_transpose(w2), dy2)),
             "col2im": t(lambda: F._col2im(dcols, (n, cin, h, w), 3, 3, stride, 1, Ho, Wo, xp=xp)),
             "conv_fwd": t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1)),

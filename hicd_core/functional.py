@@ -152,8 +152,8 @@ def conv2d_backward(dy, cache: ConvCache):
 
 
 class BatchNormCache(NamedTuple):
-    xhat: object  # (N, C, H, W) normalised input
-    inv_std: object  # (1, C, 1, 1)
+    centred: object  # (N, C, H, W) input minus the mean used (batch or running)
+    inv_std: object  # (1, C, 1, 1); xhat = centred * inv_std
     gamma: object  # (C,)
     training: bool
 
@@ -216,33 +216,39 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         mean = _channel_sum(x, xp=xp) * (1.0 / m)
         centred = x - xp.reshape(mean, shape)
         var = _channel_sum(centred * centred, xp=xp) * (1.0 / m)
-        inv_std = xp.reshape(1.0 / xp.sqrt(var + eps), shape)
-        xhat = centred * inv_std
+        inv_std = 1.0 / xp.sqrt(var + eps)
         new_mean = running_mean * (1.0 - momentum) + mean * momentum
         new_var = running_var * (1.0 - momentum) + var * (momentum * m / (m - 1))
     else:
-        inv_std = xp.reshape(1.0 / xp.sqrt(running_var + eps), shape)
-        xhat = (x - xp.reshape(running_mean, shape)) * inv_std
+        inv_std = 1.0 / xp.sqrt(running_var + eps)
+        centred = x - xp.reshape(running_mean, shape)
         new_mean, new_var = running_mean, running_var
-    y = xhat * xp.reshape(gamma, shape) + xp.reshape(beta, shape)
-    return y, BatchNormCache(xhat, inv_std, gamma, training), new_mean, new_var
+    # y = gamma xhat + beta with xhat = centred inv_std, folded into one scale per channel
+    y = centred * xp.reshape(gamma * inv_std, shape) + xp.reshape(beta, shape)
+    return y, BatchNormCache(centred, xp.reshape(inv_std, shape), gamma, training), new_mean, new_var
 
 
 def batchnorm2d_backward(dy, cache: BatchNormCache):
-    """Gradients of ``batchnorm2d_forward``: ``dy -> (dx, dgamma, dbeta)``."""
+    """Gradients of ``batchnorm2d_forward``: ``dy -> (dx, dgamma, dbeta)``.
+
+    With ``xhat = centred inv_std`` and ``m = N H W``, per channel:
+    ``dgamma = inv_std sum(dy centred)``, ``dbeta = sum(dy)`` and
+    ``dx = gamma inv_std (dy - dbeta / m - xhat dgamma / m)``, evaluated as
+    ``dy a + centred b + c`` with per-channel ``a, b, c`` (fewer full passes).
+    """
     xp = array_namespace(dy)
     C = dy.shape[1]
     shape = (1, C, 1, 1)
+    inv_std = xp.reshape(cache.inv_std, (C,))
     dbeta = _channel_sum(dy, xp=xp)
-    dgamma = _channel_sum(dy * cache.xhat, xp=xp)
-    g_scale = xp.reshape(cache.gamma, shape) * cache.inv_std
+    dgamma = _channel_sum(dy * cache.centred, xp=xp) * inv_std
+    a = cache.gamma * inv_std
     if not cache.training:
-        return dy * g_scale, dgamma, dbeta
+        return dy * xp.reshape(a, shape), dgamma, dbeta
     m = dy.shape[0] * dy.shape[2] * dy.shape[3]
-    # dx = gamma inv_std (dy - mean(dy) - xhat mean(dy xhat)), per channel
-    mean_dy = xp.reshape(dbeta * (1.0 / m), shape)
-    mean_dy_xhat = xp.reshape(dgamma * (1.0 / m), shape)
-    dx = (dy - mean_dy - cache.xhat * mean_dy_xhat) * g_scale
+    b = -a * inv_std * dgamma * (1.0 / m)
+    c = -a * dbeta * (1.0 / m)
+    dx = dy * xp.reshape(a, shape) + cache.centred * xp.reshape(b, shape) + xp.reshape(c, shape)
     return dx, dgamma, dbeta
 
 

@@ -20,8 +20,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/hicd-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.txt" 2>&1 \
-  || { echo "editable install failed (see install.txt); using the tree on PYTHONPATH"; export PYTHONPATH=$PWD:$PYTHONPATH; }
+# pip needs setuptools to install the tree; where that is missing offline, the tree goes on PYTHONPATH
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/hicd-install.txt 2>&1 \
+  || { echo "editable install failed offline; using the tree on PYTHONPATH"; export PYTHONPATH=$PWD:$PYTHONPATH; }
 
 {
   date -u
@@ -36,11 +37,16 @@ tail -n 15 "$OUT/pytest_cupy.txt"
 
 for mode in task hicd; do
   timeout 120 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
-    > "$OUT/bench_${mode}.json" 2> "$OUT/bench_${mode}.err" || status=1
+    > "$OUT/bench_${mode}.json" 2>&1 || status=1
   tail -n 1 "$OUT/bench_${mode}.json"
 done
-timeout 90 python3 examples/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2> "$OUT/bench_loss.err" || status=1
+timeout 90 python3 examples/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2>&1 || status=1
 tail -n 1 "$OUT/bench_loss.json"
 timeout 120 python3 examples/profile_layers.py --backend cupy --batch 16 --size 256 --torch > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
 tail -n 1 "$OUT/profile_cupy.jsonl"
+# the whole pipeline on the GPU: training loop, evaluation, checkpoints, tiled prediction
+timeout 150 python3 examples/train_cd.py --quick --backend cupy --no-progress --out "$OUT/quick_cupy" \
+  > "$OUT/train_cd_quick_cupy.txt" 2>&1 || status=1
+tail -n 8 "$OUT/train_cd_quick_cupy.txt"
+rm -rf "$OUT/quick_cupy"
 exit $status
