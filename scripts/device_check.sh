@@ -48,5 +48,15 @@ tail -n 1 "$OUT/profile_cupy.jsonl"
 timeout 150 python3 examples/train_cd.py --quick --backend cupy --no-progress --out "$OUT/quick_cupy" \
   > "$OUT/train_cd_quick_cupy.txt" 2>&1 || status=1
 tail -n 8 "$OUT/train_cd_quick_cupy.txt"
+python3 - <<'PY'
+import numpy as np
+from PIL import Image
+rng = np.random.default_rng(0)
+for name in "ab":
+    Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8)).save(f"/tmp/hicd-{name}.png")
+PY
+timeout 60 python3 -m hicd_core.cli predict /tmp/hicd-a.png /tmp/hicd-b.png -o /tmp/hicd-change.png --tile 128 \
+  --checkpoint "$OUT/quick_cupy/teacher/best.h5" --backend cupy >> "$OUT/train_cd_quick_cupy.txt" 2>&1 || status=1
+tail -n 1 "$OUT/train_cd_quick_cupy.txt"
 rm -rf "$OUT/quick_cupy"
 exit $status
