@@ -25,7 +25,18 @@ from .io import atomic_path
 from .metrics import METRIC_KEYS
 from .train import DistillConfig, TrainConfig, default_windows, fit, load_model
 
-__all__ = ["Profile", "PROFILES", "STUDENTS", "student_config", "run_comparison", "ROW_NAMES"]
+__all__ = [
+    "Profile",
+    "PROFILES",
+    "STUDENTS",
+    "ROW_NAMES",
+    "student_config",
+    "train_teacher",
+    "train_student",
+    "test_views",
+    "run_comparison",
+    "format_table",
+]
 
 
 @dataclass(frozen=True)
@@ -75,8 +86,40 @@ def _metrics_row(method, metrics):
     return {"method": method, **{k: metrics[k] for k in METRIC_KEYS}}
 
 
+def _base_config(prof, seed):
+    return TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
+                       lr=prof.lr, seed=seed)
+
+
+def train_teacher(out_dir, splits, prof, *, seed=0, xp=None, progress=True, log=print):
+    """Train (or resume, or reuse when finished) the teacher in ``out_dir``; returns the best-F1 model."""
+    train_set, val_set = splits[0], splits[1]
+    base = _base_config(prof, seed)
+    log(f"[seed {seed}] teacher: {len(train_set)} training pairs, {base.epochs} epochs")
+    fit(base, train_set, val_set, out_dir, xp=xp, resume=True, progress=progress)
+    return load_model(Path(out_dir) / "best.h5", xp=xp)[0]
+
+
+def train_student(out_dir, name, splits, prof, teacher, *, setting, seed=0, xp=None, progress=True,
+                  student_init="teacher", distill_overrides=None, log=print):
+    """Train (or resume / reuse) the named student variant in ``out_dir``; returns the best-F1 model."""
+    train_set, val_set = splits[0], splits[1]
+    distill = student_config(name, prof.crop or prof.size, **(distill_overrides or {}))
+    cfg = replace(_base_config(prof, seed), role="student", setting=setting, epochs=prof.student_epochs,
+                  lr=prof.student_lr, distill=distill, student_init=student_init)
+    log(f"[{setting} seed {seed}] {STUDENTS[name][0]}: {cfg.epochs} epochs")
+    fit(cfg, train_set, val_set, out_dir, xp=xp, teacher=teacher, resume=True, progress=progress)
+    return load_model(Path(out_dir) / "best.h5", xp=xp)[0]
+
+
+def test_views(test_set, setting, seed, test_seed=None):
+    """The held-out HQ test set and its LQ version (t2 of sample i degraded with seed [test_seed, i])."""
+    return test_set, DegradedView(test_set, setting, 54321 + seed if test_seed is None else test_seed)
+
+
 def run_comparison(out_dir, *, setting, seed=0, data=None, students=("baseline", "hicd"), profile="default",
-                   backend_name="numpy", progress=True, distill_overrides=None, test_seed=None, log=print):
+                   backend_name="numpy", progress=True, distill_overrides=None, student_init="teacher",
+                   test_seed=None, log=print):
     """Train and evaluate the comparison; returns ``{"rows": [...], "setting", "seed", "seconds"}``.
 
     Checkpoints go to ``out_dir/teacher`` and ``out_dir/student-<name>``; an
@@ -86,32 +129,20 @@ def run_comparison(out_dir, *, setting, seed=0, data=None, students=("baseline",
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     xp = backend.namespace(backend_name)
     out_dir = Path(out_dir)
-    train_set, val_set, test_set = load_splits(data, size=prof.size, n_train=prof.n_train, n_val=prof.n_val,
-                                               n_test=prof.n_test, seed=seed)
-    size = prof.crop or prof.size
-    base = TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
-                       lr=prof.lr, seed=seed)
-    log(f"[{setting} seed {seed}] teacher: {len(train_set)} training pairs, {base.epochs} epochs")
-    fit(base, train_set, val_set, out_dir / "teacher", xp=xp, resume=True, progress=progress)
-    teacher, _ = load_model(out_dir / "teacher" / "best.h5", xp=xp)
-
-    test_lq = DegradedView(test_set, setting, 54321 + seed if test_seed is None else test_seed)
-    rows = [_metrics_row("teacher HQ/HQ", evaluate(teacher, test_set, batch_size=prof.batch_size)),
+    splits = load_splits(data, size=prof.size, n_train=prof.n_train, n_val=prof.n_val, n_test=prof.n_test, seed=seed)
+    teacher = train_teacher(out_dir / "teacher", splits, prof, seed=seed, xp=xp, progress=progress, log=log)
+    test_hq, test_lq = test_views(splits[2], setting, seed, test_seed)
+    rows = [_metrics_row("teacher HQ/HQ", evaluate(teacher, test_hq, batch_size=prof.batch_size)),
             _metrics_row("teacher HQ/LQ", evaluate(teacher, test_lq, batch_size=prof.batch_size))]
     models = {"teacher": teacher}
     for name in students:
-        label = STUDENTS[name][0] if name in STUDENTS else name
-        distill = student_config(name, size, **(distill_overrides or {}).get(name, {}))
-        cfg = replace(base, role="student", setting=setting, epochs=prof.student_epochs, lr=prof.student_lr,
-                      distill=distill)
-        log(f"[{setting} seed {seed}] {label}: {cfg.epochs} epochs")
-        fit(cfg, train_set, val_set, out_dir / f"student-{name}", xp=xp, teacher=teacher, resume=True,
-            progress=progress)
-        student, _ = load_model(out_dir / f"student-{name}" / "best.h5", xp=xp)
+        student = train_student(out_dir / f"student-{name}", name, splits, prof, teacher, setting=setting,
+                                seed=seed, xp=xp, progress=progress, student_init=student_init,
+                                distill_overrides=(distill_overrides or {}).get(name), log=log)
         models[name] = student
-        rows.append(_metrics_row(label, evaluate(student, test_lq, batch_size=prof.batch_size)))
+        rows.append(_metrics_row(STUDENTS[name][0], evaluate(student, test_lq, batch_size=prof.batch_size)))
     return {"setting": setting, "seed": seed, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
-            "models": models, "test_lq": test_lq, "test_hq": test_set}
+            "models": models, "test_lq": test_lq, "test_hq": test_hq}
 
 
 def format_table(rows, keys=("f1", "iou", "precision", "recall", "oa", "kappa")):

@@ -34,6 +34,6 @@ __all__ = [
 ]
 
 from .loader import TrainBatches, iterate_batches  # noqa: E402
-from .splits import Subset, load_splits  # noqa: E402
+from .splits import Repeat, Subset, load_splits  # noqa: E402
 
-__all__ += ["TrainBatches", "iterate_batches", "Subset", "load_splits"]
+__all__ += ["TrainBatches", "iterate_batches", "Subset", "Repeat", "load_splits"]

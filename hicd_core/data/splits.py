@@ -10,7 +10,7 @@ from ..errors import DatasetError
 from .folder import ArrayDataset, FolderDataset, open_dataset
 from .synthetic import synthetic_pairs
 
-__all__ = ["load_splits", "Subset"]
+__all__ = ["load_splits", "Subset", "Repeat"]
 
 
 class Subset:
@@ -27,6 +27,22 @@ class Subset:
 
     def __getitem__(self, i):
         return self.dataset[self.indices[i]]
+
+
+class Repeat:
+    """A dataset seen ``times`` times per epoch (small sets of large tiles with random crops)."""
+
+    def __init__(self, dataset, times: int):
+        if times < 1:
+            raise ValueError(f"times must be >= 1, got {times}")
+        self.dataset, self.times = dataset, int(times)
+        self.ignore_value = getattr(dataset, "ignore_value", None)
+
+    def __len__(self):
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, i):
+        return self.dataset[i % len(self.dataset)]
 
 
 def load_splits(data=None, *, size=64, n_train=400, n_val=64, n_test=128, seed=0, fractions=(0.7, 0.1, 0.2),
