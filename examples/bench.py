@@ -23,9 +23,7 @@ import json
 import os
 import platform
 import pstats
-import statistics
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from hicd_core import backend  # noqa: E402
 from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
 from hicd_core.optim import AdamW  # noqa: E402
 from hicd_core.train import DistillConfig, default_windows, train_step  # noqa: E402
+from _timing import device_sync, median_ms, torch_sync  # noqa: E402
 
 
 def make_batch(batch, size, seed=0):
@@ -47,19 +46,6 @@ def make_batch(batch, size, seed=0):
     x2_hq = rng.random((batch, 3, size, size), dtype=np.float32)
     label = (rng.random((batch, size, size)) > 0.8).astype(np.uint8)
     return x1, x2, x2_hq, label
-
-
-def median_time(fn, sync, steps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
 
 
 # --------------------------------------------------------------------------- torch twin
@@ -134,10 +120,10 @@ def run_torch(args, host_batch, windows, change_window, result):
         loss.backward()
         opt.step()
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = torch_sync(torch, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    ms, _ = median_time(step, sync, args.steps)
+    ms, _ = median_ms(step, sync, args.steps)
     result.update(
         torch_version=torch.__version__, torch_device=device, torch_threads=torch.get_num_threads(),
         torch_median_ms=round(ms, 3), ratio=round(result["median_ms"] / ms, 3),
@@ -163,12 +149,9 @@ def main(argv=None):
 
     xp = backend.namespace(args.backend)
     on_gpu = backend.is_cupy_namespace(xp)
+    sync = device_sync(xp)
     if on_gpu:
         import cupy
-
-        sync = cupy.cuda.Device().synchronize
-    else:
-        sync = lambda: None  # noqa: E731
 
     host_batch = make_batch(args.batch, args.size)
     x1, x2, x2_hq, label = (backend.from_host(a, xp) for a in host_batch)
@@ -181,7 +164,7 @@ def main(argv=None):
     def step():
         return train_step(student, opt, x1, x2, label, teacher=teacher, teacher_x2=x2_hq, distill=distill)
 
-    ms, times = median_time(step, sync, args.steps)
+    ms, times = median_ms(step, sync, args.steps)
     result = {
         "bench": "train step", "mode": args.mode, "backend": args.backend, "dtype": "float32",
         "batch": args.batch, "size": args.size, "steps": args.steps, "windows": list(windows),

@@ -18,9 +18,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hicd_core import backend, hicd_loss  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import device_sync, median_ms, torch_sync  # noqa: E402
 
 SEM_SHAPES = [(32, 32), (64, 16), (128, 8)]  # (channels, side) of E2, E3, E4 at input 64x64
 SEM_WINDOWS = [8, 8, None]
@@ -41,19 +42,6 @@ def make_inputs(batch, seed=0):
     s_sem = [(draw(c, s), draw(c, s)) for c, s in SEM_SHAPES]
     t_sem = [(draw(c, s), draw(c, s)) for c, s in SEM_SHAPES]
     return s_sem, t_sem, draw(CHG_CHANNELS, CHG_SIDE), draw(CHG_CHANNELS, CHG_SIDE)
-
-
-def timed(fn, sync, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
 
 
 def torch_hicd_loss(torch, s_sem, t_sem, c_s, c_t, windows, change_window, tau=0.5, eps=1e-6):
@@ -102,12 +90,7 @@ def main(argv=None):
 
     xp = backend.namespace(args.backend)
     on_gpu = backend.is_cupy_namespace(xp)
-    if on_gpu:
-        import cupy
-
-        sync = cupy.cuda.Device().synchronize
-    else:
-        sync = lambda: None  # noqa: E731
+    sync = device_sync(xp)
 
     host = make_inputs(args.batch)
     s_sem = [tuple(backend.from_host(a, xp) for a in pair) for pair in host[0]]
@@ -115,7 +98,7 @@ def main(argv=None):
     c_s, c_t = backend.from_host(host[2], xp), backend.from_host(host[3], xp)
     kw = dict(windows=SEM_WINDOWS, change_window=CHG_WINDOW)
     run = lambda: hicd_loss(s_sem, t_sem, c_s, c_t, **kw)  # noqa: E731
-    median_ms, _ = timed(run, sync, args.repeats)
+    ours_ms, _ = median_ms(run, sync, args.repeats, warmup=3)
     loss = float(run()[0])
     result = {
         "bench": "hicd_loss forward+backward",
@@ -123,7 +106,7 @@ def main(argv=None):
         "dtype": "float32",
         "batch": args.batch,
         "repeats": args.repeats,
-        "median_ms": round(median_ms, 3),
+        "median_ms": round(ours_ms, 3),
         "loss": loss,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
@@ -149,8 +132,8 @@ def main(argv=None):
                 out.backward()
                 return out
 
-            tsync = torch.cuda.synchronize if on_gpu else (lambda: None)
-            torch_ms, _ = timed(torch_step, tsync, args.repeats)
+            tsync = torch_sync(torch, device)
+            torch_ms, _ = median_ms(torch_step, tsync, args.repeats, warmup=3)
             torch_loss = float(torch_step().detach())
             ours = run()[1]
             grad_err = float(np.max(np.abs(backend.to_host(ours["chg"]) - tc_s.grad.cpu().numpy())))
@@ -159,7 +142,7 @@ def main(argv=None):
                 torch_device=device,
                 torch_threads=torch.get_num_threads(),
                 torch_median_ms=round(torch_ms, 3),
-                ratio=round(median_ms / torch_ms, 3),
+                ratio=round(ours_ms / torch_ms, 3),
                 loss_abs_diff=abs(loss - torch_loss),
                 chg_grad_max_abs_diff=grad_err,
             )

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,27 +25,14 @@ from hicd_core import backend  # noqa: E402
 from hicd_core import functional as F  # noqa: E402
 from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import device_sync, median_ms, torch_sync  # noqa: E402
+
 
 def timer(xp):
-    if backend.is_cupy_namespace(xp):
-        import cupy
-
-        sync = cupy.cuda.Device().synchronize
-    else:
-        sync = lambda: None  # noqa: E731
-
-    def t(fn, repeats=10):
-        fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-        return round(statistics.median(times), 3)
-
-    return t
+    """``t(fn)``: the median milliseconds of 10 synchronised calls, rounded."""
+    sync = device_sync(xp)
+    return lambda fn, repeats=10: round(median_ms(fn, sync, repeats, warmup=1)[0], 3)
 
 
 def dw_split_k(dy2, cols, xp, chunk=4096):
@@ -140,21 +125,12 @@ def main(argv=None):
             tx = torch.as_tensor(backend.to_host(x), device=dev).requires_grad_(True)
             tw = torch.as_tensor(backend.to_host(wt), device=dev).requires_grad_(True)
             tdy = torch.as_tensor(backend.to_host(dy), device=dev)
-            tsync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
             def torch_conv():
                 out = torch.nn.functional.conv2d(tx, tw, None, stride=stride, padding=1)
                 out.backward(tdy)
 
-            torch_conv()
-            tsync()
-            times = []
-            for _ in range(10):
-                start = time.perf_counter()
-                torch_conv()
-                tsync()
-                times.append((time.perf_counter() - start) * 1e3)
-            row["torch_conv_fwd_bwd"] = round(statistics.median(times), 3)
+            row["torch_conv_fwd_bwd"] = round(median_ms(torch_conv, torch_sync(torch, dev), 10, warmup=1)[0], 3)
         for k, v in row.items():
             if isinstance(v, float):
                 totals[k] = round(totals.get(k, 0.0) + v, 3)

@@ -18,27 +18,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hicd_core.data import SETTINGS, degrade, synthetic_pairs  # noqa: E402
-from hicd_core.io import atomic_path  # noqa: E402
-
-
-def to_rgb8(img):
-    return (np.clip(img, 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+from hicd_core.data.folder import image_grid, to_uint8, write_png  # noqa: E402
 
 
 def panel(n=4, size=128, seed=0, gap=4):
     t1, t2, label = synthetic_pairs(n, size, seed)
     rows = []
     for i in range(n):
-        tiles = [to_rgb8(t1[i]), to_rgb8(t2[i]), np.repeat(label[i][:, :, None] * 255, 3, axis=2).astype(np.uint8)]
-        tiles += [to_rgb8(degrade(t2[i], s, [seed, i])) for s in SETTINGS]
-        row = tiles[0]
-        for t in tiles[1:]:
-            row = np.concatenate([row, np.full((size, gap, 3), 255, np.uint8), t], axis=1)
-        rows.append(row)
-    out = rows[0]
-    for r in rows[1:]:
-        out = np.concatenate([out, np.full((gap, r.shape[1], 3), 255, np.uint8), r], axis=0)
-    return out
+        tiles = [to_uint8(t1[i]), to_uint8(t2[i]), np.repeat(to_uint8(label[i] == 1)[:, :, None], 3, axis=2)]
+        tiles += [to_uint8(degrade(t2[i], s, [seed, i])) for s in SETTINGS]
+        rows.append(tiles)
+    return image_grid(rows, gap)
 
 
 def main(argv=None):
@@ -48,10 +38,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "images" / "data.png"))
     args = parser.parse_args(argv)
-    from PIL import Image
-
-    with atomic_path(args.out) as tmp:
-        Image.fromarray(panel(args.n, args.size, args.seed)).save(tmp, format="PNG")
+    write_png(panel(args.n, args.size, args.seed), args.out)
     print(f"wrote {args.out}")
 
 

@@ -31,53 +31,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hicd_core import backend  # noqa: E402
 from hicd_core.data import SETTINGS  # noqa: E402
 from hicd_core.experiment import PROFILES, format_table, run_comparison, write_json  # noqa: E402
-from hicd_core.functional import sigmoid  # noqa: E402
-from hicd_core.io import atomic_path  # noqa: E402
-
-
-def _rgb8(img):
-    return (np.clip(img, 0, 1).transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
-
-
-def _mask8(mask):
-    return np.repeat(np.asarray(mask, np.uint8)[:, :, None] * 255, 3, axis=2)
+from hicd_core.data.folder import image_grid, to_uint8, write_png  # noqa: E402
 
 
 def prediction_panel(models, test_hq, test_lq, n=4, gap=3):
     """Rows of test pairs: t1 | degraded t2 | label | teacher on HQ | teacher on LQ | each student on LQ."""
+    mask = lambda m: np.repeat(to_uint8(np.asarray(m, bool))[:, :, None], 3, axis=2)  # noqa: E731
     rows = []
     for i in range(min(n, len(test_lq))):
         t1, t2_lq, label = test_lq[i]
         t2_hq = test_hq[i][1]
-        tiles = [_rgb8(t1), _rgb8(t2_lq), _mask8(label)]
+        tiles = [to_uint8(t1), to_uint8(t2_lq), mask(label == 1)]
         for name, model in models.items():
             pairs = [(t1, t2_hq), (t1, t2_lq)] if name == "teacher" else [(t1, t2_lq)]
             for a, b in pairs:
                 xp = model.xp
                 logits = model.predict_logits(backend.from_host(a[None], xp), backend.from_host(b[None], xp))
-                tiles.append(_mask8(backend.to_host(sigmoid(logits))[0, 0] >= 0.5))
-        h = tiles[0].shape[0]
-        row = tiles[0]
-        for t in tiles[1:]:
-            row = np.concatenate([row, np.full((h, gap, 3), 255, np.uint8), t], axis=1)
-        rows.append(row)
-    out = rows[0]
-    for r in rows[1:]:
-        out = np.concatenate([out, np.full((gap, r.shape[1], 3), 255, np.uint8), r], axis=0)
-    return out
+                tiles.append(mask(backend.to_host(logits)[0, 0] >= 0.0))  # sigmoid(z) >= 0.5
+        rows.append(tiles)
+    return image_grid(rows, gap)
 
 
 def save_png(array, path, scale=1):
-    try:
-        from PIL import Image
-    except ImportError:
-        print("Pillow is not installed (pip install hicd[io]): skipping", path)
-        return
-    im = Image.fromarray(array)
+    """Write the panel (nearest-neighbour enlarged by ``scale``); skipped with a note without Pillow."""
     if scale != 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
+        array = np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
+    try:
+        write_png(array, path)
+    except ImportError as exc:
+        print(f"{exc}: skipping {path}")
 
 
 def main(argv=None):

@@ -377,3 +377,17 @@ def write_dataset_folder(dataset, out) -> Path:
         label = np.asarray(label)
         write_png(np.where(label == 1, 255, label).astype(np.uint8) if label.max() <= 1 else label, out / "label" / name)
     return out
+
+
+def image_grid(rows, gap=3, background=255) -> np.ndarray:
+    """Lay out rows of uint8 (h, w, 3) tiles (equal sizes) with ``gap`` pixels between them."""
+    def join(tiles, axis):
+        pad_shape = list(tiles[0].shape)
+        pad_shape[axis] = gap
+        pad = np.full(pad_shape, background, np.uint8)
+        out = [tiles[0]]
+        for tile in tiles[1:]:
+            out += [pad, tile]
+        return np.concatenate(out, axis=axis)
+
+    return join([join(list(r), axis=1) for r in rows], axis=0)

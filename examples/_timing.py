@@ -1,0 +1,35 @@
+"""Timing helpers shared by the benchmark scripts (median of synchronised wall-clock times)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def device_sync(xp):
+    """A function that waits for the device of namespace ``xp`` (a no-op on the CPU)."""
+    from hicd_core import backend
+
+    if backend.is_cupy_namespace(xp):
+        import cupy
+
+        return cupy.cuda.Device().synchronize
+    return lambda: None
+
+
+def torch_sync(torch, device):
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def median_ms(fn, sync, repeats, warmup=2):
+    """Median and all times in milliseconds of ``repeats`` calls of ``fn``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
