@@ -212,7 +212,8 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--profile", default="sweep", choices=sorted(PROFILES))
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
+                        help="sizes and schedules (default: sweep, or levir with --levir)")
     parser.add_argument("--student-init", default="fresh", choices=["teacher", "fresh"])
     parser.add_argument("--levir", default=None, help="run the LEVIR-CD sample tiles instead (separate report)")
     parser.add_argument("--out", default="runs/reproduce", help="checkpoints (reused when present)")
@@ -230,7 +231,7 @@ def main(argv=None):
     plot = report.parent / "images" / f"{tag}_f1.png"
     rows = load_rows(results)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"seconds": {}}
-    profile = "levir" if args.levir else args.profile
+    profile = args.profile or ("levir" if args.levir else "sweep")
     meta.update(command="python examples/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 machine=f"{platform.machine()}, {platform.processor() or 'cpu'}, {backend.namespace(args.backend).__name__}",
                 profile=f"{profile}: {PROFILES[profile]}; student init: {args.student_init}")

@@ -318,6 +318,9 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
 
     config = cfg.to_dict()
     start_epoch, best, history = 0, {"f1": -1.0}, []
+    if not resume and last_path.exists():
+        raise ValueError(f"{out_dir} already holds a training run ({last_path.name}); "
+                         "resume it (--resume) or choose another output folder")
     if resume and last_path.exists():
         ck = load_checkpoint(last_path)
         if ck["config"] != config:

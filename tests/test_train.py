@@ -186,3 +186,12 @@ def test_cli_eval_degrade_and_pack(tmp_path, tiny_checkpoint, capsys):
 def test_console_script_help():
     out = run(["-m", "hicd_core.cli", "train", "--help"])
     assert out.returncode == 0 and "--resume" in out.stdout and "--setting" in out.stdout
+
+
+def test_an_existing_run_is_never_overwritten_silently(tmp_path):
+    data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
+    fit(TrainConfig(epochs=1, batch_size=8), data, data, tmp_path, progress=False)
+    before = (tmp_path / "last.h5").read_bytes()
+    with pytest.raises(ValueError, match="already holds a training run"):
+        fit(TrainConfig(epochs=1, batch_size=8), data, data, tmp_path, progress=False)
+    assert (tmp_path / "last.h5").read_bytes() == before
