@@ -172,7 +172,6 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
     return terms
 
 
-
 # --------------------------------------------------------------------------- the training loop
 
 
