@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hicd_core import backend  # noqa: E402
+from hicd_core import backend, functional  # noqa: E402
 from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
 from hicd_core.optim import AdamW  # noqa: E402
 from hicd_core.train import DistillConfig, default_windows, train_step  # noqa: E402
@@ -145,11 +145,14 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--vs-torch", action="store_true", help="also time the PyTorch eager twin")
     parser.add_argument("--profile", action="store_true", help="print the top functions of a profiled step")
+    parser.add_argument("--conv-layout", default="auto", choices=["auto", "batched", "merged"],
+                        help="im2col layout of the convolutions (hicd_core.functional.CONV_LAYOUT)")
     args = parser.parse_args(argv)
 
     xp = backend.namespace(args.backend)
     on_gpu = backend.is_cupy_namespace(xp)
     sync = device_sync(xp)
+    functional.CONV_LAYOUT = args.conv_layout
     if on_gpu:
         import cupy
 
@@ -168,6 +171,7 @@ def main(argv=None):
     result = {
         "bench": "train step", "mode": args.mode, "backend": args.backend, "dtype": "float32",
         "batch": args.batch, "size": args.size, "steps": args.steps, "windows": list(windows),
+        "conv_layout": args.conv_layout,
         "median_ms": round(ms, 3), "min_ms": round(min(times), 3),
         "pairs_per_s": round(args.batch / ms * 1e3, 1),
         "machine": platform.machine(), "cpus": os.cpu_count(),

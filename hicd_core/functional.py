@@ -37,50 +37,85 @@ __all__ = [
 # --------------------------------------------------------------------------- conv2d
 
 
+#: How conv2d lays out its im2col matrix. "batched": per image, ``cols (N, C kh kw, Ho Wo)``
+#: and batched matmuls (the faster choice with NumPy / OpenBLAS). "merged": the batch folded
+#: into the pixel axis, ``cols (C kh kw, N Ho Wo)``, one large matmul per product at the cost
+#: of a transposed copy of the input, output and their gradients. "auto": merged on CuPy,
+#: batched elsewhere (docs/PERFORMANCE.md has the measurements behind this).
+CONV_LAYOUT = "auto"
+
+
 class ConvCache(NamedTuple):
-    cols: object  # (N, C*kh*kw, Ho*Wo) or, for a plain 1x1 conv, (N, C, H*W)
+    cols: object  # batched: (N, C*kh*kw, Ho*Wo); merged: (C*kh*kw, N*Ho*Wo); 1x1 batched: (N, C, H*W)
     weight: object  # (O, C, kh, kw)
     x_shape: tuple
     stride: int
     padding: int
     has_bias: bool
+    merged: bool
+
+
+def _use_merged(xp):
+    if CONV_LAYOUT == "auto":
+        from .backend import is_cupy_namespace
+
+        return is_cupy_namespace(xp)
+    if CONV_LAYOUT not in ("batched", "merged"):
+        raise ValueError(f"CONV_LAYOUT must be 'auto', 'batched' or 'merged', got {CONV_LAYOUT!r}")
+    return CONV_LAYOUT == "merged"
 
 
 def _conv_out(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def _im2col(x, kh, kw, stride, padding, Ho, Wo, *, xp):
-    """(N, C, H, W) -> (N, C*kh*kw, Ho*Wo): one strided slice per kernel offset, stacked."""
-    N, C, H, W = x.shape
-    if padding:
-        xpad = xp.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=x.dtype, device=device(x))
-        xpad[:, :, padding : padding + H, padding : padding + W] = x
-    else:
-        xpad = x
-    slices = [
-        xpad[:, :, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride]
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    cols = xp.stack(slices, axis=2)  # (N, C, kh*kw, Ho, Wo)
-    return xp.reshape(cols, (N, C * kh * kw, Ho * Wo))
+def _contiguous(x, *, xp):
+    """A C-ordered copy of a permuted array (a reshape to 1-d must copy, then a free reshape back)."""
+    return xp.reshape(xp.reshape(x, (-1,)), x.shape)
 
 
-def _col2im(dcols, x_shape, kh, kw, stride, padding, Ho, Wo, *, xp):
-    """Adjoint of ``_im2col``: scatter-add every kernel offset's slice back (docs/MATH.md 7.1)."""
-    N, C, H, W = x_shape
-    dcols = xp.reshape(dcols, (N, C, kh * kw, Ho, Wo))
-    dxpad = xp.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=dcols.dtype, device=device(dcols))
+def _pad(x, padding, *, xp):
+    """Zero padding of the last two axes."""
+    if not padding:
+        return x
+    *lead, H, W = x.shape
+    xpad = xp.zeros((*lead, H + 2 * padding, W + 2 * padding), dtype=x.dtype, device=device(x))
+    xpad[..., padding : padding + H, padding : padding + W] = x
+    return xpad
+
+
+def _offset(i, j, stride, Ho, Wo):
+    """The strided window of kernel offset (i, j) over the last two (padded) axes."""
+    return (..., slice(i, i + stride * (Ho - 1) + 1, stride), slice(j, j + stride * (Wo - 1) + 1, stride))
+
+
+def _im2col(x, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
+    """Stack the kh*kw strided windows of the padded last two axes at ``axis``.
+
+    With ``x (N, C, H, W)`` and ``axis=2``: ``(N, C*kh*kw, Ho*Wo)`` (batched layout);
+    with ``x (C, N, H, W)`` and ``axis=1``: ``(C*kh*kw, N*Ho*Wo)`` (merged layout).
+    """
+    A, B = x.shape[:2]
+    xpad = _pad(x, padding, xp=xp)
+    cols = xp.stack([xpad[_offset(i, j, stride, Ho, Wo)] for i in range(kh) for j in range(kw)], axis=axis)
+    if axis == 2:
+        return xp.reshape(cols, (A, B * kh * kw, Ho * Wo))
+    return xp.reshape(cols, (A * kh * kw, B * Ho * Wo))
+
+
+def _col2im(dcols, lead_shape, H, W, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
+    """Adjoint of ``_im2col``: scatter-add every kernel offset's window back (docs/MATH.md 7.1)."""
+    A, B = lead_shape
+    split = (A, B, kh * kw, Ho, Wo) if axis == 2 else (A, kh * kw, B, Ho, Wo)
+    dcols = xp.reshape(dcols, split)
+    dxpad = xp.zeros((A, B, H + 2 * padding, W + 2 * padding), dtype=dcols.dtype, device=device(dcols))
     for i in range(kh):
         for j in range(kw):
-            # offsets address disjoint strided positions only within one slice; across
-            # offsets positions overlap, hence one += per offset (never fancy-index +=)
-            dxpad[:, :, i : i + stride * (Ho - 1) + 1 : stride, j : j + stride * (Wo - 1) + 1 : stride] += dcols[
-                :, :, i * kw + j, ...
-            ]
+            # windows of different offsets overlap, hence one += per offset (never fancy-index +=)
+            part = dcols[:, :, i * kw + j, ...] if axis == 2 else dcols[:, i * kw + j, ...]
+            dxpad[_offset(i, j, stride, Ho, Wo)] += part
     if padding:
-        return dxpad[:, :, padding : padding + H, padding : padding + W]
+        return dxpad[..., padding : padding + H, padding : padding + W]
     return dxpad
 
 
@@ -103,9 +138,9 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     Notes
     -----
     ``y[n, o] = sum_{c, i, j} weight[o, c, i, j] xpad[n, c, s*y + i, s*x + j] + bias[o]``,
-    computed as one batched matmul ``W (O, C kh kw) @ cols (N, C kh kw, Ho Wo)``.
-    Backward: ``dW = sum_n dy_n cols_n^T``, ``db = sum dy``, ``dcols = W^T dy``
-    scattered back by the adjoint of im2col.
+    computed as ``W (O, C kh kw) @ cols`` (im2col; layout per ``CONV_LAYOUT``).
+    Backward: ``dW = dy cols^T`` (summed over images), ``db = sum dy``,
+    ``dcols = W^T dy`` scattered back by the adjoint of im2col.
     """
     xp = array_namespace(x, weight, bias)
     if x.ndim != 4 or weight.ndim != 4:
@@ -121,14 +156,24 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     Ho, Wo = _conv_out(H, kh, stride, padding), _conv_out(W, kw, stride, padding)
     if Ho < 1 or Wo < 1:
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
-    if kh == kw == 1 and stride == 1 and padding == 0:
-        cols = xp.reshape(x, (N, C, H * W))
+    w2 = xp.reshape(weight, (O, C * kh * kw))
+    merged = _use_merged(xp)
+    if merged:
+        cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
+        y = xp.matmul(w2, cols)  # (O, N Ho Wo)
+        if bias is not None:
+            y = y + xp.reshape(bias, (O, 1))
+        y = _contiguous(xp.permute_dims(xp.reshape(y, (O, N, Ho, Wo)), (1, 0, 2, 3)), xp=xp)
     else:
-        cols = _im2col(x, kh, kw, stride, padding, Ho, Wo, xp=xp)
-    y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)
-    if bias is not None:
-        y = y + xp.reshape(bias, (O, 1))
-    return xp.reshape(y, (N, O, Ho, Wo)), ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None)
+        if kh == kw == 1 and stride == 1 and padding == 0:
+            cols = xp.reshape(x, (N, C, H * W))
+        else:
+            cols = _im2col(x, kh, kw, stride, padding, Ho, Wo, xp=xp)
+        y = xp.matmul(w2, cols)
+        if bias is not None:
+            y = y + xp.reshape(bias, (O, 1))
+        y = xp.reshape(y, (N, O, Ho, Wo))
+    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, merged)
 
 
 def conv2d_backward(dy, cache: ConvCache):
@@ -136,15 +181,23 @@ def conv2d_backward(dy, cache: ConvCache):
     xp = array_namespace(dy)
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = cache.weight.shape
+    H, W = cache.x_shape[2:]
+    w2 = xp.reshape(cache.weight, (O, C * kh * kw))
+    dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
+    if cache.merged:
+        dyt = xp.reshape(xp.permute_dims(xp.reshape(dy, (N, O, Ho * Wo)), (1, 0, 2)), (O, N * Ho * Wo))
+        dweight = xp.reshape(xp.matmul(dyt, xp.matrix_transpose(cache.cols)), cache.weight.shape)
+        dcols = xp.matmul(xp.matrix_transpose(w2), dyt)  # (C kh kw, N Ho Wo)
+        dxt = _col2im(dcols, (C, N), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp, axis=1)
+        return _contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight, dbias
     dy2 = xp.reshape(dy, (N, O, Ho * Wo))
     dweight = xp.sum(xp.matmul(dy2, xp.matrix_transpose(cache.cols)), axis=0)
     dweight = xp.reshape(dweight, cache.weight.shape)
-    dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
-    dcols = xp.matmul(xp.matrix_transpose(xp.reshape(cache.weight, (O, C * kh * kw))), dy2)
+    dcols = xp.matmul(xp.matrix_transpose(w2), dy2)
     if kh == kw == 1 and cache.stride == 1 and cache.padding == 0:
         dx = xp.reshape(dcols, cache.x_shape)
     else:
-        dx = _col2im(dcols, cache.x_shape, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp)
+        dx = _col2im(dcols, (N, C), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp)
     return dx, dweight, dbias
 
 

@@ -219,3 +219,25 @@ def test_backward_never_writes_into_dy_inputs_or_caches():
         assert np.array_equal(dy, dy_before)
         assert _same(cache, cache_before)
     assert all(np.array_equal(a, bfr) for a, bfr in zip(inputs, before_inputs))
+
+
+@pytest.fixture(params=["batched", "merged"])
+def conv_layout(request, monkeypatch):
+    monkeypatch.setattr(F, "CONV_LAYOUT", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("k, stride, padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (2, 2, 0)])
+def test_both_conv_layouts_match_reference(xp, conv_layout, k, stride, padding):
+    rng = np.random.default_rng(8)
+    x, w, b = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(4)
+    y, cache = F.conv2d_forward(to_xp(xp, x), to_xp(xp, w), to_xp(xp, b), stride=stride, padding=padding)
+    assert cache.merged == (conv_layout == "merged")
+    expected = ref.conv2d(x, w, b, stride, padding)
+    assert_close(y, expected, xp, dtype="float64")
+    dy = rng.standard_normal(expected.shape)
+    dx, dw, db = F.conv2d_backward(to_xp(xp, dy), cache)
+    ex, ew, eb = ref.conv2d_grad(dy, x, w, stride, padding)
+    assert_close(dx, ex, xp)
+    assert_close(dw, ew, xp)
+    assert_close(db, eb, xp)
