@@ -9,13 +9,20 @@ from __future__ import annotations
 import numpy as np
 
 
+def zero_pad(x, padding):
+    """Copy of x (N, C, H, W) with ``padding`` zeros around H and W."""
+    N, C, H, W = x.shape
+    out = np.zeros((N, C, H + 2 * padding, W + 2 * padding))
+    out[:, :, padding:padding + H, padding:padding + W] = x
+    return out
+
+
 def conv2d(x, w, b=None, stride=1, padding=0):
     x = np.asarray(x, np.float64)
     w = np.asarray(w, np.float64)
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
-    xp = np.zeros((N, C, H + 2 * padding, W + 2 * padding))
-    xp[:, :, padding:padding + H, padding:padding + W] = x
+    xp = zero_pad(x, padding)
     Ho = (H + 2 * padding - kh) // stride + 1
     Wo = (W + 2 * padding - kw) // stride + 1
     y = np.zeros((N, O, Ho, Wo))
@@ -34,8 +41,7 @@ def conv2d_grad(dy, x, w, stride=1, padding=0):
     w = np.asarray(w, np.float64)
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
-    xp = np.zeros((N, C, H + 2 * padding, W + 2 * padding))
-    xp[:, :, padding:padding + H, padding:padding + W] = x
+    xp = zero_pad(x, padding)
     dxp = np.zeros_like(xp)
     dw = np.zeros_like(w)
     db = np.zeros(O)

@@ -27,24 +27,30 @@ def conv_problems(draw):
     return (draw(st.integers(1, 2)), draw(st.integers(1, 3)), h, w), (draw(st.integers(1, 3)), k), stride, padding
 
 
-@given(conv_problems(), seeds, st.booleans())
-def test_conv2d_matches_reference(xp, problem, seed, with_bias):
-    (N, C, H, W), (O, k), stride, padding = problem
-    rng = np.random.default_rng(seed)
-    x, w, b = rng.standard_normal((N, C, H, W)), rng.standard_normal((O, C, k, k)), rng.standard_normal(O)
-    y, cache = F.conv2d_forward(to_xp(xp, x), to_xp(xp, w), to_xp(xp, b) if with_bias else None,
+def check_conv_against_reference(xp, rng, x, w, b, stride, padding):
+    """Forward and backward of conv2d against the loop reference; returns the cache."""
+    y, cache = F.conv2d_forward(to_xp(xp, x), to_xp(xp, w), None if b is None else to_xp(xp, b),
                                 stride=stride, padding=padding)
-    expected = ref.conv2d(x, w, b if with_bias else None, stride, padding)
+    expected = ref.conv2d(x, w, b, stride, padding)
     assert_close(y, expected, xp, dtype="float64")
     dy = rng.standard_normal(expected.shape)
     dx, dw, db = F.conv2d_backward(to_xp(xp, dy), cache)
     ex, ew, eb = ref.conv2d_grad(dy, x, w, stride, padding)
     assert_close(dx, ex, xp)
     assert_close(dw, ew, xp)
-    if with_bias:
-        assert_close(db, eb, xp)
-    else:
+    if b is None:
         assert db is None
+    else:
+        assert_close(db, eb, xp)
+    return cache
+
+
+@given(conv_problems(), seeds, st.booleans())
+def test_conv2d_matches_reference(xp, problem, seed, with_bias):
+    (N, C, H, W), (O, k), stride, padding = problem
+    rng = np.random.default_rng(seed)
+    x, w, b = rng.standard_normal((N, C, H, W)), rng.standard_normal((O, C, k, k)), rng.standard_normal(O)
+    check_conv_against_reference(xp, rng, x, w, b if with_bias else None, stride, padding)
 
 
 def test_conv2d_central_differences():
@@ -231,13 +237,5 @@ def conv_layout(request, monkeypatch):
 def test_both_conv_layouts_match_reference(xp, conv_layout, k, stride, padding):
     rng = np.random.default_rng(8)
     x, w, b = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(4)
-    y, cache = F.conv2d_forward(to_xp(xp, x), to_xp(xp, w), to_xp(xp, b), stride=stride, padding=padding)
+    cache = check_conv_against_reference(xp, rng, x, w, b, stride, padding)
     assert cache.merged == (conv_layout == "merged")
-    expected = ref.conv2d(x, w, b, stride, padding)
-    assert_close(y, expected, xp, dtype="float64")
-    dy = rng.standard_normal(expected.shape)
-    dx, dw, db = F.conv2d_backward(to_xp(xp, dy), cache)
-    ex, ew, eb = ref.conv2d_grad(dy, x, w, stride, padding)
-    assert_close(dx, ex, xp)
-    assert_close(dw, ew, xp)
-    assert_close(db, eb, xp)
