@@ -145,9 +145,12 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--vs-torch", action="store_true", help="also time the PyTorch eager twin")
     parser.add_argument("--profile", action="store_true", help="print the top functions of a profiled step")
-    parser.add_argument("--conv-layout", default="auto", choices=["auto", "batched", "merged"],
+    parser.add_argument("--conv-layout", default="auto", choices=["auto", "batched", "merged", "flat"],
                         help="im2col layout of the convolutions (hicd_core.functional.CONV_LAYOUT)")
+    parser.add_argument("--no-keep-memory", action="store_true",
+                        help="leave glibc's malloc thresholds alone (see hicd_core.backend.keep_host_memory)")
     args = parser.parse_args(argv)
+    kept = False if args.no_keep_memory else backend.keep_host_memory()
 
     xp = backend.namespace(args.backend)
     on_gpu = backend.is_cupy_namespace(xp)
@@ -172,6 +175,7 @@ def main(argv=None):
         "bench": "train step", "mode": args.mode, "backend": args.backend, "dtype": "float32",
         "batch": args.batch, "size": args.size, "steps": args.steps, "windows": list(windows),
         "conv_layout": args.conv_layout,
+        "keep_host_memory": kept,
         "median_ms": round(ms, 3), "min_ms": round(min(times), 3),
         "pairs_per_s": round(args.batch / ms * 1e3, 1),
         "machine": platform.machine(), "cpus": os.cpu_count(),

@@ -87,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch autograd comparison")
     args = parser.parse_args(argv)
+    backend.keep_host_memory()
 
     xp = backend.namespace(args.backend)
     on_gpu = backend.is_cupy_namespace(xp)

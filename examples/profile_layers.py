@@ -69,6 +69,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--torch", action="store_true")
     args = parser.parse_args(argv)
+    backend.keep_host_memory()
     xp = backend.namespace(args.backend)
     F.CONV_LAYOUT = "batched"  # the parts below are those of the batched layout
     t = timer(xp)

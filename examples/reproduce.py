@@ -243,6 +243,7 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    backend.keep_host_memory()  # reuse freed host memory across steps (see its docstring)
 
     tag = "levir" if args.levir else "reproduce"
     results = Path(args.results or ROOT / "results" / f"{tag}.json")

@@ -73,6 +73,7 @@ def main(argv=None):
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    backend.keep_host_memory()  # reuse freed host memory across steps (see its docstring)
 
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     profile = PROFILES["quick" if args.quick else "default"]

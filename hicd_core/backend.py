@@ -31,6 +31,7 @@ __all__ = [
     "host_rng",
     "normal",
     "device",
+    "keep_host_memory",
 ]
 
 _BACKENDS = {
@@ -147,3 +148,36 @@ def normal(rng, shape, std, xp, *, dtype="float32", device=None):
     from identical weights for the same seed.
     """
     return from_host(rng.standard_normal(shape) * std, xp, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- host performance helpers
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+
+
+def keep_host_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 32) -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    A NumPy training step allocates and frees the same large arrays (im2col
+    matrices of 30-60 MB) every step. By default glibc serves allocations above
+    32 MB with fresh ``mmap`` pages and unmaps them on free, so every step pays a
+    page fault per 4 KiB touched: about 15 % of a CPU step at the benchmark's
+    sizes (docs/PERFORMANCE.md). Raising the mmap and trim thresholds lets the
+    heap keep (at most) the step's peak memory. This changes the whole process's
+    allocator, so the library never calls it on its own; the example scripts, the
+    CLI and the benchmarks do. Setting the environment variables
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` does the same.
+
+    Returns True if applied, False where the C library has no ``mallopt`` (not glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    clamp = lambda v: min(int(v), 2**31 - 1)  # noqa: E731  (an int parameter)
+    return bool(mallopt(_M_MMAP_THRESHOLD, clamp(mmap_threshold)) and mallopt(_M_TRIM_THRESHOLD, clamp(trim_threshold)))
+

@@ -228,6 +228,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "degra
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    backend.keep_host_memory()  # reuse freed host memory across steps (see its docstring)
     try:
         COMMANDS[args.command](args)
     except (HicdError, ValueError, OSError, ImportError) as exc:

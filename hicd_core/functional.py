@@ -38,31 +38,43 @@ __all__ = [
 
 
 #: How conv2d lays out its im2col matrix. "batched": per image, ``cols (N, C kh kw, Ho Wo)``
-#: and batched matmuls (the faster choice with NumPy / OpenBLAS). "merged": the batch folded
-#: into the pixel axis, ``cols (C kh kw, N Ho Wo)``, one large matmul per product at the cost
-#: of a transposed copy of the input, output and their gradients. "auto": merged on CuPy,
-#: batched elsewhere (docs/PERFORMANCE.md has the measurements behind this).
+#: and batched matmuls. "merged": the batch folded into the pixel axis, ``cols (C kh kw,
+#: N Ho Wo)``, one large matmul per product at the cost of a transposed copy of the input,
+#: output and their gradients. "flat": like "batched", but "same" convolutions (stride 1,
+#: odd square kernel, padding (k - 1) / 2) take their windows from the padded image with its
+#: rows flattened, where every window is one contiguous run (docs/MATH.md 7.2), and their
+#: input gradient is the convolution of ``dy`` with the flipped kernel instead of a col2im.
+#: "auto": merged on CuPy, flat elsewhere (docs/PERFORMANCE.md has the measurements).
 CONV_LAYOUT = "auto"
 
 
 class ConvCache(NamedTuple):
-    cols: object  # batched: (N, C*kh*kw, Ho*Wo); merged: (C*kh*kw, N*Ho*Wo); 1x1 batched: (N, C, H*W)
+    cols: object  # batched: (N, C*kh*kw, Ho*Wo); merged: (C*kh*kw, N*Ho*Wo); 1x1 batched: (N, C, H*W);
+    #               flat: (N, C*kh*kw, Ho*(W+2p))
     weight: object  # (O, C, kh, kw)
     x_shape: tuple
     stride: int
     padding: int
     has_bias: bool
-    merged: bool
+    layout: str  # "batched", "merged" or "flat"
+
+    @property
+    def merged(self):
+        return self.layout == "merged"
 
 
-def _use_merged(xp):
-    if CONV_LAYOUT == "auto":
+def _layout(xp, kh, kw, stride, padding):
+    """The layout one convolution takes: CONV_LAYOUT resolved ("flat" only fits "same" convolutions)."""
+    layout = CONV_LAYOUT
+    if layout == "auto":
         from .backend import is_cupy_namespace
 
-        return is_cupy_namespace(xp)
-    if CONV_LAYOUT not in ("batched", "merged"):
-        raise ValueError(f"CONV_LAYOUT must be 'auto', 'batched' or 'merged', got {CONV_LAYOUT!r}")
-    return CONV_LAYOUT == "merged"
+        layout = "merged" if is_cupy_namespace(xp) else "flat"
+    if layout not in ("batched", "merged", "flat"):
+        raise ValueError(f"CONV_LAYOUT must be 'auto', 'batched', 'merged' or 'flat', got {CONV_LAYOUT!r}")
+    if layout == "flat" and not (stride == 1 and kh == kw == 2 * padding + 1 and kh > 1):
+        layout = "batched"
+    return layout
 
 
 def _conv_out(size, k, stride, padding):
@@ -119,6 +131,35 @@ def _col2im(dcols, lead_shape, H, W, kh, kw, stride, padding, Ho, Wo, *, xp, axi
     return dxpad
 
 
+def _flat_padded(x, padding, *, xp):
+    """``x (N, C, H, W)`` zero-padded and flattened: ``(N, C, (H + 2p + 1) (W + 2p))``.
+
+    One spare zero row at the bottom lets every kernel offset's window, read as a
+    contiguous run of ``H (W + 2p)`` values, stay inside the buffer.
+    """
+    N, C, H, W = x.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    buf = xp.zeros((N, C, Hp + 1, Wp), dtype=x.dtype, device=device(x))
+    buf[:, :, padding : padding + H, padding : padding + W] = x
+    return xp.reshape(buf, (N, C, (Hp + 1) * Wp))
+
+
+def _flat_im2col(flat, k, Wp, L, *, xp):
+    """``(N, C, P)`` flattened padded images -> ``(N, C k k, L)``: offset (i, j) starts at ``i Wp + j``."""
+    N, C, _ = flat.shape
+    cols = xp.stack([flat[:, :, i * Wp + j : i * Wp + j + L] for i in range(k) for j in range(k)], axis=2)
+    return xp.reshape(cols, (N, C * k * k, L))
+
+
+def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
+    """``(N, O, Ho Wp)`` on the padded-width grid -> contiguous ``(N, O, Ho, Wo)`` (+ bias, in the same pass)."""
+    N, O, _ = y.shape
+    y = xp.reshape(y, (N, O, Ho, Wp))[..., :Wo]
+    if bias is not None:
+        return y + xp.reshape(bias, (O, 1, 1))
+    return _contiguous(y, xp=xp)
+
+
 def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     """2-d convolution (cross-correlation, as in deep-learning frameworks).
 
@@ -157,8 +198,12 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     if Ho < 1 or Wo < 1:
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
     w2 = xp.reshape(weight, (O, C * kh * kw))
-    merged = _use_merged(xp)
-    if merged:
+    layout = _layout(xp, kh, kw, stride, padding)
+    if layout == "flat":
+        Wp = W + 2 * padding
+        cols = _flat_im2col(_flat_padded(x, padding, xp=xp), kh, Wp, Ho * Wp, xp=xp)
+        y = _flat_unpad(xp.matmul(w2, cols), Ho, Wo, Wp, bias, xp=xp)
+    elif layout == "merged":
         cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
         y = xp.matmul(w2, cols)  # (O, N Ho Wo)
         if bias is not None:
@@ -173,26 +218,57 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
         if bias is not None:
             y = y + xp.reshape(bias, (O, 1))
         y = xp.reshape(y, (N, O, Ho, Wo))
-    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, merged)
+    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, layout)
 
 
-def conv2d_backward(dy, cache: ConvCache):
-    """Gradients of ``conv2d_forward``: ``dy (N, O, Ho, Wo) -> (dx, dweight, dbias or None)``."""
+def _weight_grad(dy2, cols, shape, *, xp):
+    """``sum_n dy2[n] cols[n]^T`` for ``dy2 (N, O, L)``, ``cols (N, K, L)``, reshaped to ``shape``.
+
+    Computed as ``(sum_n cols[n] dy2[n]^T)^T``: OpenBLAS runs the product with the
+    long side (K = C kh kw) as rows 20-90 % faster than with O rows (docs/PERFORMANCE.md).
+    """
+    dwt = xp.sum(xp.matmul(cols, xp.matrix_transpose(dy2)), axis=0)  # (K, O)
+    return xp.reshape(xp.matrix_transpose(dwt), shape)
+
+
+def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
+    """Gradients of ``conv2d_forward``: ``dy (N, O, Ho, Wo) -> (dx, dweight, dbias or None)``.
+
+    ``input_grad=False`` skips ``dx`` (returned as None), e.g. for a network's first layer.
+    """
     xp = array_namespace(dy)
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = cache.weight.shape
     H, W = cache.x_shape[2:]
     w2 = xp.reshape(cache.weight, (O, C * kh * kw))
     dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
+    if cache.layout == "flat":
+        # dy padded like x: its window at offset (p, p) is dy on the padded-width grid of
+        # cols, zero in the pad columns, so dW needs no copy; dx is the "same" convolution
+        # of dy with the flipped, transposed kernel (docs/MATH.md 7.2).
+        p = cache.padding
+        Wp = W + 2 * p
+        L = Ho * Wp
+        dyflat = _flat_padded(dy, p, xp=xp)
+        dyv = dyflat[:, :, p * Wp + p : p * Wp + p + L]
+        dweight = _weight_grad(dyv, cache.cols, cache.weight.shape, xp=xp)
+        if not input_grad:
+            return None, dweight, dbias
+        wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * kh * kw))
+        dx = _flat_unpad(xp.matmul(wt, _flat_im2col(dyflat, kh, Wp, L, xp=xp)), H, W, Wp, None, xp=xp)
+        return dx, dweight, dbias
     if cache.merged:
         dyt = xp.reshape(xp.permute_dims(xp.reshape(dy, (N, O, Ho * Wo)), (1, 0, 2)), (O, N * Ho * Wo))
         dweight = xp.reshape(xp.matmul(dyt, xp.matrix_transpose(cache.cols)), cache.weight.shape)
+        if not input_grad:
+            return None, dweight, dbias
         dcols = xp.matmul(xp.matrix_transpose(w2), dyt)  # (C kh kw, N Ho Wo)
         dxt = _col2im(dcols, (C, N), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp, axis=1)
         return _contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight, dbias
     dy2 = xp.reshape(dy, (N, O, Ho * Wo))
-    dweight = xp.sum(xp.matmul(dy2, xp.matrix_transpose(cache.cols)), axis=0)
-    dweight = xp.reshape(dweight, cache.weight.shape)
+    dweight = _weight_grad(dy2, cache.cols, cache.weight.shape, xp=xp)
+    if not input_grad:
+        return None, dweight, dbias
     dcols = xp.matmul(xp.matrix_transpose(w2), dy2)
     if kh == kw == 1 and cache.stride == 1 and cache.padding == 0:
         dx = xp.reshape(dcols, cache.x_shape)
@@ -367,15 +443,20 @@ def upsample2x_forward(x):
     """Nearest-neighbour x2 upsampling: ``y[n, c, 2h + a, 2w + b] = x[n, c, h, w]``."""
     xp = array_namespace(x)
     N, C, H, W = x.shape
-    y = xp.broadcast_to(xp.reshape(x, (N, C, H, 1, W, 1)), (N, C, H, 2, W, 2))
-    return xp.reshape(y, (N, C, 2 * H, 2 * W)), None
+    # columns doubled, then rows: two stacks are several times faster in NumPy than one
+    # copy of a broadcast view with two length-2, stride-0 axes
+    rows = xp.reshape(xp.stack([x, x], axis=-1), (N, C, H, 2 * W))
+    return xp.reshape(xp.stack([rows, rows], axis=3), (N, C, 2 * H, 2 * W)), None
 
 
 def upsample2x_backward(dy, cache=None):
-    """Adjoint of nearest x2 upsampling: the sum over each 2 x 2 block."""
-    xp = array_namespace(dy)
-    N, C, H2, W2 = dy.shape
-    return xp.sum(xp.reshape(dy, (N, C, H2 // 2, 2, W2 // 2, 2)), axis=(3, 5))
+    """Adjoint of nearest x2 upsampling: the sum over each 2 x 2 block.
+
+    Written as two strided adds (rows, then columns): NumPy's reduction over the
+    length-2 axes of a reshaped view is over ten times slower.
+    """
+    rows = dy[..., 0::2, :] + dy[..., 1::2, :]
+    return rows[..., 0::2] + rows[..., 1::2]
 
 
 # --------------------------------------------------------------------------- task losses

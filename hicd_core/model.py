@@ -167,10 +167,10 @@ class TinySiamCD:
         y, relu_cache = relu_forward(y)
         return y, CBRCache(conv_cache, bn_cache, relu_cache)
 
-    def _cbr_backward(self, dy, cache: CBRCache, name, grads):
+    def _cbr_backward(self, dy, cache: CBRCache, name, grads, input_grad=True):
         dy = relu_backward(dy, cache.relu)
         dy, grads[f"{name}.bn.weight"], grads[f"{name}.bn.bias"] = batchnorm2d_backward(dy, cache.bn)
-        dx, grads[f"{name}.conv.weight"], grads[f"{name}.conv.bias"] = conv2d_backward(dy, cache.conv)
+        dx, grads[f"{name}.conv.weight"], grads[f"{name}.conv.bias"] = conv2d_backward(dy, cache.conv, input_grad=input_grad)
         return dx
 
     # ------------------------------------------------------------------ forward / backward
@@ -269,7 +269,8 @@ class TinySiamCD:
                 dstage = dstage + dh
             ca, cb = cache.encoder[k - 1]
             dh = self._cbr_backward(dstage, cb, f"enc{k}.1", grads)
-            dh = self._cbr_backward(dh, ca, f"enc{k}.0", grads)
+            # the images need no gradient: the first convolution skips its input gradient
+            dh = self._cbr_backward(dh, ca, f"enc{k}.0", grads, input_grad=k > 1)
         return grads
 
     def predict_logits(self, x1, x2):

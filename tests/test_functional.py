@@ -227,15 +227,29 @@ def test_backward_never_writes_into_dy_inputs_or_caches():
     assert all(np.array_equal(a, bfr) for a, bfr in zip(inputs, before_inputs))
 
 
-@pytest.fixture(params=["batched", "merged"])
+@pytest.fixture(params=["batched", "merged", "flat"])
 def conv_layout(request, monkeypatch):
     monkeypatch.setattr(F, "CONV_LAYOUT", request.param)
     return request.param
 
 
-@pytest.mark.parametrize("k, stride, padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (2, 2, 0)])
-def test_both_conv_layouts_match_reference(xp, conv_layout, k, stride, padding):
+@pytest.mark.parametrize("k, stride, padding", [(3, 1, 1), (5, 1, 2), (3, 2, 1), (3, 1, 0), (1, 1, 0), (2, 2, 0)])
+def test_conv_layouts_match_reference(xp, conv_layout, k, stride, padding):
     rng = np.random.default_rng(8)
     x, w, b = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(4)
     cache = check_conv_against_reference(xp, rng, x, w, b, stride, padding)
-    assert cache.merged == (conv_layout == "merged")
+    same = stride == 1 and k == 2 * padding + 1 and k > 1
+    assert cache.layout == ("batched" if conv_layout == "flat" and not same else conv_layout)
+
+
+def test_conv_input_grad_false_skips_dx(conv_layout):
+    """``input_grad=False`` returns no dx and the same parameter gradients."""
+    rng = np.random.default_rng(9)
+    x, w, b = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    y, cache = F.conv2d_forward(x, w, b, stride=1, padding=1)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = F.conv2d_backward(dy, cache)
+    none, dw2, db2 = F.conv2d_backward(dy, cache, input_grad=False)
+    assert none is None and dx is not None
+    np.testing.assert_array_equal(dw, dw2)
+    np.testing.assert_array_equal(db, db2)
