@@ -44,8 +44,17 @@ __all__ = [
 #: odd square kernel, padding (k - 1) / 2) take their windows from the padded image with its
 #: rows flattened, where every window is one contiguous run (docs/MATH.md 7.2), and their
 #: input gradient is the convolution of ``dy`` with the flipped kernel instead of a col2im.
+#: Large "flat" im2col matrices are built a few images at a time, each block used while it
+#: is still in the CPU cache, and rebuilt in the backward pass instead of kept (docs/MATH.md 7.2).
 #: "auto": merged on CuPy, flat elsewhere (docs/PERFORMANCE.md has the measurements).
 CONV_LAYOUT = "auto"
+
+#: "flat" keeps its whole im2col matrix for the backward pass when it is at most this many
+#: bytes; a larger one is processed in blocks of about FLAT_BLOCK_BYTES and rebuilt per block
+#: in the backward pass (less memory traffic: a block stays in the cache between its copy and
+#: its products). Measured on a 2-core EPYC VM (docs/PERFORMANCE.md); tune for other caches.
+FLAT_KEEP_BYTES = 16 << 20
+FLAT_BLOCK_BYTES = 4 << 20
 
 
 class ConvCache(NamedTuple):
@@ -57,6 +66,7 @@ class ConvCache(NamedTuple):
     padding: int
     has_bias: bool
     layout: str  # "batched", "merged" or "flat"
+    block: int = 0  # flat only: 0 = cols kept; b > 0 = cols holds the padded input (N, C, P), rebuilt b images at a time
 
     @property
     def merged(self):
@@ -151,6 +161,13 @@ def _flat_im2col(flat, k, Wp, L, *, xp):
     return xp.reshape(cols, (N, C * k * k, L))
 
 
+def _flat_block(N, cols_bytes):
+    """Images per block for a flat im2col of ``cols_bytes`` in all: 0 (keep it whole) when small."""
+    if cols_bytes <= FLAT_KEEP_BYTES:
+        return 0
+    return max(1, min(N, FLAT_BLOCK_BYTES * N // cols_bytes))
+
+
 def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
     """``(N, O, Ho Wp)`` on the padded-width grid -> contiguous ``(N, O, Ho, Wo)`` (+ bias, in the same pass)."""
     N, O, _ = y.shape
@@ -199,10 +216,22 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
     w2 = xp.reshape(weight, (O, C * kh * kw))
     layout = _layout(xp, kh, kw, stride, padding)
+    block = 0
     if layout == "flat":
         Wp = W + 2 * padding
-        cols = _flat_im2col(_flat_padded(x, padding, xp=xp), kh, Wp, Ho * Wp, xp=xp)
-        y = _flat_unpad(xp.matmul(w2, cols), Ho, Wo, Wp, bias, xp=xp)
+        L = Ho * Wp
+        flat = _flat_padded(x, padding, xp=xp)
+        block = _flat_block(N, N * C * kh * kw * L * (xp.finfo(x.dtype).bits // 8))
+        if not block:
+            cols = _flat_im2col(flat, kh, Wp, L, xp=xp)
+            y = _flat_unpad(xp.matmul(w2, cols), Ho, Wo, Wp, bias, xp=xp)
+        else:  # blocks of images: copy the windows, multiply while they are in the cache
+            cols = flat
+            y = xp.empty((N, O, Ho, Wo), dtype=x.dtype, device=device(x))
+            for s in range(0, N, block):
+                e = min(s + block, N)
+                part = xp.matmul(w2, _flat_im2col(flat[s:e, ...], kh, Wp, L, xp=xp))
+                y[s:e, ...] = _flat_unpad(part, Ho, Wo, Wp, bias, xp=xp)
     elif layout == "merged":
         cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
         y = xp.matmul(w2, cols)  # (O, N Ho Wo)
@@ -218,7 +247,7 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
         if bias is not None:
             y = y + xp.reshape(bias, (O, 1))
         y = xp.reshape(y, (N, O, Ho, Wo))
-    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, layout)
+    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, layout, block)
 
 
 def _weight_grad(dy2, cols, shape, *, xp):
@@ -251,12 +280,25 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
         L = Ho * Wp
         dyflat = _flat_padded(dy, p, xp=xp)
         dyv = dyflat[:, :, p * Wp + p : p * Wp + p + L]
-        dweight = _weight_grad(dyv, cache.cols, cache.weight.shape, xp=xp)
-        if not input_grad:
-            return None, dweight, dbias
         wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * kh * kw))
-        dx = _flat_unpad(xp.matmul(wt, _flat_im2col(dyflat, kh, Wp, L, xp=xp)), H, W, Wp, None, xp=xp)
-        return dx, dweight, dbias
+        if not cache.block:
+            dweight = _weight_grad(dyv, cache.cols, cache.weight.shape, xp=xp)
+            if not input_grad:
+                return None, dweight, dbias
+            dx = _flat_unpad(xp.matmul(wt, _flat_im2col(dyflat, kh, Wp, L, xp=xp)), H, W, Wp, None, xp=xp)
+            return dx, dweight, dbias
+        dwt, dx, b = None, None, cache.block
+        if input_grad:
+            dx = xp.empty(cache.x_shape, dtype=dy.dtype, device=device(dy))
+        for s in range(0, N, b):
+            e = min(s + b, N)
+            cols = _flat_im2col(cache.cols[s:e, ...], kh, Wp, L, xp=xp)  # rebuilt from the padded input
+            part = xp.sum(xp.matmul(cols, xp.matrix_transpose(dyv[s:e, ...])), axis=0)
+            dwt = part if dwt is None else dwt + part
+            if input_grad:
+                dcols = _flat_im2col(dyflat[s:e, ...], kh, Wp, L, xp=xp)
+                dx[s:e, ...] = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp)
+        return dx, xp.reshape(xp.matrix_transpose(dwt), cache.weight.shape), dbias
     if cache.merged:
         dyt = xp.reshape(xp.permute_dims(xp.reshape(dy, (N, O, Ho * Wo)), (1, 0, 2)), (O, N * Ho * Wo))
         dweight = xp.reshape(xp.matmul(dyt, xp.matrix_transpose(cache.cols)), cache.weight.shape)

@@ -253,3 +253,18 @@ def test_conv_input_grad_false_skips_dx(conv_layout):
     assert none is None and dx is not None
     np.testing.assert_array_equal(dw, dw2)
     np.testing.assert_array_equal(db, db2)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_flat_conv_in_blocks_matches_reference(xp, monkeypatch, block):
+    """Large flat im2col matrices are built and rebuilt a block of images at a time."""
+    rng = np.random.default_rng(10)
+    x, w, b = rng.standard_normal((3, 2, 5, 6)), rng.standard_normal((4, 2, 3, 3)), rng.standard_normal(4)
+    cols_bytes = 3 * 2 * 9 * 5 * 8 * 8  # N C k k Ho (W + 2) float64 values
+    monkeypatch.setattr(F, "CONV_LAYOUT", "flat")
+    monkeypatch.setattr(F, "FLAT_KEEP_BYTES", 0)
+    monkeypatch.setattr(F, "FLAT_BLOCK_BYTES", block * cols_bytes // 3)
+    cache = check_conv_against_reference(xp, rng, x, w, b, 1, 1)
+    assert cache.layout == "flat" and cache.block == block
+    _, dw, db = F.conv2d_backward(to_xp(xp, rng.standard_normal((3, 4, 5, 6))), cache, input_grad=False)
+    assert dw.shape == (4, 2, 3, 3) and db.shape == (4,)
