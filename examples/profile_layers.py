@@ -3,11 +3,13 @@
     python examples/profile_layers.py --backend numpy --batch 8 --size 64
     python examples/profile_layers.py --backend cupy --batch 16 --size 256 --torch
 
-Times (median ms, device-synchronised) the conv layers' parts (im2col, the
-forward matmul, the weight and input-gradient matmuls, col2im), BatchNorm and
-ReLU forward + backward, for every conv shape of the network, and prints one
-JSON line per layer plus totals. ``--torch`` adds the same conv's forward +
-backward through torch (cuDNN / oneDNN) for reference.
+Times (median ms, device-synchronised) the conv layers' parts in the batched
+layout (im2col, the forward matmul, the weight and input-gradient matmuls,
+col2im), each whole conv forward and backward in the batched, merged and flat
+layouts (``hicd_core.functional.CONV_LAYOUT``), BatchNorm and ReLU forward +
+backward, for every conv shape of the network, and prints one JSON line per
+layer plus totals. ``--torch`` adds the same conv's forward + backward through
+torch (cuDNN / oneDNN) for reference.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     backend.keep_host_memory()
     xp = backend.namespace(args.backend)
-    F.CONV_LAYOUT = "batched"  # the parts below are those of the batched layout
+    F.CONV_LAYOUT = "batched"  # the parts below are those of the batched layout; whole layers for all three
     t = timer(xp)
     rng = np.random.default_rng(0)
     totals = {}
@@ -103,10 +105,14 @@ def main(argv=None):
             "conv_fwd": t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1)),
             "conv_bwd": t(lambda: F.conv2d_backward(dy, cache)),
         }
-        F.CONV_LAYOUT = "merged"
-        _, merged_cache = F.conv2d_forward(x, wt, b, stride=stride, padding=1)
-        row["conv_fwd_merged"] = t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1))
-        row["conv_bwd_merged"] = t(lambda: F.conv2d_backward(dy, merged_cache))
+        need_dx = name != "enc1.0"  # the model skips the first convolution's input gradient
+        for layout in ("merged", "flat"):
+            F.CONV_LAYOUT = layout
+            _, other_cache = F.conv2d_forward(x, wt, b, stride=stride, padding=1)
+            row[f"conv_fwd_{layout}"] = t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1))
+            row[f"conv_bwd_{layout}"] = t(lambda: F.conv2d_backward(dy, other_cache, input_grad=need_dx))
+            if layout == "flat":
+                row["flat_form"] = other_cache.layout + (f" (blocks of {other_cache.block})" if other_cache.block else "")
         F.CONV_LAYOUT = "batched"
         if backend.is_cupy_namespace(xp):
             import cupy

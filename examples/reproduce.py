@@ -43,6 +43,7 @@ from hicd_core.experiment import (  # noqa: E402
     write_json,
 )
 from hicd_core.infer import evaluate  # noqa: E402
+from hicd_core.io import atomic_path  # noqa: E402
 from hicd_core.metrics import METRIC_KEYS  # noqa: E402
 
 VARIANTS = ("baseline", "feature-mse", "hicd-self", "hicd-self-cross", "hicd")
@@ -193,8 +194,8 @@ def bar_plot(rows, settings, path):
         d.rectangle([x, y + 2, x + 10, y + 10], fill=colours[k])
         d.text((x + 14, y), m, fill="black")
     d.text((5, top), "F1", fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 
@@ -235,7 +236,8 @@ The target (issue 6), on what has been measured so far:
 ![F1 per method and setting]({rel(plot)})
 
 {notes_text}"""
-    report.write_text(text)
+    with atomic_path(report) as tmp:
+        tmp.write_text(text)
     bar_plot(rows, settings, plot)
 
 

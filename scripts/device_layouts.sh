@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compare the two im2col layouts of conv2d on a GPU (see hicd_core.functional.CONV_LAYOUT).
+# Compare the im2col layouts of conv2d on a GPU (see hicd_core.functional.CONV_LAYOUT).
 set -uo pipefail
 OUT=${1:?usage: device_layouts.sh OUTDIR}
 mkdir -p "$OUT"
@@ -12,7 +12,7 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider -k cupy tests/test_functiona
   tests/test_backend_parity.py > "$OUT/pytest_cupy.txt" 2>&1 || status=1
 tail -n 3 "$OUT/pytest_cupy.txt"
 for mode in task hicd; do
-  for layout in batched merged; do
+  for layout in batched merged flat; do
     timeout 60 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 \
       --conv-layout $layout --json 2>&1 | tail -n 1 | tee -a "$OUT/bench_layouts.jsonl" || status=1
   done
