@@ -158,15 +158,16 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's mal
 def keep_host_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 32) -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
 
-    A NumPy training step allocates and frees the same large arrays (im2col
-    matrices of 30-60 MB) every step. By default glibc serves allocations above
-    32 MB with fresh ``mmap`` pages and unmaps them on free, so every step pays a
-    page fault per 4 KiB touched: about 15 % of a CPU step at the benchmark's
-    sizes (docs/PERFORMANCE.md). Raising the mmap and trim thresholds lets the
-    heap keep (at most) the step's peak memory. This changes the whole process's
-    allocator, so the library never calls it on its own; the example scripts, the
-    CLI and the benchmarks do. Setting the environment variables
-    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` does the same.
+    A NumPy training step allocates and frees the same large arrays (activations,
+    padded copies, im2col matrices) every step. By default glibc serves large
+    allocations (above a threshold that adapts up to 32 MB) with fresh ``mmap``
+    pages and unmaps them on free, so every step pays a page fault per 4 KiB
+    touched: about 10 % of a CPU step at the benchmark's sizes
+    (docs/PERFORMANCE.md). Raising the mmap and trim thresholds lets the heap keep
+    (at most) the step's peak memory. This changes the whole process's allocator,
+    so the library never calls it on its own; the example scripts, the CLI and the
+    benchmarks do. Setting the environment variables ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` does the same.
 
     Returns True if applied, False where the C library has no ``mallopt`` (not glibc).
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,13 @@ def test_unknown_backend_name():
 def test_all_finite(xp):
     assert backend.all_finite(to_xp(xp, np.ones(3)), to_xp(xp, np.zeros(2)))
     assert not backend.all_finite(to_xp(xp, np.array([1.0, np.inf])))
+
+
+def test_keep_host_memory_applies_on_glibc():
+    """mallopt accepts the thresholds where the C library is glibc; elsewhere the call is a no-op."""
+    import platform
+
+    applied = backend.keep_host_memory()
+    assert isinstance(applied, bool)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied
