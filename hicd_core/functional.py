@@ -68,10 +68,6 @@ class ConvCache(NamedTuple):
     layout: str  # "batched", "merged" or "flat"
     block: int = 0  # flat only: 0 = cols kept; b > 0 = cols holds the padded input (N, C, P), rebuilt b images at a time
 
-    @property
-    def merged(self):
-        return self.layout == "merged"
-
 
 def _layout(xp, kh, kw, stride, padding):
     """The layout one convolution takes: CONV_LAYOUT resolved ("flat" only fits "same" convolutions)."""
@@ -161,11 +157,11 @@ def _flat_im2col(flat, k, Wp, L, *, xp):
     return xp.reshape(cols, (N, C * k * k, L))
 
 
-def _flat_block(N, cols_bytes):
-    """Images per block for a flat im2col of ``cols_bytes`` in all: 0 (keep it whole) when small."""
-    if cols_bytes <= FLAT_KEEP_BYTES:
+def _flat_block(N, image_bytes):
+    """Images per block for a flat im2col of ``image_bytes`` per image: 0 (keep it whole) when small."""
+    if N * image_bytes <= FLAT_KEEP_BYTES:
         return 0
-    return max(1, min(N, FLAT_BLOCK_BYTES * N // cols_bytes))
+    return max(1, min(N, FLAT_BLOCK_BYTES // image_bytes))
 
 
 def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
@@ -221,17 +217,14 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
         Wp = W + 2 * padding
         L = Ho * Wp
         flat = _flat_padded(x, padding, xp=xp)
-        block = _flat_block(N, N * C * kh * kw * L * (xp.finfo(x.dtype).bits // 8))
-        if not block:
-            cols = _flat_im2col(flat, kh, Wp, L, xp=xp)
-            y = _flat_unpad(xp.matmul(w2, cols), Ho, Wo, Wp, bias, xp=xp)
-        else:  # blocks of images: copy the windows, multiply while they are in the cache
-            cols = flat
-            y = xp.empty((N, O, Ho, Wo), dtype=x.dtype, device=device(x))
-            for s in range(0, N, block):
-                e = min(s + block, N)
-                part = xp.matmul(w2, _flat_im2col(flat[s:e, ...], kh, Wp, L, xp=xp))
-                y[s:e, ...] = _flat_unpad(part, Ho, Wo, Wp, bias, xp=xp)
+        block = _flat_block(N, C * kh * kw * L * (xp.finfo(x.dtype).bits // 8))
+        parts = []
+        for s in range(0, N, block or N):  # a block's windows are multiplied while still in the cache
+            cols = _flat_im2col(flat[s : min(s + (block or N), N), ...], kh, Wp, L, xp=xp)
+            parts.append(_flat_unpad(xp.matmul(w2, cols), Ho, Wo, Wp, bias, xp=xp))
+        y = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+        if block:
+            cols = flat  # rebuilt block by block in the backward pass
     elif layout == "merged":
         cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
         y = xp.matmul(w2, cols)  # (O, N Ho Wo)
@@ -269,7 +262,6 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = cache.weight.shape
     H, W = cache.x_shape[2:]
-    w2 = xp.reshape(cache.weight, (O, C * kh * kw))
     dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
     if cache.layout == "flat":
         # dy padded like x: its window at offset (p, p) is dy on the padded-width grid of
@@ -281,25 +273,21 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
         dyflat = _flat_padded(dy, p, xp=xp)
         dyv = dyflat[:, :, p * Wp + p : p * Wp + p + L]
         wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * kh * kw))
-        if not cache.block:
-            dweight = _weight_grad(dyv, cache.cols, cache.weight.shape, xp=xp)
-            if not input_grad:
-                return None, dweight, dbias
-            dx = _flat_unpad(xp.matmul(wt, _flat_im2col(dyflat, kh, Wp, L, xp=xp)), H, W, Wp, None, xp=xp)
-            return dx, dweight, dbias
-        dwt, dx, b = None, None, cache.block
-        if input_grad:
-            dx = xp.empty(cache.x_shape, dtype=dy.dtype, device=device(dy))
+        b = cache.block or N
+        dweight, dx_parts = None, []
         for s in range(0, N, b):
             e = min(s + b, N)
-            cols = _flat_im2col(cache.cols[s:e, ...], kh, Wp, L, xp=xp)  # rebuilt from the padded input
-            part = xp.sum(xp.matmul(cols, xp.matrix_transpose(dyv[s:e, ...])), axis=0)
-            dwt = part if dwt is None else dwt + part
+            cols = _flat_im2col(cache.cols[s:e, ...], kh, Wp, L, xp=xp) if cache.block else cache.cols
+            part = _weight_grad(dyv[s:e, ...], cols, cache.weight.shape, xp=xp)
+            dweight = part if dweight is None else dweight + part
             if input_grad:
                 dcols = _flat_im2col(dyflat[s:e, ...], kh, Wp, L, xp=xp)
-                dx[s:e, ...] = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp)
-        return dx, xp.reshape(xp.matrix_transpose(dwt), cache.weight.shape), dbias
-    if cache.merged:
+                dx_parts.append(_flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp))
+        if not input_grad:
+            return None, dweight, dbias
+        return (dx_parts[0] if len(dx_parts) == 1 else xp.concat(dx_parts, axis=0)), dweight, dbias
+    w2 = xp.reshape(cache.weight, (O, C * kh * kw))
+    if cache.layout == "merged":
         dyt = xp.reshape(xp.permute_dims(xp.reshape(dy, (N, O, Ho * Wo)), (1, 0, 2)), (O, N * Ho * Wo))
         dweight = xp.reshape(xp.matmul(dyt, xp.matrix_transpose(cache.cols)), cache.weight.shape)
         if not input_grad:
