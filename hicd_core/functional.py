@@ -42,31 +42,28 @@ __all__ = [
 #: N Ho Wo)``, one large matmul per product at the cost of a transposed copy of the input,
 #: output and their gradients. "flat": like "batched", but "same" convolutions (stride 1,
 #: odd square kernel, padding (k - 1) / 2) take their windows from the padded image with its
-#: rows flattened, where every window is one contiguous run (docs/MATH.md 7.2), and their
-#: input gradient is the convolution of ``dy`` with the flipped kernel instead of a col2im.
-#: Large "flat" im2col matrices are built a few images at a time, each block used while it
-#: is still in the CPU cache, and rebuilt in the backward pass instead of kept (docs/MATH.md 7.2).
+#: rows flattened, where every window is one contiguous run (docs/MATH.md 7.2); they keep
+#: only that padded image for the backward pass, whose weight and input gradients share
+#: one im2col of ``dy``, and they work a few images at a time so that each block's copies
+#: are still in the CPU cache when its products read them.
 #: "auto": merged on CuPy, flat elsewhere (docs/PERFORMANCE.md has the measurements).
 CONV_LAYOUT = "auto"
 
-#: "flat" keeps its whole im2col matrix for the backward pass when it is at most this many
-#: bytes; a larger one is processed in blocks of about FLAT_BLOCK_BYTES and rebuilt per block
-#: in the backward pass (less memory traffic: a block stays in the cache between its copy and
-#: its products). Measured on a 2-core EPYC VM (docs/PERFORMANCE.md); tune for other caches.
-FLAT_KEEP_BYTES = 16 << 20
+#: "flat" works through the batch in blocks of images whose largest temporary (an im2col
+#: matrix or a stack of per-offset products) is about this many bytes, at least one image.
+#: Measured on a 2-core EPYC VM (docs/PERFORMANCE.md); tune for other caches.
 FLAT_BLOCK_BYTES = 4 << 20
 
 
 class ConvCache(NamedTuple):
     cols: object  # batched: (N, C*kh*kw, Ho*Wo); merged: (C*kh*kw, N*Ho*Wo); 1x1 batched: (N, C, H*W);
-    #               flat: (N, C*kh*kw, Ho*(W+2p))
+    #               flat: the padded, flattened input (N, C, (H+2p+1)*(W+2p))
     weight: object  # (O, C, kh, kw)
     x_shape: tuple
     stride: int
     padding: int
     has_bias: bool
     layout: str  # "batched", "merged" or "flat"
-    block: int = 0  # flat only: 0 = cols kept; b > 0 = cols holds the padded input (N, C, P), rebuilt b images at a time
 
 
 def _layout(xp, kh, kw, stride, padding):
@@ -157,11 +154,44 @@ def _flat_im2col(flat, k, Wp, L, *, xp):
     return xp.reshape(cols, (N, C * k * k, L))
 
 
-def _flat_block(N, image_bytes):
-    """Images per block for a flat im2col of ``image_bytes`` per image: 0 (keep it whole) when small."""
-    if N * image_bytes <= FLAT_KEEP_BYTES:
-        return 0
-    return max(1, min(N, FLAT_BLOCK_BYTES // image_bytes))
+def _blocks(N, image_bytes):
+    """``(start, stop)`` of the image blocks of "flat": about FLAT_BLOCK_BYTES of temporaries each."""
+    b = max(1, min(N, FLAT_BLOCK_BYTES // max(image_bytes, 1)))
+    return [(s, min(s + b, N)) for s in range(0, N, b)]
+
+
+def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
+    """The "same" convolution of flattened padded images ``flat (N, C, P)``, cropped: ``(N, O, Ho, Wo)``.
+
+    With at least twice as many input as output channels, the product comes first: one
+    ``(k k O, C) @ (C, P)`` product per image, then the nine offsets' shifted runs of it
+    summed (copies of ``O`` rows instead of an im2col of ``C k k`` rows); otherwise the
+    im2col of 7.2 and one product (docs/MATH.md 7.2).
+    """
+    N, C, P = flat.shape
+    O, _, k, _ = weight.shape
+    L = Ho * Wp
+    itemsize = xp.finfo(flat.dtype).bits // 8
+    product_first = C >= 2 * O
+    if product_first:
+        wk = xp.reshape(xp.permute_dims(weight, (2, 3, 0, 1)), (k * k * O, C))  # row (i k + j) O + o
+        image_bytes = k * k * O * P * itemsize
+    else:
+        w2 = xp.reshape(weight, (O, C * k * k))
+        image_bytes = C * k * k * L * itemsize
+    parts = []
+    for s, e in _blocks(N, image_bytes):
+        if product_first:
+            z = xp.reshape(xp.matmul(wk, flat[s:e, ...]), (e - s, k * k, O, P))
+            y = z[:, 0, :, :L] + z[:, 1, :, 1 : 1 + L]
+            for i in range(k):
+                for j in range(k):
+                    if i * k + j > 1:
+                        y += z[:, i * k + j, :, i * Wp + j : i * Wp + j + L]
+        else:
+            y = xp.matmul(w2, _flat_im2col(flat[s:e, ...], k, Wp, L, xp=xp))
+        parts.append(_flat_unpad(y, Ho, Wo, Wp, bias, xp=xp))
+    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
@@ -212,19 +242,9 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
     w2 = xp.reshape(weight, (O, C * kh * kw))
     layout = _layout(xp, kh, kw, stride, padding)
-    block = 0
     if layout == "flat":
-        Wp = W + 2 * padding
-        L = Ho * Wp
-        flat = _flat_padded(x, padding, xp=xp)
-        block = _flat_block(N, C * kh * kw * L * (xp.finfo(x.dtype).bits // 8))
-        parts = []
-        for s in range(0, N, block or N):  # a block's windows are multiplied while still in the cache
-            cols = _flat_im2col(flat[s : min(s + (block or N), N), ...], kh, Wp, L, xp=xp)
-            parts.append(_flat_unpad(xp.matmul(w2, cols), Ho, Wo, Wp, bias, xp=xp))
-        y = parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
-        if block:
-            cols = flat  # rebuilt block by block in the backward pass
+        cols = _flat_padded(x, padding, xp=xp)  # all the backward pass needs of x
+        y = _flat_conv(cols, weight, bias, Ho, Wo, W + 2 * padding, xp=xp)
     elif layout == "merged":
         cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
         y = xp.matmul(w2, cols)  # (O, N Ho Wo)
@@ -240,7 +260,7 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
         if bias is not None:
             y = y + xp.reshape(bias, (O, 1))
         y = xp.reshape(y, (N, O, Ho, Wo))
-    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, layout, block)
+    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, layout)
 
 
 def _weight_grad(dy2, cols, shape, *, xp):
@@ -251,6 +271,46 @@ def _weight_grad(dy2, cols, shape, *, xp):
     """
     dwt = xp.sum(xp.matmul(cols, xp.matrix_transpose(dy2)), axis=0)  # (K, O)
     return xp.reshape(xp.matrix_transpose(dwt), shape)
+
+
+def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
+    """``conv2d_backward`` of the "flat" layout (docs/MATH.md 7.2).
+
+    ``dy`` is padded and flattened like ``x``. Its im2col ``dcols`` (``O k k`` rows) gives
+    the input gradient, the "same" convolution of ``dy`` with the flipped kernel, and the
+    weight gradient, ``dcols`` times ``x`` on the padded-width grid with the kernel offsets
+    flipped; only when ``dx`` is not wanted and ``x`` has fewer channels than ``dy`` is the
+    weight gradient taken from the im2col of ``x`` instead.
+    """
+    N, O, Ho, Wo = dy.shape
+    _, C, k, _ = cache.weight.shape
+    H, W = cache.x_shape[2:]
+    p = cache.padding
+    Wp = W + 2 * p
+    L, q = Ho * Wp, p * Wp + p
+    itemsize = xp.finfo(dy.dtype).bits // 8
+    dyflat = _flat_padded(dy, p, xp=xp)
+    if not input_grad and C < O:
+        dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
+        dweight = None
+        for s, e in _blocks(N, C * k * k * L * itemsize):
+            part = _weight_grad(dyg[s:e, ...], _flat_im2col(cache.cols[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape, xp=xp)
+            dweight = part if dweight is None else dweight + part
+        return None, dweight, dbias
+    xg = cache.cols[:, :, q : q + L]  # x on the padded-width grid
+    wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
+    g, dx_parts = None, []
+    for s, e in _blocks(N, O * k * k * L * itemsize):
+        dcols = _flat_im2col(dyflat[s:e, ...], k, Wp, L, xp=xp)  # (b, O k k, L)
+        part = xp.sum(xp.matmul(dcols, xp.matrix_transpose(xg[s:e, ...])), axis=0)  # (O k k, C)
+        g = part if g is None else g + part
+        if input_grad:
+            dx_parts.append(_flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp))
+    # g[o k k + (i' k + j'), c] belongs to the flipped offset (i', j') = (k-1-i, k-1-j)
+    dweight = _contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
+    if not input_grad:
+        return None, dweight, dbias
+    return (dx_parts[0] if len(dx_parts) == 1 else xp.concat(dx_parts, axis=0)), dweight, dbias
 
 
 def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
@@ -264,28 +324,7 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     H, W = cache.x_shape[2:]
     dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
     if cache.layout == "flat":
-        # dy padded like x: its window at offset (p, p) is dy on the padded-width grid of
-        # cols, zero in the pad columns, so dW needs no copy; dx is the "same" convolution
-        # of dy with the flipped, transposed kernel (docs/MATH.md 7.2).
-        p = cache.padding
-        Wp = W + 2 * p
-        L = Ho * Wp
-        dyflat = _flat_padded(dy, p, xp=xp)
-        dyv = dyflat[:, :, p * Wp + p : p * Wp + p + L]
-        wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * kh * kw))
-        b = cache.block or N
-        dweight, dx_parts = None, []
-        for s in range(0, N, b):
-            e = min(s + b, N)
-            cols = _flat_im2col(cache.cols[s:e, ...], kh, Wp, L, xp=xp) if cache.block else cache.cols
-            part = _weight_grad(dyv[s:e, ...], cols, cache.weight.shape, xp=xp)
-            dweight = part if dweight is None else dweight + part
-            if input_grad:
-                dcols = _flat_im2col(dyflat[s:e, ...], kh, Wp, L, xp=xp)
-                dx_parts.append(_flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp))
-        if not input_grad:
-            return None, dweight, dbias
-        return (dx_parts[0] if len(dx_parts) == 1 else xp.concat(dx_parts, axis=0)), dweight, dbias
+        return _flat_conv_backward(dy, cache, input_grad, dbias, xp=xp)
     w2 = xp.reshape(cache.weight, (O, C * kh * kw))
     if cache.layout == "merged":
         dyt = xp.reshape(xp.permute_dims(xp.reshape(dy, (N, O, Ho * Wo)), (1, 0, 2)), (O, N * Ho * Wo))
