@@ -10,8 +10,10 @@ default taps (E2, E3, E4 with windows 8, 8, None; d1 with window 8), exactly as
 ``hicd_core.train.train_step`` does in training. Prints one JSON line with the
 median step time in milliseconds and the peak memory of a step. ``--vs-torch``
 times a PyTorch twin (same network, batch, thread count, float32) in the same
-run and prints the ratio ``median_ms / torch_median_ms``. The twin lives here,
-never in ``hicd_core``.
+run and prints the ratio ``median_ms / torch_median_ms``; with ``--interleave`` the two
+steps are timed in alternating blocks of five (ours, twin, ours, ...), so that both see the same phases of a
+noisy machine and ``median_ms`` comes from those turns. The twin lives here, never in
+``hicd_core``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import json
 import os
 import platform
 import pstats
+import statistics
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -89,12 +93,12 @@ def torch_twin(torch, widths):
     return TorchSiamCD
 
 
-def run_torch(args, host_batch, windows, change_window, result):
+def torch_step(args, host_batch, windows, change_window):
+    """``(torch, step, sync)`` of the PyTorch twin's training step, or None without PyTorch."""
     try:
         import torch
     except ImportError:
-        result["torch"] = "not installed"
-        return
+        return None
     from bench_loss import torch_hicd_loss
 
     device = "cuda" if args.backend == "cupy" else "cpu"
@@ -120,16 +124,27 @@ def run_torch(args, host_batch, windows, change_window, result):
         loss.backward()
         opt.step()
 
-    sync = torch_sync(torch, device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms, _ = median_ms(step, sync, args.steps)
-    result.update(
-        torch_version=torch.__version__, torch_device=device, torch_threads=torch.get_num_threads(),
-        torch_median_ms=round(ms, 3), ratio=round(result["median_ms"] / ms, 3),
-    )
-    if device == "cuda":
-        result["torch_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return torch, step, torch_sync(torch, device)
+
+
+def interleaved_ms(fns, syncs, repeats, block=5):
+    """Median milliseconds of each function, timed in alternating blocks of ``block`` steps.
+
+    Each block starts with one untimed step (the other side's threads may still be spinning,
+    its data is out of the caches); the rounds go on until every function has ``repeats``
+    timed steps. Both sides see the same phases of a noisy machine, so their ratio moves
+    less than that of two back-to-back runs.
+    """
+    times = [[] for _ in fns]
+    while min(len(t) for t in times) < repeats:
+        for fn, sync, out in zip(fns, syncs, times):
+            for i in range(block + 1):
+                start = time.perf_counter()
+                fn()
+                sync()
+                if i:
+                    out.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t[:repeats]) for t in times]
 
 
 # --------------------------------------------------------------------------- main
@@ -144,6 +159,8 @@ def main(argv=None):
     parser.add_argument("--mode", default="task", choices=["task", "hicd"])
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--vs-torch", action="store_true", help="also time the PyTorch eager twin")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with --vs-torch: time ours and the twin in alternating steps (steadier ratio on a noisy machine)")
     parser.add_argument("--profile", action="store_true", help="print the top functions of a profiled step")
     parser.add_argument("--conv-layout", default="auto", choices=["auto", "batched", "merged", "flat"],
                         help="im2col layout of the convolutions (hicd_core.functional.CONV_LAYOUT)")
@@ -190,7 +207,25 @@ def main(argv=None):
         result["peak_mem_mb"] = round(tracemalloc.get_traced_memory()[1] / 2**20, 1)
         tracemalloc.stop()
     if args.vs_torch:
-        run_torch(args, host_batch, windows, change_window, result)
+        twin = torch_step(args, host_batch, windows, change_window)
+        if twin is None:
+            result["torch"] = "not installed"
+        else:
+            torch, tstep, tsync = twin
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            if args.interleave:
+                ms, tms = interleaved_ms([step, tstep], [sync, tsync], args.steps)
+                result.update(median_ms=round(ms, 3), pairs_per_s=round(args.batch / ms * 1e3, 1), interleaved=True)
+            else:
+                tms, _ = median_ms(tstep, tsync, args.steps)
+            result.update(
+                torch_version=torch.__version__, torch_device="cuda" if on_gpu else "cpu",
+                torch_threads=torch.get_num_threads(), torch_median_ms=round(tms, 3),
+                ratio=round(result["median_ms"] / tms, 3),
+            )
+            if on_gpu:
+                result["torch_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

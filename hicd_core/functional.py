@@ -66,8 +66,13 @@ class ConvCache(NamedTuple):
     layout: str  # "batched", "merged" or "flat"
 
 
-def _layout(xp, kh, kw, stride, padding):
-    """The layout one convolution takes: CONV_LAYOUT resolved ("flat" only fits "same" convolutions)."""
+def _layout(xp, kh, kw, stride, padding, H, W):
+    """The layout one convolution takes: CONV_LAYOUT resolved.
+
+    "flat" fits "same" convolutions and 3x3, stride-2, padding-1 convolutions of even-sized
+    inputs (their forward pass is the batched one, their input gradient works by phases);
+    other convolutions fall back to "batched".
+    """
     layout = CONV_LAYOUT
     if layout == "auto":
         from .backend import is_cupy_namespace
@@ -75,7 +80,9 @@ def _layout(xp, kh, kw, stride, padding):
         layout = "merged" if is_cupy_namespace(xp) else "flat"
     if layout not in ("batched", "merged", "flat"):
         raise ValueError(f"CONV_LAYOUT must be 'auto', 'batched', 'merged' or 'flat', got {CONV_LAYOUT!r}")
-    if layout == "flat" and not (stride == 1 and kh == kw == 2 * padding + 1 and kh > 1):
+    same = stride == 1 and kh == kw == 2 * padding + 1 and kh > 1
+    halving = stride == 2 and kh == kw == 3 and padding == 1 and H % 2 == 0 and W % 2 == 0
+    if layout == "flat" and not (same or halving):
         layout = "batched"
     return layout
 
@@ -241,8 +248,8 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     if Ho < 1 or Wo < 1:
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
     w2 = xp.reshape(weight, (O, C * kh * kw))
-    layout = _layout(xp, kh, kw, stride, padding)
-    if layout == "flat":
+    layout = _layout(xp, kh, kw, stride, padding, H, W)
+    if layout == "flat" and stride == 1:
         cols = _flat_padded(x, padding, xp=xp)  # all the backward pass needs of x
         y = _flat_conv(cols, weight, bias, Ho, Wo, W + 2 * padding, xp=xp)
     elif layout == "merged":
@@ -313,6 +320,43 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     return (dx_parts[0] if len(dx_parts) == 1 else xp.concat(dx_parts, axis=0)), dweight, dbias
 
 
+def _halving_input_grad(dy, weight, H, W, *, xp):
+    """``dx`` of a 3x3, stride-2, padding-1 convolution, one output phase at a time (docs/MATH.md 7.2).
+
+    ``dx[c, 2t + a, 2s + b]`` only receives the kernel taps of one parity: phase (0, 0) the
+    centre tap, (1, 0) and (0, 1) two taps, (1, 1) the four corners, each tap reading ``dy``
+    shifted by 0 or 1 row and column. ``dy`` zero-padded by one row and column after its
+    end and flattened (row width ``Wo + 1``) makes every shift a contiguous run; the four
+    shifts stacked in the order (0, 1), (0, 0), (1, 0), (1, 1) give each phase its taps as
+    one contiguous block of rows, so each phase is one product, with no col2im scatter.
+    """
+    N, O, Ho, Wo = dy.shape
+    C = weight.shape[1]
+    Wq = Wo + 1
+    L = Ho * Wq
+    buf = xp.zeros((N, O, Ho + 2, Wq), dtype=dy.dtype, device=device(dy))  # + a spare row
+    buf[:, :, :Ho, :Wo] = dy
+    g = xp.reshape(buf, (N, O, (Ho + 2) * Wq))
+
+    def taps(*ij):  # (C, O * len(ij)): the transposed taps side by side
+        return xp.concat([xp.matrix_transpose(weight[:, :, i, j]) for i, j in ij], axis=1)
+
+    # phase (a, b): its weights and the first row block of dcols it reads (blocks of O rows)
+    phases = [
+        ((0, 0), taps((1, 1)), 1),
+        ((1, 0), taps((2, 1), (0, 1)), 1),
+        ((0, 1), taps((1, 0), (1, 2)), 0),
+        ((1, 1), taps((2, 0), (2, 2), (0, 2), (0, 0)), 0),
+    ]
+    dx = xp.empty((N, C, H, W), dtype=dy.dtype, device=device(dy))
+    for s, e in _blocks(N, 4 * O * L * (xp.finfo(dy.dtype).bits // 8)):
+        dcols = xp.concat([g[s:e, :, sy * Wq + sx : sy * Wq + sx + L] for sy, sx in ((0, 1), (0, 0), (1, 0), (1, 1))], axis=1)
+        for (a, b), wm, first in phases:
+            part = xp.matmul(wm, dcols[:, first * O : first * O + wm.shape[1], :])  # (e - s, C, L)
+            dx[s:e, :, a::2, b::2] = xp.reshape(part, (e - s, C, Ho, Wq))[..., :Wo]
+    return dx
+
+
 def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     """Gradients of ``conv2d_forward``: ``dy (N, O, Ho, Wo) -> (dx, dweight, dbias or None)``.
 
@@ -323,7 +367,7 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     _, C, kh, kw = cache.weight.shape
     H, W = cache.x_shape[2:]
     dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
-    if cache.layout == "flat":
+    if cache.layout == "flat" and cache.stride == 1:
         return _flat_conv_backward(dy, cache, input_grad, dbias, xp=xp)
     w2 = xp.reshape(cache.weight, (O, C * kh * kw))
     if cache.layout == "merged":
@@ -338,6 +382,8 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     dweight = _weight_grad(dy2, cache.cols, cache.weight.shape, xp=xp)
     if not input_grad:
         return None, dweight, dbias
+    if cache.layout == "flat":  # 3x3, stride 2
+        return _halving_input_grad(dy, cache.weight, H, W, xp=xp), dweight, dbias
     dcols = xp.matmul(xp.matrix_transpose(w2), dy2)
     if kh == kw == 1 and cache.stride == 1 and cache.padding == 0:
         dx = xp.reshape(dcols, cache.x_shape)

@@ -242,6 +242,18 @@ def test_conv_layouts_match_reference(xp, conv_layout, k, stride, padding):
     assert cache.layout == ("batched" if conv_layout == "flat" and not same else conv_layout)
 
 
+@pytest.mark.parametrize("size", [(6, 8), (8, 6), (7, 8), (6, 5)])
+def test_flat_halving_conv_matches_reference(xp, monkeypatch, size):
+    """3x3 stride-2 convolutions of even-sized inputs take the phase-wise input gradient; odd sizes fall back."""
+    rng = np.random.default_rng(11)
+    H, W = size
+    x, w, b = rng.standard_normal((3, 4, H, W)), rng.standard_normal((5, 4, 3, 3)), rng.standard_normal(5)
+    monkeypatch.setattr(F, "CONV_LAYOUT", "flat")
+    monkeypatch.setattr(F, "FLAT_BLOCK_BYTES", 1)  # one image per block
+    cache = check_conv_against_reference(xp, rng, x, w, b, 2, 1)
+    assert cache.layout == ("flat" if H % 2 == 0 and W % 2 == 0 else "batched")
+
+
 def test_conv_input_grad_false_skips_dx(conv_layout):
     """``input_grad=False`` returns no dx and the same parameter gradients."""
     rng = np.random.default_rng(9)
