@@ -36,6 +36,30 @@ def test_distance_is_zero_at_teacher_and_nonnegative(shape, kind, tau, seed):
     assert float(correlation_distance(r_s, r_t, kind, tau)[0]) >= -1e-15
 
 
+@pytest.mark.parametrize("dtype, tau", [("float64", 0.5), ("float32", 0.5), ("float32", 0.05), ("float64", 0.004)])
+def test_fixed_softmax_shift_matches_row_maxima(xp, dtype, tau):
+    """For |r| <= 1 (hicd_loss's correlations) the softmax may shift by 1/tau instead of row maxima."""
+    from hicd_core import distill
+
+    rng = np.random.default_rng(4)
+    r_s, r_t = (np.tanh(rng.standard_normal((3, 7, 16))).astype(dtype) for _ in range(2))
+    assert distill._fixed_shift(1.0, tau, getattr(xp, dtype), xp=xp) == pytest.approx(1.0 / tau)
+    ref_loss, ref_grad = correlation_distance(to_xp(xp, r_s), to_xp(xp, r_t), "kl", tau)
+    loss, grad = distill._distance(to_xp(xp, r_s), to_xp(xp, r_t), "kl", tau, bound=1.0)
+    tol = 1e-12 if dtype == "float64" else 2e-5
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=tol)
+    np.testing.assert_allclose(to_np(grad), to_np(ref_grad), rtol=tol, atol=tol * float(np.abs(to_np(ref_grad)).max()))
+
+
+def test_fixed_softmax_shift_falls_back_where_exp_could_underflow():
+    from hicd_core import distill
+
+    xp = distill.array_namespace(np.zeros(1))
+    assert distill._fixed_shift(None, 0.5, xp.float32, xp=xp) is None
+    assert distill._fixed_shift(1.0, 0.02, xp.float32, xp=xp) is None  # 2 / tau = 100 > 87 - 8
+    assert distill._fixed_shift(1.0, 0.02, xp.float64, xp=xp) == pytest.approx(50.0)
+
+
 @pytest.mark.parametrize("kind", ["kl", "mse"])
 def test_distance_gradient_matches_central_differences(kind):
     rng = np.random.default_rng(3)
