@@ -167,6 +167,21 @@ class TinySiamCD:
         y, relu_cache = relu_forward(y)
         return y, CBRCache(conv_cache, bn_cache, relu_cache)
 
+    def _cbr_folded(self, x, name):
+        """Evaluation-mode conv-BN-ReLU with the BatchNorm folded into the convolution (no cache).
+
+        ``gamma (W * x + b - mean) / sqrt(var + eps) + beta = (s W) * x + (s (b - mean) + beta)``
+        with ``s = gamma / sqrt(var + eps)`` per output channel (docs/MATH.md 7.3).
+        """
+        xp = self.xp
+        _, _, stride = self.layers[name]
+        p, b = self.params, self.buffers
+        s = p[f"{name}.bn.weight"] / xp.sqrt(b[f"{name}.bn.running_var"] + BN_EPS)
+        weight = p[f"{name}.conv.weight"] * xp.reshape(s, (-1, 1, 1, 1))
+        bias = (p[f"{name}.conv.bias"] - b[f"{name}.bn.running_mean"]) * s + p[f"{name}.bn.bias"]
+        y, _ = conv2d_forward(x, weight, bias, stride=stride, padding=1)
+        return xp.maximum(y, 0.0), None
+
     def _cbr_backward(self, dy, cache: CBRCache, name, grads, input_grad=True):
         dy = relu_backward(dy, cache.relu)
         dy, grads[f"{name}.bn.weight"], grads[f"{name}.bn.bias"] = batchnorm2d_backward(dy, cache.bn)
@@ -175,7 +190,7 @@ class TinySiamCD:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, x1, x2, *, training=True):
+    def forward(self, x1, x2, *, training=True, keep_cache=True):
         """Logits and distillation taps for a batch of pairs.
 
         Parameters
@@ -183,6 +198,11 @@ class TinySiamCD:
         x1, x2 : arrays (N, in_channels, H, W), H and W multiples of 8
         training : bool
             BatchNorm with batch statistics (and running-statistic updates) if True.
+        keep_cache : bool
+            False (evaluation only, e.g. a frozen teacher or inference): no cache for
+            ``backward`` is kept and None is returned in its place; each BatchNorm is
+            folded into the convolution before it, which saves its passes over the
+            activations (equal to the unfolded network up to rounding).
 
         Returns
         -------
@@ -190,9 +210,11 @@ class TinySiamCD:
         taps : dict
             ``"E1".."E4"``: ``(t1 features, t2 features)``, each (N, w_k, H/2^(k-1), W/2^(k-1));
             ``"d1"``: change features (N, w1, H, W).
-        cache : ForwardCache (pass to ``backward``)
+        cache : ForwardCache (pass to ``backward``), or None with ``keep_cache=False``
         """
         xp = array_namespace(x1, x2)
+        if training and not keep_cache:
+            raise ValueError("keep_cache=False is for evaluation only (training=False): training needs the cache")
         if tuple(x1.shape) != tuple(x2.shape):
             raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
         if x1.ndim != 4 or x1.shape[1] != self.in_channels:
@@ -200,27 +222,36 @@ class TinySiamCD:
         if x1.shape[2] % 8 or x1.shape[3] % 8:
             raise ValueError(f"input height and width must be multiples of 8, got {tuple(x1.shape)}")
         n = x1.shape[0]
+        if keep_cache:
+            cbr = lambda h, name: self._cbr_forward(h, name, training)  # noqa: E731
+        else:
+            cbr = self._cbr_folded
         h = xp.concat([x1, x2], axis=0)
         stages, enc_caches, fusion_caches, deltas = [], [], [], []
         for k in range(1, 5):
-            h, ca = self._cbr_forward(h, f"enc{k}.0", training)
-            h, cb = self._cbr_forward(h, f"enc{k}.1", training)
+            h, ca = cbr(h, f"enc{k}.0")
+            h, cb = cbr(h, f"enc{k}.1")
             enc_caches.append((ca, cb))
             stages.append(h)
-            delta, fc = absdiff_forward(h[:n, ...], h[n:, ...])
+            if keep_cache:
+                delta, fc = absdiff_forward(h[:n, ...], h[n:, ...])
+            else:
+                delta, fc = xp.abs(h[:n, ...] - h[n:, ...]), None
             deltas.append(delta)
             fusion_caches.append(fc)
         dec = {}
-        d, c = self._cbr_forward(deltas[3], "dec4", training)
+        d, c = cbr(deltas[3], "dec4")
         dec["dec4"] = (c, None)
         for k in (3, 2, 1):
             up, _ = upsample2x_forward(d)
             cat, cat_cache = concat_forward([up, deltas[k - 1]])
-            d, c = self._cbr_forward(cat, f"dec{k}", training)
+            d, c = cbr(cat, f"dec{k}")
             dec[f"dec{k}"] = (c, cat_cache)
         logits, head_cache = conv2d_forward(d, self.params["head.weight"], self.params["head.bias"])
         taps = {f"E{k + 1}": (s[:n, ...], s[n:, ...]) for k, s in enumerate(stages)}
         taps["d1"] = d
+        if not keep_cache:
+            return logits, taps, None
         return logits, taps, ForwardCache(n, enc_caches, fusion_caches, dec, head_cache)
 
     def backward(self, dlogits, cache: ForwardCache, tap_grads=None):
@@ -274,5 +305,5 @@ class TinySiamCD:
         return grads
 
     def predict_logits(self, x1, x2):
-        """Evaluation-mode logits (running BatchNorm statistics, no state change)."""
-        return self.forward(x1, x2, training=False)[0]
+        """Evaluation-mode logits (running BatchNorm statistics, folded; no state change)."""
+        return self.forward(x1, x2, training=False, keep_cache=False)[0]

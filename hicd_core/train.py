@@ -155,7 +155,7 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
     if distill is not None and distill.method != "baseline":
         if teacher is None:
             raise ValueError(f"student method {distill.method!r} needs a teacher")
-        _, teacher_taps, _ = teacher.forward(x1, x2 if teacher_x2 is None else teacher_x2, training=False)
+        _, teacher_taps, _ = teacher.forward(x1, x2 if teacher_x2 is None else teacher_x2, training=False, keep_cache=False)
         d_loss, d_terms, tap_grads = _distill(distill, taps, teacher_taps)
         terms["distill"] = d_loss
         terms.update({f"distill/{k}": v for k, v in d_terms.items()})

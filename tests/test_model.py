@@ -106,6 +106,29 @@ def test_swapping_phases_leaves_logits_unchanged():
     np.testing.assert_allclose(model.forward(x2, x1)[0], a, rtol=1e-10, atol=1e-12)
 
 
+def test_folded_evaluation_forward_matches_unfolded(xp):
+    """keep_cache=False folds each BatchNorm into its convolution: same logits and taps, no cache."""
+    rng = np.random.default_rng(4)
+    model = TinySiamCD(widths=SMALL, dtype="float64", seed=2, xp=xp)
+    for name in model.buffers:  # non-trivial running statistics
+        model.buffers[name] = to_xp(xp, rng.uniform(0.5, 1.5, model.buffers[name].shape))
+    for name in model.params:
+        if name.endswith(("bn.weight", "bn.bias", "conv.bias")):
+            model.params[name] = to_xp(xp, rng.standard_normal(model.params[name].shape))
+    x1, x2 = (to_xp(xp, a) for a in pair(rng, size=16))
+    logits, taps, cache = model.forward(x1, x2, training=False)
+    folded, ftaps, none = model.forward(x1, x2, training=False, keep_cache=False)
+    assert none is None and cache is not None
+    np.testing.assert_allclose(to_np(folded), to_np(logits), rtol=1e-10, atol=1e-12)
+    for k in ("E1", "E2", "E3", "E4"):
+        for i in (0, 1):
+            np.testing.assert_allclose(to_np(ftaps[k][i]), to_np(taps[k][i]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_np(ftaps["d1"]), to_np(taps["d1"]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(to_np(model.predict_logits(x1, x2)), to_np(logits), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="evaluation only"):
+        model.forward(x1, x2, training=True, keep_cache=False)
+
+
 def test_backends_agree(xp):
     rng = np.random.default_rng(3)
     x1, x2 = pair(rng)
