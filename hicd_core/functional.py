@@ -186,19 +186,22 @@ def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
     else:
         w2 = xp.reshape(weight, (O, C * k * k))
         image_bytes = C * k * k * L * itemsize
-    parts = []
-    for s, e in _blocks(N, image_bytes):
+    blocks = _blocks(N, image_bytes)
+    y = None if len(blocks) == 1 else xp.empty((N, O, Ho, Wo), dtype=flat.dtype, device=device(flat))
+    for s, e in blocks:
         if product_first:
             z = xp.reshape(xp.matmul(wk, flat[s:e, ...]), (e - s, k * k, O, P))
-            y = z[:, 0, :, :L] + z[:, 1, :, 1 : 1 + L]
+            prod = z[:, 0, :, :L] + z[:, 1, :, 1 : 1 + L]
             for i in range(k):
                 for j in range(k):
                     if i * k + j > 1:
-                        y += z[:, i * k + j, :, i * Wp + j : i * Wp + j + L]
+                        prod += z[:, i * k + j, :, i * Wp + j : i * Wp + j + L]
         else:
-            y = xp.matmul(w2, _flat_im2col(flat[s:e, ...], k, Wp, L, xp=xp))
-        parts.append(_flat_unpad(y, Ho, Wo, Wp, bias, xp=xp))
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+            prod = xp.matmul(w2, _flat_im2col(flat[s:e, ...], k, Wp, L, xp=xp))
+        if y is None:
+            return _flat_unpad(prod, Ho, Wo, Wp, bias, xp=xp)
+        _flat_unpad_into(y, s, e, prod, Wp, bias, xp=xp)
+    return y
 
 
 def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
@@ -208,6 +211,17 @@ def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
     if bias is not None:
         return y + xp.reshape(bias, (O, 1, 1))
     return _contiguous(y, xp=xp)
+
+
+def _flat_unpad_into(out, s, e, prod, Wp, bias, *, xp):
+    """One block's ``prod (e - s, O, Ho Wp)`` (a fresh array) cropped into ``out[s:e]`` (+ bias).
+
+    Writing each block into the preallocated output saves the copy of a final concatenation.
+    """
+    _, O, Ho, Wo = out.shape
+    if bias is not None:
+        prod += xp.reshape(bias, (O, 1))
+    out[s:e, ...] = xp.reshape(prod, (e - s, O, Ho, Wp))[..., :Wo]
 
 
 def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
@@ -306,18 +320,21 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
         return None, dweight, dbias
     xg = cache.cols[:, :, q : q + L]  # x on the padded-width grid
     wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
-    g, dx_parts = None, []
-    for s, e in _blocks(N, O * k * k * L * itemsize):
+    blocks = _blocks(N, O * k * k * L * itemsize)
+    g, dx = None, None
+    if input_grad and len(blocks) > 1:
+        dx = xp.empty(cache.x_shape, dtype=dy.dtype, device=device(dy))
+    for s, e in blocks:
         dcols = _flat_im2col(dyflat[s:e, ...], k, Wp, L, xp=xp)  # (b, O k k, L)
         part = xp.sum(xp.matmul(dcols, xp.matrix_transpose(xg[s:e, ...])), axis=0)  # (O k k, C)
         g = part if g is None else g + part
-        if input_grad:
-            dx_parts.append(_flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp))
+        if input_grad and dx is None:  # a single block
+            dx = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp)
+        elif input_grad:
+            _flat_unpad_into(dx, s, e, xp.matmul(wt, dcols), Wp, None, xp=xp)
     # g[o k k + (i' k + j'), c] belongs to the flipped offset (i', j') = (k-1-i, k-1-j)
     dweight = _contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
-    if not input_grad:
-        return None, dweight, dbias
-    return (dx_parts[0] if len(dx_parts) == 1 else xp.concat(dx_parts, axis=0)), dweight, dbias
+    return dx, dweight, dbias
 
 
 def _halving_input_grad(dy, weight, H, W, *, xp):
