@@ -287,7 +287,7 @@ class TinySiamCD:
             dup, ddeltas[k - 1] = concat_backward(dcat, cat_cache)
             dd = upsample2x_backward(dup)
         ddeltas[3] = self._cbr_backward(dd, cache.decoder["dec4"][0], "dec4", grads)
-        dh = None
+        dh, n = None, cache.n
         for k in (4, 3, 2, 1):
             da, db = absdiff_backward(ddeltas[k - 1], cache.fusion[k - 1])
             g1, g2 = tap_grads.get(f"E{k}") or (None, None)
@@ -295,9 +295,12 @@ class TinySiamCD:
                 da = da + g1
             if g2 is not None:
                 db = db + g2
-            dstage = xp.concat([da, db], axis=0)
-            if dh is not None:
-                dstage = dstage + dh
+            if dh is None:
+                dstage = xp.concat([da, db], axis=0)
+            else:  # dh is this backward pass's own fresh array: add both phases in place
+                dh[:n, ...] += da
+                dh[n:, ...] += db
+                dstage = dh
             ca, cb = cache.encoder[k - 1]
             dh = self._cbr_backward(dstage, cb, f"enc{k}.1", grads)
             # the images need no gradient: the first convolution skips its input gradient
