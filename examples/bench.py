@@ -128,7 +128,7 @@ def torch_step(args, host_batch, windows, change_window):
 
 
 def interleaved_ms(fns, syncs, repeats, block=5):
-    """Median milliseconds of each function, timed in alternating blocks of ``block`` steps.
+    """``(median, times)`` in milliseconds of each function, timed in alternating blocks of ``block`` steps.
 
     Each block starts with one untimed step (the other side's threads may still be spinning,
     its data is out of the caches); the rounds go on until every function has ``repeats``
@@ -144,7 +144,7 @@ def interleaved_ms(fns, syncs, repeats, block=5):
                 sync()
                 if i:
                     out.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t[:repeats]) for t in times]
+    return [(statistics.median(t[:repeats]), t[:repeats]) for t in times]
 
 
 # --------------------------------------------------------------------------- main
@@ -215,8 +215,9 @@ def main(argv=None):
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
             if args.interleave:
-                ms, tms = interleaved_ms([step, tstep], [sync, tsync], args.steps)
-                result.update(median_ms=round(ms, 3), pairs_per_s=round(args.batch / ms * 1e3, 1), interleaved=True)
+                (ms, times), (tms, _) = interleaved_ms([step, tstep], [sync, tsync], args.steps)
+                result.update(median_ms=round(ms, 3), min_ms=round(min(times), 3),
+                              pairs_per_s=round(args.batch / ms * 1e3, 1), interleaved=True)
             else:
                 tms, _ = median_ms(tstep, tsync, args.steps)
             result.update(
