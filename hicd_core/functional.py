@@ -45,7 +45,8 @@ __all__ = [
 #: rows flattened, where every window is one contiguous run (docs/MATH.md 7.2); they keep
 #: only that padded image for the backward pass, whose weight and input gradients share
 #: one im2col of ``dy``, and they work a few images at a time so that each block's copies
-#: are still in the CPU cache when its products read them.
+#: are still in the CPU cache when its products read them; 3x3 stride-2 convolutions of
+#: even-sized inputs compute their input gradient by output phases instead of a col2im.
 #: "auto": merged on CuPy, flat elsewhere (docs/PERFORMANCE.md has the measurements).
 CONV_LAYOUT = "auto"
 
@@ -57,7 +58,7 @@ FLAT_BLOCK_BYTES = 4 << 20
 
 class ConvCache(NamedTuple):
     cols: object  # batched: (N, C*kh*kw, Ho*Wo); merged: (C*kh*kw, N*Ho*Wo); 1x1 batched: (N, C, H*W);
-    #               flat: the padded, flattened input (N, C, (H+2p+1)*(W+2p))
+    #               flat, stride 1: the padded, flattened input (N, C, (H+2p+1)*(W+2p)); flat, stride 2: as batched
     weight: object  # (O, C, kh, kw)
     x_shape: tuple
     stride: int
