@@ -58,7 +58,7 @@ FLAT_BLOCK_BYTES = 4 << 20
 
 class ConvCache(NamedTuple):
     cols: object  # batched: (N, C*kh*kw, Ho*Wo); merged: (C*kh*kw, N*Ho*Wo); 1x1 batched: (N, C, H*W);
-    #               flat, stride 1: the padded, flattened input (N, C, (H+2p+1)*(W+2p)); flat, stride 2: as batched
+    #               flat, stride 1: the padded, flattened input (N, C, (H+2p+1)*(W+p)+p); flat, stride 2: as batched
     weight: object  # (O, C, kh, kw)
     x_shape: tuple
     stride: int
@@ -143,16 +143,22 @@ def _col2im(dcols, lead_shape, H, W, kh, kw, stride, padding, Ho, Wo, *, xp, axi
 
 
 def _flat_padded(x, padding, *, xp):
-    """``x (N, C, H, W)`` zero-padded and flattened: ``(N, C, (H + 2p + 1) (W + 2p))``.
+    """``x (N, C, H, W)`` zero-padded and flattened with row width ``Wp = W + p``: ``(N, C, P)``.
 
-    One spare zero row at the bottom lets every kernel offset's window, read as a
-    contiguous run of ``H (W + 2p)`` values, stay inside the buffer.
+    Each row holds its ``W`` values and then ``p`` zeros; as the rows run on into each
+    other, the zeros at the end of one row are also the left padding of the next, so
+    only ``p`` of every ``Wp`` output positions are junk (docs/MATH.md 7.2). The array
+    starts ``p`` zeros before the ``p`` top padding rows: ``x[r, c]`` is at
+    ``p + (r + p) Wp + c``, and the window of kernel offset ``(i, j)`` for the output
+    position ``q = y Wp + x`` starts at ``q + i Wp + j``. A spare zero row at the bottom
+    keeps every window inside the buffer. ``P = (H + 2p + 1) Wp + p``.
     """
     N, C, H, W = x.shape
-    Hp, Wp = H + 2 * padding, W + 2 * padding
-    buf = xp.zeros((N, C, Hp + 1, Wp), dtype=x.dtype, device=device(x))
-    buf[:, :, padding : padding + H, padding : padding + W] = x
-    return xp.reshape(buf, (N, C, (Hp + 1) * Wp))
+    p = padding
+    Wp, rows = W + p, H + 2 * p + 2  # a row above, whose last p zeros lead the array, and a spare row below
+    buf = xp.zeros((N, C, rows, Wp), dtype=x.dtype, device=device(x))
+    buf[:, :, p + 1 : p + 1 + H, :W] = x
+    return xp.reshape(buf, (N, C, rows * Wp))[:, :, Wp - p :]
 
 
 def _flat_im2col(flat, k, Wp, L, *, xp):
@@ -266,7 +272,7 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     layout = _layout(xp, kh, kw, stride, padding, H, W)
     if layout == "flat" and stride == 1:
         cols = _flat_padded(x, padding, xp=xp)  # all the backward pass needs of x
-        y = _flat_conv(cols, weight, bias, Ho, Wo, W + 2 * padding, xp=xp)
+        y = _flat_conv(cols, weight, bias, Ho, Wo, W + padding, xp=xp)
     elif layout == "merged":
         cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
         y = xp.matmul(w2, cols)  # (O, N Ho Wo)
@@ -308,7 +314,7 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     _, C, k, _ = cache.weight.shape
     H, W = cache.x_shape[2:]
     p = cache.padding
-    Wp = W + 2 * p
+    Wp = W + p
     L, q = Ho * Wp, p * Wp + p
     itemsize = xp.finfo(dy.dtype).bits // 8
     dyflat = _flat_padded(dy, p, xp=xp)
