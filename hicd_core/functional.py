@@ -51,8 +51,9 @@ __all__ = [
 CONV_LAYOUT = "auto"
 
 #: "flat" works through the batch in blocks of images whose largest temporary (an im2col
-#: matrix or a stack of per-offset products) is about this many bytes, at least one image.
-#: Measured on a 2-core EPYC VM (docs/PERFORMANCE.md); tune for other caches.
+#: matrix or a stack of per-offset products) is about this many bytes, at least one image
+#: (on the CPU; on CuPy the batch is one block). Measured on a 2-core EPYC VM
+#: (docs/PERFORMANCE.md); tune for other caches.
 FLAT_BLOCK_BYTES = 4 << 20
 
 
@@ -168,8 +169,16 @@ def _flat_im2col(flat, k, Wp, L, *, xp):
     return xp.reshape(cols, (N, C * k * k, L))
 
 
-def _blocks(N, image_bytes):
-    """``(start, stop)`` of the image blocks of "flat": about FLAT_BLOCK_BYTES of temporaries each."""
+def _blocks(N, image_bytes, *, xp):
+    """``(start, stop)`` of the image blocks of "flat": about FLAT_BLOCK_BYTES of temporaries each.
+
+    The blocks are for the CPU's caches; on CuPy the whole batch is one block (small
+    blocks would only mean more, smaller kernel launches).
+    """
+    from .backend import is_cupy_namespace
+
+    if is_cupy_namespace(xp):
+        return [(0, N)]
     b = max(1, min(N, FLAT_BLOCK_BYTES // max(image_bytes, 1)))
     return [(s, min(s + b, N)) for s in range(0, N, b)]
 
@@ -193,7 +202,7 @@ def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
     else:
         w2 = xp.reshape(weight, (O, C * k * k))
         image_bytes = C * k * k * L * itemsize
-    blocks = _blocks(N, image_bytes)
+    blocks = _blocks(N, image_bytes, xp=xp)
     y = None if len(blocks) == 1 else xp.empty((N, O, Ho, Wo), dtype=flat.dtype, device=device(flat))
     for s, e in blocks:
         if product_first:
@@ -321,13 +330,13 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     if not input_grad and C < O:
         dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
         dweight = None
-        for s, e in _blocks(N, C * k * k * L * itemsize):
+        for s, e in _blocks(N, C * k * k * L * itemsize, xp=xp):
             part = _weight_grad(dyg[s:e, ...], _flat_im2col(cache.cols[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape, xp=xp)
             dweight = part if dweight is None else dweight + part
         return None, dweight, dbias
     xg = cache.cols[:, :, q : q + L]  # x on the padded-width grid
     wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
-    blocks = _blocks(N, O * k * k * L * itemsize)
+    blocks = _blocks(N, O * k * k * L * itemsize, xp=xp)
     g, dx = None, None
     if input_grad and len(blocks) > 1:
         dx = xp.empty(cache.x_shape, dtype=dy.dtype, device=device(dy))
@@ -373,7 +382,7 @@ def _halving_input_grad(dy, weight, H, W, *, xp):
         ((1, 1), taps((2, 0), (2, 2), (0, 2), (0, 0)), 0),
     ]
     dx = xp.empty((N, C, H, W), dtype=dy.dtype, device=device(dy))
-    for s, e in _blocks(N, 4 * O * L * (xp.finfo(dy.dtype).bits // 8)):
+    for s, e in _blocks(N, 4 * O * L * (xp.finfo(dy.dtype).bits // 8), xp=xp):
         dcols = xp.concat([g[s:e, :, sy * Wq + sx : sy * Wq + sx + L] for sy, sx in ((0, 1), (0, 0), (1, 0), (1, 1))], axis=1)
         for (a, b), wm, first in phases:
             part = xp.matmul(wm, dcols[:, first * O : first * O + wm.shape[1], :])  # (e - s, C, L)
