@@ -10,10 +10,10 @@ default taps (E2, E3, E4 with windows 8, 8, None; d1 with window 8), exactly as
 ``hicd_core.train.train_step`` does in training. Prints one JSON line with the
 median step time in milliseconds and the peak memory of a step. ``--vs-torch``
 times a PyTorch twin (same network, batch, thread count, float32) in the same
-run and prints the ratio ``median_ms / torch_median_ms``; with ``--interleave`` the two
-steps are timed in alternating blocks of five (ours, twin, ours, ...), so that both see the same phases of a
-noisy machine and ``median_ms`` comes from those turns. The twin lives here, never in
-``hicd_core``.
+run and prints the ratio ``median_ms / torch_median_ms``; with ``--interleave`` the
+two steps are timed in alternating blocks of five (ours, twin, ours, ...), so that both
+see the same phases of a noisy machine, and ``median_ms`` comes from those blocks. The
+twin lives here, never in ``hicd_core``.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     parser.add_argument("--vs-torch", action="store_true", help="also time the PyTorch eager twin")
     parser.add_argument("--interleave", action="store_true",
-                        help="with --vs-torch: time ours and the twin in alternating steps (steadier ratio on a noisy machine)")
+                        help="with --vs-torch: time ours and the twin in alternating blocks of steps")
     parser.add_argument("--profile", action="store_true", help="print the top functions of a profiled step")
     parser.add_argument("--conv-layout", default="auto", choices=["auto", "batched", "merged", "flat"],
                         help="im2col layout of the convolutions (hicd_core.functional.CONV_LAYOUT)")

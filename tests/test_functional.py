@@ -276,14 +276,21 @@ def test_flat_conv_in_blocks_matches_reference(xp, monkeypatch, block, channels)
     C, O = channels
     x, w, b = rng.standard_normal((3, C, 5, 6)), rng.standard_normal((O, C, 3, 3)), rng.standard_normal(O)
     monkeypatch.setattr(F, "CONV_LAYOUT", "flat")
-    # every per-image temporary is at least 9 min(C, O) L float64 values (L = 5 * 8): blocks of one
-    # image for block=1, of up to three otherwise
-    monkeypatch.setattr(F, "FLAT_BLOCK_BYTES", block * 9 * min(C, O) * 40 * 8)
+    monkeypatch.setattr(F, "_blocks", lambda N, image_bytes, *, xp: [(s, min(s + block, N)) for s in range(0, N, block)])
     cache = check_conv_against_reference(xp, rng, x, w, b, 1, 1)
     assert cache.layout == "flat"
     dy = to_xp(xp, rng.standard_normal((3, O, 5, 6)))
     dx, dw, db = F.conv2d_backward(dy, cache)
-    none, dw2, db2 = F.conv2d_backward(dy, cache, input_grad=False)  # C < O: dW from the im2col of x
+    none, dw2, db2 = F.conv2d_backward(dy, cache, input_grad=False)  # for C < O, dW from the im2col of x
     assert none is None
     np.testing.assert_allclose(to_np(dw2), to_np(dw), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(to_np(db2), to_np(db), rtol=1e-12, atol=1e-12)
+
+
+def test_flat_blocks_follow_flat_block_bytes(monkeypatch):
+    """Blocks hold FLAT_BLOCK_BYTES // bytes-per-image images, at least one, at most the batch."""
+    xp = F.array_namespace(np.zeros(1))
+    monkeypatch.setattr(F, "FLAT_BLOCK_BYTES", 1000)
+    assert F._blocks(5, 300, xp=xp) == [(0, 3), (3, 5)]
+    assert F._blocks(5, 4000, xp=xp) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert F._blocks(5, 10, xp=xp) == [(0, 5)]
