@@ -108,15 +108,25 @@ def _unpartition(x, shape, window, *, xp):
     return xp.reshape(blocks, (N, C, H, W))
 
 
+def _row_sum(x, *, xp):
+    """Sum along the last axis, keepdims, as a matrix-vector product.
+
+    Equal to ``xp.sum(x, axis=-1, keepdims=True)``; BLAS runs this several times
+    faster than NumPy's reduction over a short contiguous axis (16 to 128 entries here).
+    """
+    ones = xp.ones((x.shape[-1], 1), dtype=x.dtype, device=device(x))
+    return xp.matmul(x, ones)
+
+
 def _normalize(x, eps, *, xp):
     """L2-normalise along the last axis with eps inside the square root."""
-    inv_norm = 1.0 / xp.sqrt(xp.sum(x * x, axis=-1, keepdims=True) + eps)
+    inv_norm = 1.0 / xp.sqrt(_row_sum(x * x, xp=xp) + eps)
     return x * inv_norm, inv_norm
 
 
 def _normalize_backward(dxhat, xhat, inv_norm, *, xp):
     """dx = r * (dxhat - xhat <xhat, dxhat>), with r = 1/sqrt(|x|^2 + eps) (docs/MATH.md, 2)."""
-    proj = xp.sum(xhat * dxhat, axis=-1, keepdims=True)
+    proj = _row_sum(xhat * dxhat, xp=xp)
     return inv_norm * (dxhat - xhat * proj)
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from .backend import all_finite, array_namespace, device
 from .correlation import (
+    _row_sum,
     _cross_gram,
     _cross_gram_backward,
     _self_gram,
@@ -38,44 +39,38 @@ __all__ = ["correlation_distance", "hicd_loss", "feature_mse_loss", "KINDS"]
 KINDS = ("kl", "mse")
 
 
-def _row_sum(x, *, xp):
-    """Sum along the last axis, keepdims, as a matrix-vector product.
-
-    Equal to ``xp.sum(x, axis=-1, keepdims=True)``; BLAS runs this several times
-    faster than NumPy's reduction over a short contiguous axis (64 entries here).
-    """
-    ones = xp.ones((x.shape[-1], 1), dtype=x.dtype, device=device(x))
-    return xp.matmul(x, ones)
-
-
-def _softmax_parts(r, inv_tau, shift=None, *, xp):
+def _softmax_parts(r, inv_tau, shift=True, *, xp):
     """Row-wise softmax of ``r * inv_tau`` along the last axis, computed stably.
 
     Returns ``(z, prob, log_sum)`` with ``z = r * inv_tau - c`` and
     ``log softmax = z - log_sum``; every array here is freshly allocated. ``c`` is each
-    row's maximum, or ``shift`` when given: a constant at least every value of
-    ``r * inv_tau`` and close enough to them that no row's ``exp(z)`` underflows
-    (``_fixed_shift``), which saves NumPy's slow reduction over short rows.
+    row's maximum, or 0 with ``shift=False`` (only where ``exp`` can neither overflow nor
+    underflow without it, ``_shift_needed``), which saves NumPy's slow reduction over
+    short rows and a pass.
     """
     z = r * inv_tau
-    z -= xp.max(z, axis=-1, keepdims=True) if shift is None else shift
+    if shift:
+        z -= xp.max(z, axis=-1, keepdims=True)
     prob = xp.exp(z)
     total = _row_sum(prob, xp=xp)
     prob *= 1.0 / total
     return z, prob, xp.log(total)
 
 
-def _fixed_shift(bound, tau, dtype, *, xp):
-    """The constant softmax shift for correlations with ``|r| <= bound``, or None (use row maxima).
+def _shift_needed(bound, tau, dtype, row_length, *, xp):
+    """Whether the softmax of correlations with ``|r| <= bound`` needs its row-maximum shift.
 
-    With the shift ``bound / tau`` every shifted value lies in ``[-2 bound / tau, 0]`` (up to
-    rounding of ``bound``), so ``exp`` cannot overflow, and its largest value per row is at
-    least ``exp(-2 bound / tau)``, kept 8 above the log of the dtype's smallest normal number
-    (about -87 in float32) so that no row sum underflows or loses precision.
+    The values ``z = r / tau`` lie in ``[-b, b]``, ``b = bound / tau``. Without a shift,
+    ``exp(z)`` cannot underflow to a subnormal while ``exp(-b)`` is a normal number, and no
+    row sum (at most ``row_length exp(b)``) overflows while that stays finite, each with a
+    margin of ``e^8``; for float32 this holds up to ``b`` of about 79 (``tau >= 0.013`` for
+    ``bound = 1``). An unknown bound (None) always needs the shift.
     """
-    if bound is None or 2.0 * bound / tau > -math.log(xp.finfo(dtype).smallest_normal) - 8.0:
-        return None
-    return bound / tau
+    if bound is None:
+        return True
+    info = xp.finfo(dtype)
+    b = bound / tau
+    return not (b <= -math.log(info.smallest_normal) - 8.0 and b + math.log(max(row_length, 1)) <= math.log(info.max) - 8.0)
 
 
 def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
@@ -108,7 +103,7 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
 
 def _distance(r_s, r_t, kind, tau, bound=None):
     """``correlation_distance``; ``bound``: a known bound on ``|r|`` (1 for correlations of
-    normalised features), which lets the softmax use a constant shift (``_fixed_shift``)."""
+    normalised features), which lets the softmax skip its shift (``_shift_needed``)."""
     xp = array_namespace(r_s, r_t)
     if tuple(r_s.shape) != tuple(r_t.shape):
         raise ValueError(
@@ -122,7 +117,7 @@ def _distance(r_s, r_t, kind, tau, bound=None):
             raise ValueError(f"tau must be a positive finite number, got {tau!r}")
         tau = float(tau)
         rows = size // r_s.shape[-1]
-        shift = _fixed_shift(bound, tau, r_s.dtype, xp=xp)
+        shift = _shift_needed(bound, tau, r_s.dtype, r_s.shape[-1], xp=xp)
         z_s, q, log_sum_s = _softmax_parts(r_s, 1.0 / tau, shift, xp=xp)
         z_t, p, log_sum_t = _softmax_parts(r_t, 1.0 / tau, shift, xp=xp)
         # sum_j p_j (log p_j - log q_j) = sum_j p_j (z_t - z_s)_j + log_sum_s - log_sum_t, as sum_j p_j = 1
