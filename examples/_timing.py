@@ -33,3 +33,23 @@ def median_ms(fn, sync, repeats, warmup=2):
         sync()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times), times
+
+
+def interleaved_ms(fns, syncs, repeats, block=5):
+    """``(median, times)`` in milliseconds of each function, timed in alternating blocks of ``block`` steps.
+
+    Each block starts with one untimed step (the other side's threads may still be spinning,
+    its data is out of the caches); the rounds go on until every function has ``repeats``
+    timed steps. Both sides see the same phases of a noisy machine, so their ratio moves
+    less than that of two back-to-back runs.
+    """
+    times = [[] for _ in fns]
+    while min(len(t) for t in times) < repeats:
+        for fn, sync, out in zip(fns, syncs, times):
+            for i in range(block + 1):
+                start = time.perf_counter()
+                fn()
+                sync()
+                if i:
+                    out.append((time.perf_counter() - start) * 1e3)
+    return [(statistics.median(t[:repeats]), t[:repeats]) for t in times]

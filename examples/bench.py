@@ -25,9 +25,7 @@ import json
 import os
 import platform
 import pstats
-import statistics
 import sys
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from hicd_core import backend, functional  # noqa: E402
 from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
 from hicd_core.optim import AdamW  # noqa: E402
 from hicd_core.train import DistillConfig, default_windows, train_step  # noqa: E402
-from _timing import device_sync, median_ms, torch_sync  # noqa: E402
+from _timing import device_sync, interleaved_ms, median_ms, torch_sync  # noqa: E402
 
 
 def make_batch(batch, size, seed=0):
@@ -94,7 +92,7 @@ def torch_twin(torch, widths):
 
 
 def torch_step(args, host_batch, windows, change_window):
-    """``(torch, step, sync)`` of the PyTorch twin's training step, or None without PyTorch."""
+    """``(torch, step, sync, device)`` of the PyTorch twin's training step, or None without PyTorch."""
     try:
         import torch
     except ImportError:
@@ -124,27 +122,7 @@ def torch_step(args, host_batch, windows, change_window):
         loss.backward()
         opt.step()
 
-    return torch, step, torch_sync(torch, device)
-
-
-def interleaved_ms(fns, syncs, repeats, block=5):
-    """``(median, times)`` in milliseconds of each function, timed in alternating blocks of ``block`` steps.
-
-    Each block starts with one untimed step (the other side's threads may still be spinning,
-    its data is out of the caches); the rounds go on until every function has ``repeats``
-    timed steps. Both sides see the same phases of a noisy machine, so their ratio moves
-    less than that of two back-to-back runs.
-    """
-    times = [[] for _ in fns]
-    while min(len(t) for t in times) < repeats:
-        for fn, sync, out in zip(fns, syncs, times):
-            for i in range(block + 1):
-                start = time.perf_counter()
-                fn()
-                sync()
-                if i:
-                    out.append((time.perf_counter() - start) * 1e3)
-    return [(statistics.median(t[:repeats]), t[:repeats]) for t in times]
+    return torch, step, torch_sync(torch, device), device
 
 
 # --------------------------------------------------------------------------- main
@@ -211,8 +189,8 @@ def main(argv=None):
         if twin is None:
             result["torch"] = "not installed"
         else:
-            torch, tstep, tsync = twin
-            if on_gpu:
+            torch, tstep, tsync, tdevice = twin
+            if tdevice == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             if args.interleave:
                 (ms, times), (tms, _) = interleaved_ms([step, tstep], [sync, tsync], args.steps)
@@ -221,11 +199,11 @@ def main(argv=None):
             else:
                 tms, _ = median_ms(tstep, tsync, args.steps)
             result.update(
-                torch_version=torch.__version__, torch_device="cuda" if on_gpu else "cpu",
+                torch_version=torch.__version__, torch_device=tdevice,
                 torch_threads=torch.get_num_threads(), torch_median_ms=round(tms, 3),
                 ratio=round(result["median_ms"] / tms, 3),
             )
-            if on_gpu:
+            if tdevice == "cuda":
                 result["torch_peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if args.profile:
         prof = cProfile.Profile()

@@ -112,7 +112,7 @@ def main(argv=None):
             row[f"conv_fwd_{layout}"] = t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1))
             row[f"conv_bwd_{layout}"] = t(lambda: F.conv2d_backward(dy, other_cache, input_grad=need_dx))
             if layout == "flat":
-                form = "stride 2, dx by phases" if stride == 2 else "product first" if cin >= 2 * cout else "im2col"
+                form = "stride 2, dx by phases" if stride == 2 else "product first" if F._flat_product_first(cin, cout) else "im2col"
                 row["flat_form"] = f"flat, {form}" if other_cache.layout == "flat" else other_cache.layout
         F.CONV_LAYOUT = "batched"
         if backend.is_cupy_namespace(xp):

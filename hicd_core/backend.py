@@ -181,4 +181,3 @@ def keep_host_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 3
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     clamp = lambda v: min(int(v), 2**31 - 1)  # noqa: E731  (an int parameter)
     return bool(mallopt(_M_MMAP_THRESHOLD, clamp(mmap_threshold)) and mallopt(_M_TRIM_THRESHOLD, clamp(trim_threshold)))
-

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .backend import array_namespace, device
+from .backend import array_namespace, device, is_cupy_namespace
 
 __all__ = [
     "conv2d_forward",
@@ -77,8 +77,6 @@ def _layout(xp, kh, kw, stride, padding, H, W):
     """
     layout = CONV_LAYOUT
     if layout == "auto":
-        from .backend import is_cupy_namespace
-
         layout = "merged" if is_cupy_namespace(xp) else "flat"
     if layout not in ("batched", "merged", "flat"):
         raise ValueError(f"CONV_LAYOUT must be 'auto', 'batched', 'merged' or 'flat', got {CONV_LAYOUT!r}")
@@ -175,12 +173,15 @@ def _blocks(N, image_bytes, *, xp):
     The blocks are for the CPU's caches; on CuPy the whole batch is one block (small
     blocks would only mean more, smaller kernel launches).
     """
-    from .backend import is_cupy_namespace
-
     if is_cupy_namespace(xp):
         return [(0, N)]
     b = max(1, min(N, FLAT_BLOCK_BYTES // max(image_bytes, 1)))
     return [(s, min(s + b, N)) for s in range(0, N, b)]
+
+
+def _flat_product_first(C, O):
+    """Whether a "flat" convolution of ``C`` to ``O`` channels multiplies first (``_flat_conv``)."""
+    return C >= 2 * O
 
 
 def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
@@ -195,7 +196,7 @@ def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
     O, _, k, _ = weight.shape
     L = Ho * Wp
     itemsize = xp.finfo(flat.dtype).bits // 8
-    product_first = C >= 2 * O
+    product_first = _flat_product_first(C, O)
     if product_first:
         wk = xp.reshape(xp.permute_dims(weight, (2, 3, 0, 1)), (k * k * O, C))  # row (i k + j) O + o
         image_bytes = k * k * O * P * itemsize
