@@ -7,9 +7,10 @@ Times (median ms, device-synchronised) the conv layers' parts in the batched
 layout (im2col, the forward matmul, the weight and input-gradient matmuls,
 col2im), each whole conv forward and backward in the batched, merged and flat
 layouts (``hicd_core.functional.CONV_LAYOUT``), BatchNorm and ReLU forward +
-backward, for every conv shape of the network, and prints one JSON line per
-layer plus totals. ``--torch`` adds the same conv's forward + backward through
-torch (cuDNN / oneDNN) for reference.
+backward and the passes of BatchNorm's forward one by one (``bn_parts``), for every
+conv shape of the network, and prints one JSON line per layer plus totals.
+``--torch`` adds the same conv's forward + backward and BatchNorm + ReLU's forward +
+backward through torch (cuDNN / oneDNN) for reference.
 """
 
 from __future__ import annotations
@@ -47,6 +48,29 @@ def dw_split_k(dy2, cols, xp, chunk=4096):
     a = xp.reshape(xp.permute_dims(xp.reshape(dy2, (N, O, S, L // S)), (0, 2, 1, 3)), (N * S, O, L // S))
     b = xp.reshape(xp.permute_dims(xp.reshape(cols, (N, K, S, L // S)), (0, 2, 3, 1)), (N * S, L // S, K))
     return xp.sum(xp.matmul(a, b), axis=0)
+
+
+def bn_parts(t, y, xp):
+    """The passes of a training BatchNorm forward over ``y (N, C, H, W)``, each timed alone.
+
+    ``channel_sum``: one per-channel sum (a matrix-vector product, as ``batchnorm2d``
+    takes it), beside ``channel_sum_reduce`` (the library reduction over axes 0, 2, 3);
+    ``centre``: ``y - mean``; ``square_sum``: the variance's sum of squares as
+    ``batchnorm2d`` takes it (square, then sum) beside ``square_sum_dot`` (one dot
+    product per image and channel, no squared copy); ``scale_shift``: ``centred s + t``.
+    """
+    N, C, H, W = y.shape
+    mean = xp.reshape(F._channel_sum(y, xp=xp) * (1.0 / (N * H * W)), (1, C, 1, 1))
+    centred = y - mean
+    rows = xp.reshape(centred, (N * C, 1, H * W))
+    return {
+        "bn_channel_sum": t(lambda: F._channel_sum(y, xp=xp)),
+        "bn_channel_sum_reduce": t(lambda: xp.sum(y, axis=(0, 2, 3))),
+        "bn_centre": t(lambda: y - mean),
+        "bn_square_sum": t(lambda: F._channel_sum(centred * centred, xp=xp)),
+        "bn_square_sum_dot": t(lambda: xp.sum(xp.reshape(xp.matmul(rows, xp.matrix_transpose(rows)), (N, C)), axis=0)),
+        "bn_scale_shift": t(lambda: centred * mean + mean),
+    }
 
 
 def layer_shapes(batch, size, widths=DEFAULT_WIDTHS):
@@ -133,6 +157,7 @@ def main(argv=None):
         _, bn_cache, _, _ = F.batchnorm2d_forward(y, g, z, z, g, training=True)
         row["bn_fwd"] = t(lambda: F.batchnorm2d_forward(y, g, z, z, g, training=True))
         row["bn_bwd"] = t(lambda: F.batchnorm2d_backward(dy, bn_cache))
+        row.update(bn_parts(t, y, xp))
         _, relu_cache = F.relu_forward(y)
         row["relu_fwd_bwd"] = t(lambda: F.relu_backward(dy, F.relu_forward(y)[1]))
         if torch is not None:
@@ -145,6 +170,13 @@ def main(argv=None):
                 out.backward(tdy)
 
             row["torch_conv_fwd_bwd"] = round(median_ms(torch_conv, torch_sync(torch, dev), 10, warmup=1)[0], 3)
+            bn = torch.nn.BatchNorm2d(cout).to(dev)
+            ty = torch.as_tensor(backend.to_host(y), device=dev).requires_grad_(True)
+
+            def torch_bn_relu():
+                torch.relu(bn(ty)).backward(tdy)
+
+            row["torch_bn_relu_fwd_bwd"] = round(median_ms(torch_bn_relu, torch_sync(torch, dev), 10, warmup=1)[0], 3)
         for k, v in row.items():
             if isinstance(v, float):
                 totals[k] = round(totals.get(k, 0.0) + v, 3)

@@ -7,8 +7,9 @@
 # packages such a machine lacks: array-api-compat, array-api-strict), runs the
 # CuPy-parametrised tests, then the training-step benchmark (task and hicd modes,
 # batch 16, size 256) against a PyTorch CUDA twin and the hicd_loss benchmark
-# against torch autograd on CUDA, and the per-layer profile (examples/profile_layers.py).
-# Every figure lands as JSON in OUTDIR.
+# against torch autograd on CUDA, and the per-layer profile (examples/profile_layers.py);
+# the step benchmark runs once with the default conv layout and once with "flat". Every figure
+# lands as JSON in OUTDIR, the script's own run time in OUTDIR/wall.txt.
 set -uo pipefail
 OUT=${1:?usage: device_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -40,6 +41,13 @@ for mode in task hicd; do
     > "$OUT/bench_${mode}.json" 2>&1 || status=1
   tail -n 1 "$OUT/bench_${mode}.json"
 done
+# the default on CuPy is the "merged" layout; "flat" (one im2col of dy for both gradients, no
+# col2im) was only ever timed on the CPU: time it against the twin in the same run
+for mode in task hicd; do
+  timeout 120 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
+    --conv-layout flat > "$OUT/bench_${mode}_flat.json" 2>&1 || status=1
+  tail -n 1 "$OUT/bench_${mode}_flat.json"
+done
 timeout 90 python3 examples/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2>&1 || status=1
 tail -n 1 "$OUT/bench_loss.json"
 timeout 120 python3 examples/profile_layers.py --backend cupy --batch 16 --size 256 --torch > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
@@ -59,4 +67,5 @@ timeout 60 python3 -m hicd_core.cli predict /tmp/hicd-a.png /tmp/hicd-b.png -o /
   --checkpoint "$OUT/quick_cupy/teacher/best.h5" --backend cupy >> "$OUT/train_cd_quick_cupy.txt" 2>&1 || status=1
 tail -n 1 "$OUT/train_cd_quick_cupy.txt"
 rm -rf "$OUT/quick_cupy"
+echo "device_check.sh: ${SECONDS} s, exit status $status" | tee "$OUT/wall.txt"
 exit $status
