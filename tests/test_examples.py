@@ -31,6 +31,16 @@ def test_bench_loss_prints_json():
     assert result["median_ms"] > 0 and result["loss"] >= 0
 
 
+def test_profile_layers_prints_a_row_per_layer_and_totals():
+    lines = run_script("examples/profile_layers.py", "--batch", "1", "--size", "16").strip().splitlines()
+    rows = [json.loads(line) for line in lines]
+    layers = [row["layer"] for row in rows[:-1]]
+    assert layers[0] == "enc1.0" and layers[-1] == "dec1" and len(layers) == 12
+    totals = rows[-1]["totals"]
+    for key in ("conv_fwd_flat", "conv_bwd_merged", "bn_fwd", "bn_channel_sum", "bn_square_sum_dot", "bn_scale_shift"):
+        assert totals[key] > 0, key
+
+
 def test_reproduce_writes_rows_report_and_resumes(tmp_path):
     """A one-setting, one-seed, one-variant sweep writes its rows and report, and a rerun adds nothing."""
     results, report = tmp_path / "rows.json", tmp_path / "docs" / "REPORT.md"
