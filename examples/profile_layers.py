@@ -6,7 +6,8 @@
 Times (median ms, device-synchronised) the conv layers' parts in the batched
 layout (im2col, the forward matmul, the weight and input-gradient matmuls,
 col2im), each whole conv forward and backward in the batched, merged and flat
-layouts (``hicd_core.functional.CONV_LAYOUT``), BatchNorm and ReLU forward +
+layouts (``hicd_core.functional.CONV_LAYOUT``), a candidate flat backward with the
+batch folded into the pixel axis (``flat_backward_one_product``), BatchNorm and ReLU forward +
 backward and the passes of BatchNorm's forward one by one (``bn_parts``), for every
 conv shape of the network, and prints one JSON line per layer plus totals.
 ``--torch`` adds the same conv's forward + backward and BatchNorm + ReLU's forward +
@@ -71,6 +72,35 @@ def bn_parts(t, y, xp):
         "bn_square_sum_dot": t(lambda: xp.sum(xp.reshape(xp.matmul(rows, xp.matrix_transpose(rows)), (N, C)), axis=0)),
         "bn_scale_shift": t(lambda: centred * mean + mean),
     }
+
+
+def flat_backward_one_product(dy, cache, xp, input_grad=True):
+    """A candidate "flat" backward for GPUs: the batch folded into the pixel axis (stride 1 only).
+
+    ``dy`` is padded and flattened with the channel axis first, ``(O, N, P)``, so that
+    its im2col is one ``(O k k, N L)`` matrix and the weight gradient is one product with
+    ``x`` on the padded-width grid ``(C, N L)`` (a transposed copy of ``x``) instead of a
+    batched product summed over the images, the form that ran with little parallelism on
+    the H200; the input gradient is one product too, cropped and transposed back in one
+    copy. Returns ``(dx or None, dweight)``; ``main`` checks them against ``conv2d_backward``.
+    """
+    N, O, Ho, Wo = dy.shape
+    _, C, k, _ = cache.weight.shape
+    H, W = cache.x_shape[2:]
+    p = cache.padding
+    Wp = W + p
+    L, q = Ho * Wp, p * Wp + p
+    dyflat = F._flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), p, xp=xp)  # (O, N, P)
+    dcols = xp.stack([dyflat[:, :, i * Wp + j : i * Wp + j + L] for i in range(k) for j in range(k)], axis=1)
+    dcols = xp.reshape(dcols, (O * k * k, N * L))
+    xg = F._contiguous(xp.permute_dims(cache.cols[:, :, q : q + L], (1, 0, 2)), xp=xp)  # (C, N, L)
+    g = xp.matmul(dcols, xp.matrix_transpose(xp.reshape(xg, (C, N * L))))  # (O k k, C), flipped offsets
+    dweight = F._contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
+    if not input_grad:
+        return None, dweight
+    wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
+    dxt = xp.reshape(xp.matmul(wt, dcols), (C, N, H, Wp))[..., :W]
+    return F._contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight
 
 
 def layer_shapes(batch, size, widths=DEFAULT_WIDTHS):
@@ -138,6 +168,13 @@ def main(argv=None):
             if layout == "flat":
                 form = "stride 2, dx by phases" if stride == 2 else "product first" if F._flat_product_first(cin, cout) else "im2col"
                 row["flat_form"] = f"flat, {form}" if other_cache.layout == "flat" else other_cache.layout
+                if stride == 1 and other_cache.layout == "flat":
+                    dx, dw, _ = F.conv2d_backward(dy, other_cache, input_grad=need_dx)
+                    dx1, dw1 = flat_backward_one_product(dy, other_cache, xp, input_grad=need_dx)
+                    for a, b1 in ((dx, dx1), (dw, dw1)) if need_dx else ((dw, dw1),):
+                        scale = float(xp.max(xp.abs(a)))
+                        assert float(xp.max(xp.abs(a - b1))) <= 1e-4 * scale, name
+                    row["conv_bwd_flat_one_product"] = t(lambda: flat_backward_one_product(dy, other_cache, xp, need_dx))
         F.CONV_LAYOUT = "batched"
         if backend.is_cupy_namespace(xp):
             import cupy
