@@ -174,7 +174,8 @@ def main(argv=None):
                     for a, b1 in ((dx, dx1), (dw, dw1)) if need_dx else ((dw, dw1),):
                         scale = float(xp.max(xp.abs(a)))
                         assert float(xp.max(xp.abs(a - b1))) <= 1e-4 * scale, name
-                    row["conv_bwd_flat_one_product"] = t(lambda: flat_backward_one_product(dy, other_cache, xp, need_dx))
+                    row["conv_bwd_flat_one_product"] = t(
+                        lambda: flat_backward_one_product(dy, other_cache, xp, need_dx))
         F.CONV_LAYOUT = "batched"
         if backend.is_cupy_namespace(xp):
             import cupy

@@ -37,7 +37,9 @@ def test_profile_layers_prints_a_row_per_layer_and_totals():
     layers = [row["layer"] for row in rows[:-1]]
     assert layers[0] == "enc1.0" and layers[-1] == "dec1" and len(layers) == 12
     totals = rows[-1]["totals"]
-    for key in ("conv_fwd_flat", "conv_bwd_merged", "conv_bwd_flat_one_product", "bn_fwd", "bn_channel_sum", "bn_square_sum_dot", "bn_scale_shift"):
+    keys = ("conv_fwd_flat", "conv_bwd_merged", "conv_bwd_flat_one_product", "bn_fwd", "bn_channel_sum",
+            "bn_square_sum_dot", "bn_scale_shift")
+    for key in keys:
         assert totals[key] > 0, key
 
 
