@@ -7,9 +7,9 @@ Times (median ms, device-synchronised) the conv layers' parts in the batched
 layout (im2col, the forward matmul, the weight and input-gradient matmuls,
 col2im), each whole conv forward and backward in the batched, merged and flat
 layouts (``hicd_core.functional.CONV_LAYOUT``), a candidate flat backward with the
-batch folded into the pixel axis (``flat_backward_one_product``), BatchNorm and ReLU forward +
-backward and the passes of BatchNorm's forward one by one (``bn_parts``), for every
-conv shape of the network, and prints one JSON line per layer plus totals.
+batch folded into the pixel axis (``flat_backward_one_product``), BatchNorm and ReLU
+forward + backward and the passes of BatchNorm's forward one by one (``bn_parts``),
+for every conv shape of the network, and prints one JSON line per layer plus totals.
 ``--torch`` adds the same conv's forward + backward and BatchNorm + ReLU's forward +
 backward through torch (cuDNN / oneDNN) for reference.
 """
@@ -82,7 +82,8 @@ def flat_backward_one_product(dy, cache, xp, input_grad=True):
     ``x`` on the padded-width grid ``(C, N L)`` (a transposed copy of ``x``) instead of a
     batched product summed over the images, the form that ran with little parallelism on
     the H200; the input gradient is one product too, cropped and transposed back in one
-    copy. Returns ``(dx or None, dweight)``; ``main`` checks them against ``conv2d_backward``.
+    copy. Returns ``(dx or None, dweight)``; ``main`` reports their largest difference from
+    ``conv2d_backward``'s, relative to its largest value (``flat_one_product_err``).
     """
     N, O, Ho, Wo = dy.shape
     _, C, k, _ = cache.weight.shape
@@ -171,9 +172,10 @@ def main(argv=None):
                 if stride == 1 and other_cache.layout == "flat":
                     dx, dw, _ = F.conv2d_backward(dy, other_cache, input_grad=need_dx)
                     dx1, dw1 = flat_backward_one_product(dy, other_cache, xp, input_grad=need_dx)
-                    for a, b1 in ((dx, dx1), (dw, dw1)) if need_dx else ((dw, dw1),):
-                        scale = float(xp.max(xp.abs(a)))
-                        assert float(xp.max(xp.abs(a - b1))) <= 1e-4 * scale, name
+                    pairs = ((dx, dx1), (dw, dw1)) if need_dx else ((dw, dw1),)
+                    # reported, not asserted: a wrong candidate must not cost a GPU session its profile
+                    row["flat_one_product_err"] = max(
+                        float(xp.max(xp.abs(a - b1))) / float(xp.max(xp.abs(a))) for a, b1 in pairs)
                     row["conv_bwd_flat_one_product"] = t(
                         lambda: flat_backward_one_product(dy, other_cache, xp, need_dx))
         F.CONV_LAYOUT = "batched"
@@ -216,7 +218,7 @@ def main(argv=None):
 
             row["torch_bn_relu_fwd_bwd"] = round(median_ms(torch_bn_relu, torch_sync(torch, dev), 10, warmup=1)[0], 3)
         for k, v in row.items():
-            if isinstance(v, float):
+            if isinstance(v, float) and not k.endswith("_err"):
                 totals[k] = round(totals.get(k, 0.0) + v, 3)
         print(json.dumps(row))
     print(json.dumps({"totals": totals, "backend": args.backend, "batch": args.batch, "size": args.size}))

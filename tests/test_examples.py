@@ -41,6 +41,8 @@ def test_profile_layers_prints_a_row_per_layer_and_totals():
             "bn_square_sum_dot", "bn_scale_shift")
     for key in keys:
         assert totals[key] > 0, key
+    errors = [row["flat_one_product_err"] for row in rows[:-1] if "flat_one_product_err" in row]
+    assert len(errors) == 9 and max(errors) < 1e-5  # the candidate flat backward agrees with conv2d_backward
 
 
 def test_reproduce_writes_rows_report_and_resumes(tmp_path):
