@@ -85,22 +85,18 @@ def flat_backward_one_product(dy, cache, xp, input_grad=True):
     copy. Returns ``(dx or None, dweight)``; ``main`` reports their largest difference from
     ``conv2d_backward``'s, relative to its largest value (``flat_one_product_err``).
     """
-    N, O, Ho, Wo = dy.shape
-    _, C, k, _ = cache.weight.shape
-    H, W = cache.x_shape[2:]
-    p = cache.padding
-    Wp = W + p
-    L, q = Ho * Wp, p * Wp + p
-    dyflat = F._flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), p, xp=xp)  # (O, N, P)
+    N, C, H, W = cache.x_shape
+    k = cache.weight.shape[2]
+    Wp, L, q = F._flat_grid(cache)
+    dyflat = F._flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), cache.padding, xp=xp)  # (O, N, P)
     dcols = xp.stack([dyflat[:, :, i * Wp + j : i * Wp + j + L] for i in range(k) for j in range(k)], axis=1)
-    dcols = xp.reshape(dcols, (O * k * k, N * L))
+    dcols = xp.reshape(dcols, (-1, N * L))  # (O k k, N L)
     xg = F._contiguous(xp.permute_dims(cache.cols[:, :, q : q + L], (1, 0, 2)), xp=xp)  # (C, N, L)
-    g = xp.matmul(dcols, xp.matrix_transpose(xp.reshape(xg, (C, N * L))))  # (O k k, C), flipped offsets
-    dweight = F._contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
+    g = xp.matmul(dcols, xp.matrix_transpose(xp.reshape(xg, (C, N * L))))  # (O k k, C)
+    dweight = F._unflipped_weight_grad(g, cache.weight.shape, xp=xp)
     if not input_grad:
         return None, dweight
-    wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
-    dxt = xp.reshape(xp.matmul(wt, dcols), (C, N, H, Wp))[..., :W]
+    dxt = xp.reshape(xp.matmul(F._flipped_taps(cache.weight, xp=xp), dcols), (C, N, H, Wp))[..., :W]
     return F._contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight
 
 

@@ -323,11 +323,9 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     N, O, Ho, Wo = dy.shape
     _, C, k, _ = cache.weight.shape
     H, W = cache.x_shape[2:]
-    p = cache.padding
-    Wp = W + p
-    L, q = Ho * Wp, p * Wp + p
+    Wp, L, q = _flat_grid(cache)
     itemsize = xp.finfo(dy.dtype).bits // 8
-    dyflat = _flat_padded(dy, p, xp=xp)
+    dyflat = _flat_padded(dy, cache.padding, xp=xp)
     if not input_grad and C < O:
         dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
         dweight = None
@@ -336,7 +334,7 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
             dweight = part if dweight is None else dweight + part
         return None, dweight, dbias
     xg = cache.cols[:, :, q : q + L]  # x on the padded-width grid
-    wt = xp.reshape(xp.permute_dims(xp.flip(cache.weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
+    wt = _flipped_taps(cache.weight, xp=xp)
     blocks = _blocks(N, O * k * k * L * itemsize, xp=xp)
     g, dx = None, None
     if input_grad and len(blocks) > 1:
@@ -349,9 +347,32 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
             dx = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp)
         elif input_grad:
             _flat_unpad_into(dx, s, e, xp.matmul(wt, dcols), Wp, None, xp=xp)
-    # g[o k k + (i' k + j'), c] belongs to the flipped offset (i', j') = (k-1-i, k-1-j)
-    dweight = _contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
-    return dx, dweight, dbias
+    return dx, _unflipped_weight_grad(g, cache.weight.shape, xp=xp), dbias
+
+
+def _flat_grid(cache: ConvCache):
+    """``(Wp, L, q)`` of a stride-1 "flat" convolution: the padded row width, the length of the
+    output on the padded-width grid (``Ho Wp``), and where ``x[0, 0]`` sits in the flattened
+    padded image (``p Wp + p``)."""
+    H, W = cache.x_shape[2:]
+    p = cache.padding
+    Wp = W + p
+    return Wp, H * Wp, p * Wp + p
+
+
+def _flipped_taps(weight, *, xp):
+    """``(C, O k k)``: the kernel flipped in both spatial axes, input channels as rows; times the
+    im2col of ``dy`` it gives the input gradient of a "same" convolution (docs/MATH.md 7.2)."""
+    O, C, k, _ = weight.shape
+    return xp.reshape(xp.permute_dims(xp.flip(weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
+
+
+def _unflipped_weight_grad(g, shape, *, xp):
+    """``g (O k k, C)``, the product of the im2col of ``dy`` with ``x``, as the weight gradient
+    ``(O, C, k, k)``: row ``o k k + (i' k + j')`` belongs to the flipped offset
+    ``(i', j') = (k-1-i, k-1-j)``."""
+    O, C, k, _ = shape
+    return _contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
 
 
 def _halving_input_grad(dy, weight, H, W, *, xp):

@@ -180,7 +180,7 @@ class TinySiamCD:
         weight = p[f"{name}.conv.weight"] * xp.reshape(s, (-1, 1, 1, 1))
         bias = (p[f"{name}.conv.bias"] - b[f"{name}.bn.running_mean"]) * s + p[f"{name}.bn.bias"]
         y, _ = conv2d_forward(x, weight, bias, stride=stride, padding=1)
-        return xp.maximum(y, 0.0), None
+        return relu_forward(y)[0], None
 
     def _cbr_backward(self, dy, cache: CBRCache, name, grads, input_grad=True):
         dy = relu_backward(dy, cache.relu)

@@ -36,17 +36,15 @@ status=0
 timeout 240 python3 -m pytest -q -p no:cacheprovider -k cupy tests/ > "$OUT/pytest_cupy.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_cupy.txt"
 
-for mode in task hicd; do
-  timeout 120 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
-    > "$OUT/bench_${mode}.json" 2>&1 || status=1
-  tail -n 1 "$OUT/bench_${mode}.json"
-done
-# the default on CuPy is the "merged" layout; "flat" (one im2col of dy for both gradients, no
-# col2im) was only ever timed on the CPU: time it against the twin in the same run
-for mode in task hicd; do
-  timeout 120 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
-    --conv-layout flat > "$OUT/bench_${mode}_flat.json" 2>&1 || status=1
-  tail -n 1 "$OUT/bench_${mode}_flat.json"
+# the default ("auto", merged on CuPy), then "flat" (one im2col of dy for both gradients, no col2im),
+# which was only ever timed on the CPU: bench_MODE.json and bench_MODE_flat.json
+for layout in auto flat; do
+  for mode in task hicd; do
+    name=bench_${mode}$([ $layout = auto ] || echo _$layout).json
+    timeout 120 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
+      --conv-layout $layout > "$OUT/$name" 2>&1 || status=1
+    tail -n 1 "$OUT/$name"
+  done
 done
 timeout 90 python3 examples/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2>&1 || status=1
 tail -n 1 "$OUT/bench_loss.json"
