@@ -56,6 +56,17 @@ def build_parser():
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     t.add_argument("--schedule", choices=["cosine", "poly", "constant"], default="cosine")
     t.add_argument("--dice-weight", type=float, default=0.0, help="weight of the soft Dice term (default off)")
+    t.add_argument("--pos-weight", type=float, default=None,
+                   help="weight of the change pixels in the BCE (imbalanced real scenes, e.g. 5; default 1)")
+    t.add_argument("--normalize", action="store_true",
+                   help="standardise the input channels with statistics of the training set (stored in the checkpoint)")
+    t.add_argument("--change-crop-rate", type=float, default=0.0,
+                   help="share of training crops drawn around a change pixel (with --crop; e.g. 0.5)")
+    t.add_argument("--patience", type=int, default=None,
+                   help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
+    t.add_argument("--eval-tile", type=int, default=None, help="validate scenes larger than this tile by tile")
+    t.add_argument("--label-threshold", type=int, default=None,
+                   help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     t.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (e.g. 255)")
     t.add_argument("--distill-weight", type=float, default=1.0, help="weight of the whole distillation loss")
     t.add_argument("--w-self", type=float, default=None, help="HiCD self-correlation weight")
@@ -83,6 +94,9 @@ def build_parser():
     e.add_argument("--setting", choices=SETTINGS, default=None, help="degrade t2 (default: evaluate HQ)")
     e.add_argument("--seed", type=int, default=54321, help="degradation seed of the test set")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--tile", type=int, default=None, help="predict scenes larger than this tile by tile")
+    e.add_argument("--label-threshold", type=int, default=None,
+                   help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     e.add_argument("--ignore-index", type=int, default=None)
     _add_backend(e)
 
@@ -116,6 +130,8 @@ def build_parser():
     k.add_argument("data")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--split", default=None)
+    k.add_argument("--label-threshold", type=int, default=None,
+                   help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     k.add_argument("--ignore-index", type=int, default=None)
     return parser
 
@@ -129,7 +145,8 @@ def _dataset(args, *, n_default=128):
     if path.is_dir():
         from .data import FolderDataset
 
-        return FolderDataset(path, args.split, ignore_value=getattr(args, "ignore_index", None))
+        return FolderDataset(path, args.split, ignore_value=getattr(args, "ignore_index", None),
+                             label_threshold=getattr(args, "label_threshold", None))
     return open_dataset(path)
 
 
@@ -140,11 +157,14 @@ def cmd_train(args):
 
     xp = backend.namespace(args.backend)
     train_set, val_set, _ = load_splits(args.data, size=args.size, n_train=args.n_train, n_val=args.n_val,
-                                        n_test=1, seed=args.seed, ignore_value=args.ignore_index)
+                                        n_test=1, seed=args.seed, ignore_value=args.ignore_index,
+                                        label_threshold=args.label_threshold)
     cfg = TrainConfig(role=args.role, setting=args.setting, epochs=args.epochs, batch_size=args.batch_size,
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
-                      seed=args.seed, student_init=args.student_init)
+                      pos_weight=args.pos_weight, normalize=args.normalize, change_crop_rate=args.change_crop_rate,
+                      patience=args.patience, eval_tile=args.eval_tile, seed=args.seed,
+                      student_init=args.student_init)
     teacher = None
     if args.role == "student":
         overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau}
@@ -177,7 +197,7 @@ def cmd_eval(args):
     data = _dataset(args)
     if args.setting is not None:
         data = DegradedView(data, args.setting, args.seed)
-    metrics = evaluate(model, data, batch_size=args.batch_size, ignore_index=args.ignore_index)
+    metrics = evaluate(model, data, batch_size=args.batch_size, ignore_index=args.ignore_index, tile=args.tile)
     print(json.dumps({"checkpoint": args.checkpoint, "setting": args.setting, "n": len(data), **metrics}))
 
 
@@ -218,7 +238,7 @@ def cmd_degrade(args):
 def cmd_pack(args):
     from .data import FolderDataset, pack_dataset
 
-    ds = FolderDataset(args.data, args.split, ignore_value=args.ignore_index)
+    ds = FolderDataset(args.data, args.split, ignore_value=args.ignore_index, label_threshold=args.label_threshold)
     pack_dataset(ds, args.output)
     print(json.dumps({"output": args.output, "n": len(ds)}))
 

@@ -21,7 +21,7 @@ from . import backend
 from .data.folder import DegradedView
 from .data.splits import load_splits
 from .infer import evaluate
-from .io import atomic_path
+from .io import atomic_path, load_checkpoint
 from .metrics import METRIC_KEYS
 from .train import DistillConfig, TrainConfig, default_windows, fit, load_model
 
@@ -34,6 +34,7 @@ __all__ = [
     "train_teacher",
     "train_student",
     "test_views",
+    "run_summary",
     "run_comparison",
     "format_table",
 ]
@@ -41,7 +42,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes and schedules of a comparison run."""
+    """Sizes, schedules and the training recipe of a comparison run.
+
+    ``teacher_epochs`` / ``student_epochs`` are maximum budgets when ``patience``
+    is set (training stops once validation F1 has not improved for ``patience``
+    epochs); ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and ``eval_tile``
+    are the ``TrainConfig`` fields of the same names; ``repeats``: how many random
+    crops of each training scene make one epoch (real data).
+    """
 
     size: int = 64
     n_train: int = 400
@@ -53,6 +61,13 @@ class Profile:
     student_epochs: int = 6
     lr: float = 2e-3
     student_lr: float = 1e-3
+    patience: int | None = None
+    dice_weight: float = 0.0
+    pos_weight: float | None = None
+    normalize: bool = False
+    change_crop_rate: float = 0.0
+    eval_tile: int | None = None
+    repeats: int = 1
 
 
 PROFILES = {
@@ -88,7 +103,8 @@ def _metrics_row(method, metrics):
 
 def _base_config(prof, seed):
     return TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
-                       lr=prof.lr, seed=seed)
+                       lr=prof.lr, seed=seed, patience=prof.patience, dice_weight=prof.dice_weight, pos_weight=prof.pos_weight,
+                       normalize=prof.normalize, change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile)
 
 
 def train_teacher(out_dir, splits, prof, *, seed=0, xp=None, progress=True, log=print):
@@ -110,6 +126,13 @@ def train_student(out_dir, name, splits, prof, teacher, *, setting, seed=0, xp=N
     log(f"[{setting} seed {seed}] {STUDENTS[name][0]}: {cfg.epochs} epochs")
     fit(cfg, train_set, val_set, out_dir, xp=xp, teacher=teacher, resume=True, progress=progress)
     return load_model(Path(out_dir) / "best.h5", xp=xp)[0]
+
+
+def run_summary(out_dir):
+    """``{"best_epoch", "epochs_run", "stopped"}`` of a finished run in ``out_dir`` (from ``last.h5``)."""
+    extra = load_checkpoint(Path(out_dir) / "last.h5")["extra"]
+    return {"best_epoch": int(extra["best"]["epoch"]), "epochs_run": int(extra["epoch"]),
+            "stopped": bool(extra.get("stopped", False))}
 
 
 def test_views(test_set, setting, seed, test_seed=None):

@@ -645,7 +645,7 @@ def _valid_mask(target, ignore_index, *, xp):
     return target != ignore_index
 
 
-def bce_with_logits(logits, target, *, ignore_index=None):
+def bce_with_logits(logits, target, *, ignore_index=None, pos_weight=None):
     """Binary cross-entropy with logits, mean over the valid pixels, and its gradient.
 
     Parameters
@@ -654,6 +654,9 @@ def bce_with_logits(logits, target, *, ignore_index=None):
     target : array of the same number of elements, values {0, 1} (or ``ignore_index``)
     ignore_index : int or None
         Pixels whose target equals it are excluded from the mean.
+    pos_weight : float or None
+        Weight ``w`` of the change (positive) pixels' term, as PyTorch's
+        ``BCEWithLogitsLoss(pos_weight=...)``; None or 1 is the plain loss (SPEC 4).
 
     Returns
     -------
@@ -662,8 +665,11 @@ def bce_with_logits(logits, target, *, ignore_index=None):
 
     Notes
     -----
-    ``l(z, t) = max(z, 0) - z t + log(1 + exp(-|z|))`` (stable for any z);
-    ``dl/dz = sigmoid(z) - t``; the mean divides by the number of valid pixels.
+    ``l(z, t) = -(w t log sigmoid(z) + (1 - t) log(1 - sigmoid(z)))
+    = (1 - t) z + (1 + (w - 1) t) softplus(-z)`` with
+    ``softplus(-z) = max(-z, 0) + log(1 + exp(-|z|))`` (stable for any z);
+    ``dl/dz = (1 - t) - (1 + (w - 1) t) sigmoid(-z)``, which is ``sigmoid(z) - t`` at
+    ``w = 1``. The mean divides by the number of valid pixels (not by the weights).
     """
     xp = array_namespace(logits, target)
     t = xp.reshape(target, logits.shape)
@@ -671,8 +677,17 @@ def bce_with_logits(logits, target, *, ignore_index=None):
     tf = xp.astype(t, logits.dtype)
     if valid is not None:
         tf = xp.where(valid, tf, xp.zeros_like(tf))
-    per_pixel = xp.maximum(logits, 0.0) - logits * tf + xp.log1p(xp.exp(-xp.abs(logits)))
-    grad = sigmoid(logits) - tf
+    if pos_weight is None or float(pos_weight) == 1.0:
+        per_pixel = xp.maximum(logits, 0.0) - logits * tf + xp.log1p(xp.exp(-xp.abs(logits)))
+        grad = sigmoid(logits) - tf
+    else:
+        w = float(pos_weight)
+        if not (math.isfinite(w) and w > 0.0):
+            raise ValueError(f"pos_weight must be a positive finite number, got {pos_weight!r}")
+        scale = 1.0 + (w - 1.0) * tf
+        softplus_neg = xp.maximum(-logits, 0.0) + xp.log1p(xp.exp(-xp.abs(logits)))
+        per_pixel = (1.0 - tf) * logits + scale * softplus_neg
+        grad = (1.0 - tf) - scale * sigmoid(-logits)
     if valid is not None:
         vf = xp.astype(valid, logits.dtype)
         count = xp.maximum(xp.sum(vf), 1.0)

@@ -16,15 +16,17 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
     """Change metrics of ``model`` (evaluation mode) over a whole dataset, from one confusion matrix.
 
     Images whose sides are not multiples of 8, or larger than ``tile`` when given,
-    are predicted tile by tile (``predict_probability``).
+    are predicted tile by tile (``predict_probability``, overlap ``min(32, tile / 4)``).
+    Samples of different sizes are batched separately.
     """
     xp = model.xp
     cm = ConfusionMatrix()
     for t1, t2, label in iterate_batches(dataset, batch_size):
         H, W = label.shape[-2:]
         if H % 8 or W % 8 or (tile is not None and max(H, W) > tile):
+            side = tile or 256
             for i in range(len(label)):
-                prob = predict_probability(model, t1[i], t2[i], tile=tile or 256)
+                prob = predict_probability(model, t1[i], t2[i], tile=side, overlap=min(32, side // 4))
                 cm.update(prob >= threshold, backend.from_host(label[i], xp), ignore_index)
             continue
         logits = model.predict_logits(backend.from_host(t1, xp), backend.from_host(t2, xp))

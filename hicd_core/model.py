@@ -77,6 +77,11 @@ class TinySiamCD:
     seed : int
         Seed of the host generator that draws the initial weights (Kaiming normal,
         fan-in, ReLU gain; biases 0; BatchNorm weight 1, bias 0).
+    input_mean, input_std : sequences of ``in_channels`` floats, optional
+        Per-channel input normalisation ``(x - mean) / std`` applied to both images
+        before the encoder (``hicd_core.data.channel_stats`` computes them from a
+        training set). They are part of ``config()`` and so of every checkpoint.
+        None: the images go in as they are (SPEC section 4).
 
     Attributes
     ----------
@@ -88,7 +93,8 @@ class TinySiamCD:
         ``"<layer>.bn.running_mean"``, ``"<layer>.bn.running_var"``.
     """
 
-    def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0):
+    def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
+                 input_mean=None, input_std=None):
         widths = tuple(int(w) for w in widths)
         if len(widths) != 4 or min(widths) < 1:
             raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
@@ -115,11 +121,38 @@ class TinySiamCD:
             self.buffers[f"{name}.bn.running_var"] = xp_.ones((cout,), dtype=getattr(xp_, dtype))
         self.params["head.weight"] = backend.normal(rng, (1, w1, 1, 1), math.sqrt(1.0 / w1), xp_, dtype=dtype)
         self.params["head.bias"] = xp_.zeros((1,), dtype=getattr(xp_, dtype))
+        self._set_normalisation(input_mean, input_std)
+
+    def _set_normalisation(self, mean, std):
+        if (mean is None) != (std is None):
+            raise ValueError("give both input_mean and input_std, or neither")
+        self.input_mean = self.input_std = self._shift = self._scale = None
+        if mean is None:
+            return
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != self.in_channels or len(std) != self.in_channels:
+            raise ValueError(f"input_mean and input_std need {self.in_channels} values each (one per input "
+                             f"channel), got {len(mean)} and {len(std)}")
+        if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+            raise ValueError(f"input_mean must be finite and input_std positive and finite, got {mean} and {std}")
+        self.input_mean, self.input_std = mean, std
+        shape = (1, self.in_channels, 1, 1)
+        self._shift = self.xp.reshape(self.xp.asarray(mean, dtype=getattr(self.xp, self.dtype)), shape)
+        self._scale = self.xp.reshape(self.xp.asarray([1.0 / v for v in std], dtype=getattr(self.xp, self.dtype)), shape)
 
     # ------------------------------------------------------------------ config and state
 
     def config(self) -> dict:
-        return {"arch": "TinySiamCD", "widths": list(self.widths), "in_channels": self.in_channels}
+        cfg = {"arch": "TinySiamCD", "widths": list(self.widths), "in_channels": self.in_channels}
+        if self.input_mean is not None:
+            cfg["input_mean"], cfg["input_std"] = list(self.input_mean), list(self.input_std)
+        return cfg
+
+    def normalise(self, x):
+        """``(x - input_mean) / input_std`` per channel (x unchanged without normalisation)."""
+        if self._shift is None:
+            return x
+        return (x - self._shift) * self._scale
 
     def state_dict(self) -> dict:
         """Host (NumPy) copies: ``{"params": {...}, "buffers": {...}}``."""
@@ -226,7 +259,7 @@ class TinySiamCD:
             cbr = lambda h, name: self._cbr_forward(h, name, training)  # noqa: E731
         else:
             cbr = self._cbr_folded
-        h = xp.concat([x1, x2], axis=0)
+        h = self.normalise(xp.concat([x1, x2], axis=0))
         stages, enc_caches, fusion_caches, deltas = [], [], [], []
         for k in range(1, 5):
             h, ca = cbr(h, f"enc{k}.0")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import backend
 from .backend import all_finite
-from .data.folder import DegradedView
+from .data.folder import DegradedView, channel_stats
 from .data.loader import TrainBatches
 from .distill import feature_mse_loss, hicd_loss
 from .errors import CheckpointError, NonFiniteError
@@ -114,7 +114,8 @@ def _distill(cfg: DistillConfig, taps, teacher_taps):
 
 
 def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teacher_x2=None,
-               distill: DistillConfig | None = None, dice_weight=0.0, ignore_index=None, check_finite=True):
+               distill: DistillConfig | None = None, dice_weight=0.0, ignore_index=None, pos_weight=None,
+               check_finite=True):
     """One optimisation step; returns a dict of 0-d loss arrays (no host sync besides the finiteness check).
 
     Parameters
@@ -134,6 +135,8 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
         Required with a teacher unless its method is ``baseline``.
     dice_weight : float
         Weight of the soft Dice term added to BCE (0: off).
+    pos_weight : float, optional
+        Weight of the change pixels in the BCE (``bce_with_logits``); None: 1.
     check_finite : bool
         Raise ``NonFiniteError`` naming the term or the parameter if the loss or
         any gradient is NaN/inf (one device sync per step).
@@ -144,7 +147,7 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
     and the distillation terms.
     """
     logits, taps, cache = model.forward(x1, x2, training=True)
-    loss, dlogits = bce_with_logits(logits, label, ignore_index=ignore_index)
+    loss, dlogits = bce_with_logits(logits, label, ignore_index=ignore_index, pos_weight=pos_weight)
     terms = {"bce": loss}
     if dice_weight:
         d, dd = soft_dice(logits, label, ignore_index=ignore_index)
@@ -186,6 +189,16 @@ class TrainConfig:
     loss), ``"fresh"`` from the Kaiming initialisation of ``seed``.
     Validation uses a fixed low-quality set: t2 of sample ``i`` degraded with
     seed ``[val_seed, i]``.
+
+    The recipe for real, imbalanced scenes (all off by default, the SPEC forms):
+    ``pos_weight`` weights the change pixels in the BCE; ``normalize`` standardises
+    the input channels with statistics of the training set (a student that starts
+    from the teacher takes the teacher's), stored with the model in every
+    checkpoint; ``change_crop_rate`` is the share of training crops drawn around a
+    change pixel; ``patience`` stops training once validation F1 has not improved
+    for that many epochs (``epochs`` is then the maximum budget; the learning-rate
+    schedule spans the whole budget); ``eval_tile`` predicts validation scenes
+    larger than it tile by tile.
     """
 
     role: str = "teacher"
@@ -201,6 +214,11 @@ class TrainConfig:
     warmup_steps: int = 20
     dice_weight: float = 0.0
     ignore_index: int | None = None
+    pos_weight: float | None = None
+    normalize: bool = False
+    change_crop_rate: float = 0.0
+    patience: int | None = None
+    eval_tile: int | None = None
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
     student_init: str = "teacher"
@@ -219,6 +237,14 @@ class TrainConfig:
             raise ValueError(f"student_init must be 'teacher' or 'fresh', got {self.student_init!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.pos_weight is not None and not (self.pos_weight > 0 and self.pos_weight < float("inf")):
+            raise ValueError(f"pos_weight must be a positive finite number, got {self.pos_weight}")
+        if not 0.0 <= self.change_crop_rate <= 1.0:
+            raise ValueError(f"change_crop_rate must be in [0, 1], got {self.change_crop_rate}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 (or None), got {self.patience}")
+        if self.eval_tile is not None and (self.eval_tile < 8 or self.eval_tile % 8):
+            raise ValueError(f"eval_tile must be a positive multiple of 8, got {self.eval_tile}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -302,13 +328,16 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
     if needs_teacher and teacher is None:
         raise ValueError("this student configuration needs a trained teacher")
 
-    model = TinySiamCD(cfg.widths, xp=xp, seed=cfg.seed)
-    if needs_teacher and cfg.student_init == "teacher":
+    from_teacher = needs_teacher and cfg.student_init == "teacher"
+    mean, std = _normalisation(cfg, train_set, teacher if from_teacher else None)
+    model = TinySiamCD(cfg.widths, xp=xp, seed=cfg.seed, input_mean=mean, input_std=std)
+    if from_teacher:
         model.load_state_dict(teacher.state_dict(), source="teacher")
     optimizer = _make_optimizer(cfg, model.params)
     rng = backend.host_rng(cfg.seed)
     batches = TrainBatches(train_set, cfg.batch_size, rng=rng, crop=cfg.crop,
-                           setting=cfg.setting if student else None, augment=cfg.augment)
+                           setting=cfg.setting if student else None, augment=cfg.augment,
+                           change_rate=cfg.change_crop_rate)
     steps_per_epoch = len(batches)
     total_steps = cfg.epochs * steps_per_epoch
     schedule = make_schedule(cfg.schedule, total_steps, cfg.lr,
@@ -316,7 +345,7 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
     val_view = DegradedView(val_set, cfg.setting, cfg.val_seed) if student else val_set
 
     config = cfg.to_dict()
-    start_epoch, best, history = 0, {"f1": -1.0}, []
+    start_epoch, best, history, stopped = 0, {"f1": -1.0}, [], False
     if not resume and last_path.exists():
         raise ValueError(f"{out_dir} already holds a training run ({last_path.name}); "
                          "resume it (--resume) or choose another output folder")
@@ -329,11 +358,14 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
         optimizer.load_state_dict(ck["optim"], source=str(last_path))
         rng.bit_generator.state = ck["rng_state"]
         start_epoch, best = ck["extra"]["epoch"], ck["extra"]["best"]
+        stopped = bool(ck["extra"].get("stopped", False))
         history = _read_log(log_path)[:start_epoch]
     _write_log(log_path, history)
 
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
+        if stopped:  # early stopping ended this run (possibly before a resume)
+            break
         bar = _Progress(steps_per_epoch, f"{cfg.role} epoch {epoch + 1}/{cfg.epochs}", progress)
         sums, count, started = {}, 0, time.perf_counter()
         for x1, x2_hq, x2_lq, label in batches.epoch():
@@ -343,7 +375,7 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
             try:
                 terms = train_step(model, optimizer, x1_d, x2_d, label_d, lr=lr, teacher=teacher,
                                    teacher_x2=hq_d, distill=distill, dice_weight=cfg.dice_weight,
-                                   ignore_index=cfg.ignore_index)
+                                   ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight)
             except NonFiniteError as exc:
                 raise NonFiniteError(f"{cfg.role} training stopped at step {step} (epoch {epoch + 1}): {exc}") from None
             for k, v in terms.items():
@@ -358,7 +390,8 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
             bar.update(1, postfix)
         bar.close()
         seconds = time.perf_counter() - started
-        metrics = evaluate(model, val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index)
+        metrics = evaluate(model, val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
+                           tile=cfg.eval_tile)
         record = {"epoch": epoch + 1, "step": step, "lr": schedule(step - 1),
                   "train": {k: float(v) / count for k, v in sums.items()},
                   "val": {k: metrics[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
@@ -367,7 +400,10 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
         improved = metrics["f1"] > best["f1"]
         if improved:
             best = dict(record["val"], epoch=epoch + 1)
-        extra = {"epoch": epoch + 1, "best": best}
+        stopped = cfg.patience is not None and epoch + 1 - best["epoch"] >= cfg.patience
+        if stopped:
+            record["stopped"] = True
+        extra = {"epoch": epoch + 1, "best": best, "stopped": stopped}
         try:
             if improved:
                 save_checkpoint(best_path, model=model, optimizer=optimizer, step=step,
@@ -380,6 +416,21 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
         if on_epoch is not None:
             on_epoch(record)
     return FitResult(model, history, best, out_dir)
+
+
+def _base_dataset(dataset):
+    """The distinct samples behind ``Repeat`` (statistics need each scene once)."""
+    inner = getattr(dataset, "dataset", None)
+    return _base_dataset(inner) if inner is not None and hasattr(dataset, "times") else dataset
+
+
+def _normalisation(cfg, train_set, teacher):
+    """Input ``(mean, std)`` of a new model: the teacher's when starting from it, else the training set's."""
+    if teacher is not None:
+        return teacher.input_mean, teacher.input_std
+    if not cfg.normalize:
+        return None, None
+    return channel_stats(_base_dataset(train_set))
 
 
 def _read_log(path):
@@ -401,6 +452,10 @@ def load_model(path, xp=None):
     if mc.get("arch") != "TinySiamCD":
         raise CheckpointError(f"{path}: unknown architecture {mc.get('arch')!r}")
     dtype = str(next(iter(ck["params"].values())).dtype)
-    model = TinySiamCD(mc["widths"], mc.get("in_channels", 3), xp=xp, dtype=dtype)
+    try:
+        model = TinySiamCD(mc["widths"], mc.get("in_channels", 3), xp=xp, dtype=dtype,
+                           input_mean=mc.get("input_mean"), input_std=mc.get("input_std"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model_config {mc!r} ({exc})") from None
     model.load_state_dict(ck, source=str(path))
     return model, ck

@@ -20,6 +20,7 @@ _AVAILABLE = backend.available_backends()
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 LEVIR_SAMPLES = SHARED / "data" / "levir-cd-samples"
+SZTAKI = SHARED / "data" / "sztaki-airchange"
 
 
 @pytest.fixture(params=BACKENDS, scope="session")

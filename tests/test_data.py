@@ -14,7 +14,9 @@ from hicd_core.data import (
     DegradedView,
     FolderDataset,
     H5Dataset,
+    InMemory,
     build_degraded_set,
+    channel_stats,
     degrade,
     degrade_with_params,
     open_dataset,
@@ -23,7 +25,7 @@ from hicd_core.data import (
     synthetic_pairs,
 )
 from hicd_core.data import degradations as D
-from tests.conftest import LEVIR_SAMPLES
+from tests.conftest import LEVIR_SAMPLES, SZTAKI
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -262,3 +264,73 @@ def test_real_levir_samples_load():
     assert t1.shape == (3, 256, 256) and label.shape == (256, 256)
     assert set(np.unique(label)) <= {0, 1}
     assert ds.validate() == 11
+
+
+def test_label_threshold_binarises_grey_masks_and_the_default_still_errors(tmp_path):
+    root = write_folder(tmp_path)
+    lab = np.zeros((16, 16), np.uint8)
+    lab[:4], lab[4:6], lab[6:8] = 255, 213, 57  # anti-aliased edges, as in SZTAKI's szada_6 / tiszadob_4
+    PIL.fromarray(lab).save(root / "label" / "tile_1.png")
+    with pytest.raises(DatasetError, match=r"tile_1.png: label values \[0, 57, 213, 255\].*--label-threshold"):
+        FolderDataset(root)[1]
+    label = FolderDataset(root, label_threshold=128)[1][2]
+    assert label.dtype == np.uint8 and label[:6].all() and not label[6:].any()
+    with pytest.raises(DatasetError, match="label threshold must be in 1..255"):
+        FolderDataset(root, label_threshold=0)
+
+
+@pytest.mark.skipif(not SZTAKI.is_dir(), reason="../shared/data/sztaki-airchange not present")
+def test_sztaki_grey_masks_need_and_take_a_threshold():
+    with pytest.raises(DatasetError, match="szada_6.png: label values"):
+        FolderDataset(SZTAKI)[FolderDataset(SZTAKI).names.index("szada_6")]
+    ds = FolderDataset(SZTAKI, label_threshold=128)
+    label = ds[ds.names.index("szada_6")][2]
+    assert label.shape == (640, 952) and set(np.unique(label)) == {0, 1}
+    assert 0.015 < label.mean() < 0.025  # the README's 1.96 % change
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.5, 1.0])
+def test_change_aware_crops_hold_change_at_the_stated_rate(rate):
+    label = np.zeros((200, 300), np.uint8)
+    label[150:160, 20:30] = 1  # 0.17 % of the scene: a uniform 32x32 crop rarely holds any
+    img = np.zeros((3, 200, 300), np.float32)
+    rng = np.random.default_rng(0)
+    n = 2000
+    hits = sum(random_crop_flip(img, img, label, rng, 32, change_rate=rate)[2].any() for _ in range(n))
+    uniform = ((160 - 150 + 31) * (30 - 20 + 31)) / ((200 - 31) * (300 - 31))  # windows touching the block
+    expected = rate + (1 - rate) * uniform
+    assert abs(hits / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n) + 1e-3, (hits / n, expected)
+
+
+def test_change_rate_zero_keeps_the_random_stream_and_no_change_falls_back():
+    t = np.random.default_rng(1).random((3, 40, 40)).astype(np.float32)
+    label = np.zeros((40, 40), np.uint8)
+    a = random_crop_flip(t, t, label, np.random.default_rng(5), 16)
+    b = random_crop_flip(t, t, label, np.random.default_rng(5), 16, change_rate=0.0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    crop = random_crop_flip(t, t, label, np.random.default_rng(5), 16, change_rate=1.0)  # no change pixel
+    assert crop[0].shape == (3, 16, 16)
+
+
+def test_channel_stats_and_in_memory_cache():
+    rng = np.random.default_rng(2)
+    t1 = (rng.random((4, 3, 8, 8)) * [[[0.5]], [[1.0]], [[0.1]]]).astype(np.float32)
+    t2 = (rng.random((4, 3, 8, 8)) * [[[0.5]], [[1.0]], [[0.1]]] + 0.2).astype(np.float32)
+    t2[:, 2] = 0.3  # a constant band in t2 only
+    ds = InMemory(ArrayDataset(t1, t2, np.zeros((4, 8, 8), np.uint8)))
+    mean, std = channel_stats(ds)
+    both = np.concatenate([t1, t2]).astype(np.float64)
+    assert np.allclose(mean, both.mean(axis=(0, 2, 3))) and np.allclose(std, both.std(axis=(0, 2, 3)))
+    const = ArrayDataset(np.full((1, 3, 4, 4), 0.5, np.float32), np.full((1, 3, 4, 4), 0.5, np.float32),
+                         np.zeros((1, 4, 4), np.uint8))
+    assert channel_stats(const) == ([0.5, 0.5, 0.5], [1.0, 1.0, 1.0])
+    assert len(ds) == 4 and ds[1][0] is ds[1][0]  # served from memory
+
+
+def test_evaluation_batches_split_where_the_size_changes():
+    from hicd_core.data import iterate_batches
+
+    small = [(np.zeros((3, 8, 8), np.float32),) * 2 + (np.zeros((8, 8), np.uint8),)] * 3
+    large = [(np.zeros((3, 16, 8), np.float32),) * 2 + (np.zeros((16, 8), np.uint8),)] * 2
+    shapes = [b[0].shape for b in iterate_batches(small[:2] + large + small[2:], 4)]
+    assert shapes == [(2, 3, 8, 8), (2, 3, 16, 8), (1, 3, 8, 8)]

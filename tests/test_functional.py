@@ -166,6 +166,40 @@ def test_bce_with_logits(xp, ignore):
     assert rel_err(to_np(dz), num) < 1e-6
 
 
+@pytest.mark.parametrize("ignore", [None, 255])
+@pytest.mark.parametrize("pos_weight", [0.5, 4.0, 19.0])
+def test_weighted_bce_against_a_loop_and_central_differences(xp, ignore, pos_weight):
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((2, 1, 4, 4)) * 3
+    t = (rng.random((2, 4, 4)) > 0.7).astype(np.uint8)
+    if ignore is not None:
+        t[1, 2, :3] = ignore
+    loss, dz = F.bce_with_logits(to_xp(xp, z), to_xp(xp, t), ignore_index=ignore, pos_weight=pos_weight)
+    total, count = 0.0, 0
+    for n, y, x in np.ndindex(t.shape):  # the definition, pixel by pixel
+        if ignore is not None and t[n, y, x] == ignore:
+            continue
+        p = 1.0 / (1.0 + np.exp(-z[n, 0, y, x]))
+        total += -(pos_weight * t[n, y, x] * np.log(p) + (1 - t[n, y, x]) * np.log(1 - p))
+        count += 1
+    assert_close(loss, total / count, xp, dtype="float64")
+    num = central_difference(
+        lambda v: float(F.bce_with_logits(v, t, ignore_index=ignore, pos_weight=pos_weight)[0]), z.copy())
+    assert rel_err(to_np(dz), num) < 1e-6
+
+
+def test_weighted_bce_at_weight_one_is_the_plain_loss_and_rejects_bad_weights():
+    rng = np.random.default_rng(6)
+    z = rng.standard_normal((1, 1, 4, 4))
+    t = (rng.random((1, 4, 4)) > 0.5).astype(np.uint8)
+    plain, dplain = F.bce_with_logits(z, t)
+    near, dnear = F.bce_with_logits(z, t, pos_weight=1.0 + 1e-12)
+    assert float(near) == pytest.approx(float(plain), rel=1e-9) and np.allclose(dnear, dplain, atol=1e-12)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="pos_weight"):
+            F.bce_with_logits(z, t, pos_weight=bad)
+
+
 def test_bce_is_stable_for_huge_logits():
     z = np.array([[[[1e4, -1e4]]]], dtype=np.float32)
     t = np.array([[[0, 1]]], dtype=np.uint8)

@@ -16,7 +16,7 @@ from hicd_core import NonFiniteError, io
 from hicd_core.cli import main as cli_main
 from hicd_core.data import ArrayDataset, synthetic_pairs
 from hicd_core.infer import evaluate
-from hicd_core.train import DistillConfig, TrainConfig, fit, train_step
+from hicd_core.train import DistillConfig, TrainConfig, fit, load_model, train_step
 from hicd_core.model import TinySiamCD
 from hicd_core.optim import AdamW
 
@@ -195,3 +195,50 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path):
     with pytest.raises(ValueError, match="already holds a training run"):
         fit(TrainConfig(epochs=1, batch_size=8), data, data, tmp_path, progress=False)
     assert (tmp_path / "last.h5").read_bytes() == before
+
+
+def test_normalisation_statistics_are_stored_and_restored_with_the_checkpoint(tmp_path):
+    t1, t2, label = synthetic_pairs(16, 32, seed=0)
+    t2 = t2 * 0.5 + 0.25  # t2 darker and flatter: the statistics pool both dates
+    train, val = ArrayDataset(t1, t2, label), ArrayDataset(*synthetic_pairs(8, 32, seed=1000))
+    cfg = TrainConfig(role="teacher", epochs=1, batch_size=8, normalize=True, seed=0)
+    result = fit(cfg, train, val, tmp_path / "t", progress=False)
+    both = np.concatenate([t1, t2]).astype(np.float64)
+    assert np.allclose(result.model.input_mean, both.mean(axis=(0, 2, 3)))
+    assert np.allclose(result.model.input_std, both.std(axis=(0, 2, 3)))
+    model, ck = load_model(tmp_path / "t" / "best.h5")
+    assert ck["model_config"]["input_mean"] == result.model.input_mean
+    assert model.input_std == result.model.input_std
+    x1, x2 = t1[:2], t2[:2]
+    assert np.array_equal(model.predict_logits(x1, x2), result.model.predict_logits(x1, x2))
+    plain = TinySiamCD(seed=3)
+    shifted = TinySiamCD(seed=3, input_mean=[0.5] * 3, input_std=[2.0] * 3)
+    assert np.allclose(shifted.predict_logits(x1, x2), plain.predict_logits((x1 - 0.5) / 2, (x2 - 0.5) / 2), atol=1e-5)
+    # a student that starts from this teacher takes its statistics, whatever its training set
+    student_cfg = TrainConfig(role="student", setting="single", epochs=1, batch_size=8, seed=0)
+    student = fit(student_cfg, ArrayDataset(*synthetic_pairs(8, 32, seed=5)), val, tmp_path / "s",
+                  teacher=result.model, progress=False).model
+    assert student.input_mean == result.model.input_mean
+    with pytest.raises(ValueError, match="3 values each"):
+        TinySiamCD(input_mean=[0.5, 0.5], input_std=[1.0, 1.0])
+    with pytest.raises(ValueError, match="input_std positive"):
+        TinySiamCD(input_mean=[0.5] * 3, input_std=[1.0, 0.0, 1.0])
+
+
+def test_early_stopping_stops_at_the_stated_patience_and_resume_keeps_it_stopped(tmp_path, monkeypatch):
+    from hicd_core import train as train_module
+
+    scores = iter([10.0, 30.0, 20.0, 30.0, 25.0, 99.0, 99.0, 99.0])  # best at epoch 2; 3 epochs without gain
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda *a, **k: {"f1": next(scores), "precision": 0.0, "recall": 0.0, "iou": 0.0,
+                                         "oa": 0.0, "kappa": 0.0})
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    cfg = TrainConfig(role="teacher", epochs=8, batch_size=8, patience=3, seed=0)
+    result = fit(cfg, data, data, tmp_path / "t", progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4, 5]
+    assert result.best["epoch"] == 2 and result.history[-1].get("stopped") is True
+    assert io.load_checkpoint(tmp_path / "t" / "last.h5")["extra"]["stopped"] is True
+    again = fit(cfg, data, data, tmp_path / "t", resume=True, progress=False)  # nothing left to train
+    assert len(again.history) == 5 and again.best["epoch"] == 2
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        TrainConfig(patience=0)

@@ -10,7 +10,9 @@ from .folder import (
     DegradedView,
     FolderDataset,
     H5Dataset,
+    InMemory,
     build_degraded_set,
+    channel_stats,
     open_dataset,
     pack_dataset,
     random_crop_flip,
@@ -31,6 +33,8 @@ __all__ = [
     "build_degraded_set",
     "open_dataset",
     "random_crop_flip",
+    "InMemory",
+    "channel_stats",
 ]
 
 from .loader import TrainBatches, iterate_batches  # noqa: E402

@@ -40,6 +40,8 @@ __all__ = [
     "build_degraded_set",
     "open_dataset",
     "random_crop_flip",
+    "InMemory",
+    "channel_stats",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -74,8 +76,13 @@ def read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 
-def read_label(path: Path, ignore_value: int | None = None) -> np.ndarray:
-    """A label file as uint8 (H, W): 0 = no change, 1 = change, ``ignore_value`` kept as is."""
+def read_label(path: Path, ignore_value: int | None = None, threshold: int | None = None) -> np.ndarray:
+    """A label file as uint8 (H, W): 0 = no change, 1 = change, ``ignore_value`` kept as is.
+
+    ``threshold``: binarise any 8-bit mask as ``value >= threshold`` (for masks with
+    anti-aliased grey pixels, e.g. 128); without it, values other than 0/1 or 0/255
+    raise ``DatasetError``.
+    """
     Image = _pil()
     try:
         with Image.open(path) as im:
@@ -88,6 +95,11 @@ def read_label(path: Path, ignore_value: int | None = None) -> np.ndarray:
             raise DatasetError(f"{path}: label has {arr.shape[2]} differing channels; expected a single-channel mask")
         arr = arr[..., 0]
     values = set(np.unique(arr).tolist())
+    if threshold is not None:
+        if ignore_value is not None:
+            keep = arr == ignore_value
+            return np.where(keep, ignore_value, arr >= threshold).astype(np.uint8)
+        return (arr >= threshold).astype(np.uint8)
     if ignore_value is not None:
         allowed = {0, 1, ignore_value}
         if not values <= allowed:
@@ -97,7 +109,10 @@ def read_label(path: Path, ignore_value: int | None = None) -> np.ndarray:
         return arr.astype(np.uint8)
     if values <= {0, 255}:
         return (arr == 255).astype(np.uint8)
-    raise DatasetError(f"{path}: label values {sorted(values)}; expected 0/255 or 0/1")
+    shown = sorted(values)
+    shown = shown if len(shown) <= 8 else shown[:4] + ["..."] + shown[-3:]
+    raise DatasetError(f"{path}: label values {shown}; expected 0/255 or 0/1 "
+                       "(grey anti-aliased masks: binarise with a label threshold, e.g. --label-threshold 128)")
 
 
 class FolderDataset:
@@ -110,15 +125,21 @@ class FolderDataset:
         Use the names in ``root/list/<split>.txt``; all files of ``A/`` otherwise.
     ignore_value : int, optional
         Label value marking unlabelled pixels (passed through, see module docs).
+    label_threshold : int, optional
+        Binarise labels as ``value >= label_threshold`` (masks with grey pixels).
 
     ``len(ds)`` and ``ds[i] -> (t1, t2, label)``; ``ds.names`` lists the files.
     Missing counterparts are reported when the dataset is opened; sizes and label
     values when a sample is read (``ds.validate()`` reads all of them).
     """
 
-    def __init__(self, root, split: str | None = None, *, ignore_value: int | None = None):
+    def __init__(self, root, split: str | None = None, *, ignore_value: int | None = None,
+                 label_threshold: int | None = None):
         self.root = Path(root)
         self.ignore_value = ignore_value
+        if label_threshold is not None and not 1 <= int(label_threshold) <= 255:
+            raise DatasetError(f"label threshold must be in 1..255, got {label_threshold}")
+        self.label_threshold = None if label_threshold is None else int(label_threshold)
         for sub in ("A", "B", "label"):
             if not (self.root / sub).is_dir():
                 raise DatasetError(f"{self.root}: missing folder {sub}/ (expected A/, B/ and label/)")
@@ -155,7 +176,7 @@ class FolderDataset:
     def __getitem__(self, i):
         a_path, b_path, l_path = self._paths[i]
         t1, t2 = read_image(a_path), read_image(b_path)
-        label = read_label(l_path, self.ignore_value)
+        label = read_label(l_path, self.ignore_value, self.label_threshold)
         if t1.shape != t2.shape:
             raise DatasetError(f"{b_path}: size {t2.shape[1:]} differs from {a_path} {t1.shape[1:]}")
         if label.shape != t1.shape[1:]:
@@ -304,28 +325,42 @@ class H5Dataset:
         self._file.close()
 
 
-def open_dataset(path, split=None, *, ignore_value=None):
+def open_dataset(path, split=None, *, ignore_value=None, label_threshold=None):
     """A ``FolderDataset`` for a folder, an ``H5Dataset`` for a ``.h5``/``.hdf5`` file."""
     path = Path(path)
     if path.is_file():
         return H5Dataset(path)
     if path.is_dir():
-        return FolderDataset(path, split, ignore_value=ignore_value)
+        return FolderDataset(path, split, ignore_value=ignore_value, label_threshold=label_threshold)
     raise DatasetError(f"{path}: no such dataset folder or file")
 
 
-def random_crop_flip(t1, t2, label, rng, crop: int | None = None, *, flips=True):
+def random_crop_flip(t1, t2, label, rng, crop: int | None = None, *, flips=True, change_rate=0.0):
     """A random ``crop x crop`` window and a random synchronised flip / 90-degree rotation.
 
     The same geometric transform is applied to ``t1 (3, H, W)``, ``t2 (3, H, W)``
     and ``label (H, W)``; one of the 8 symmetries of the square when ``flips``.
+
+    ``change_rate`` (change-aware sampling): with this probability the window is
+    drawn among those that contain a change pixel (a change pixel uniformly at
+    random, then a window position uniformly among those holding it); otherwise,
+    and always for a sample without change, uniformly over the image. At 0 no
+    extra random number is drawn, so the stream equals plain uniform crops.
     """
     H, W = label.shape
     if crop is not None:
         if crop > H or crop > W:
             raise ValueError(f"crop {crop} larger than the image {H}x{W}")
-        y = int(rng.integers(0, H - crop + 1))
-        x = int(rng.integers(0, W - crop + 1))
+        y = x = None
+        if change_rate > 0.0 and rng.random() < change_rate:
+            changed = np.flatnonzero(label == 1)
+            if changed.size:
+                cy, cx = divmod(int(changed[rng.integers(changed.size)]), W)
+                y = int(rng.integers(max(0, cy - crop + 1), min(cy, H - crop) + 1))
+                x = int(rng.integers(max(0, cx - crop + 1), min(cx, W - crop) + 1))
+        if y is None:
+            y = int(rng.integers(0, H - crop + 1))
+            x = int(rng.integers(0, W - crop + 1))
         t1, t2, label = t1[:, y : y + crop, x : x + crop], t2[:, y : y + crop, x : x + crop], label[y : y + crop, x : x + crop]
     if flips:
         k = int(rng.integers(4))
@@ -335,6 +370,48 @@ def random_crop_flip(t1, t2, label, rng, crop: int | None = None, *, flips=True)
         if flip:
             t1, t2, label = t1[:, :, ::-1], t2[:, :, ::-1], label[:, ::-1]
     return np.ascontiguousarray(t1), np.ascontiguousarray(t2), np.ascontiguousarray(label)
+
+
+class InMemory:
+    """A dataset whose samples are read once and then served from memory (small sets of large scenes)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.names = list(getattr(dataset, "names", [f"{i:06d}" for i in range(len(dataset))]))
+        self.ignore_value = getattr(dataset, "ignore_value", None)
+        self._samples = [dataset[i] for i in range(len(dataset))]
+
+    def __len__(self):
+        return len(self._samples)
+
+    def __getitem__(self, i):
+        return self._samples[i]
+
+
+def channel_stats(dataset, *, max_samples=None):
+    """Per-channel mean and standard deviation of the images of a dataset (both dates), float lists.
+
+    Every pixel of ``t1`` and ``t2`` of the first ``max_samples`` samples (all by
+    default) counts once; accumulated in float64. A channel whose standard
+    deviation is below 1e-6 (a constant band) gets 1.0, so that it is only shifted.
+    """
+    n = len(dataset) if max_samples is None else min(len(dataset), int(max_samples))
+    if n == 0:
+        raise DatasetError("channel_stats: the dataset is empty")
+    total = total_sq = None
+    count = 0
+    for i in range(n):
+        t1, t2, _ = dataset[i]
+        for img in (t1, t2):
+            flat = np.asarray(img, np.float64).reshape(img.shape[0], -1)
+            s, sq = flat.sum(axis=1), np.square(flat).sum(axis=1)
+            total = s if total is None else total + s
+            total_sq = sq if total_sq is None else total_sq + sq
+            count += flat.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+    std = np.where(std < 1e-6, 1.0, std)
+    return [float(v) for v in mean], [float(v) for v in std]
 
 
 # --------------------------------------------------------------------------- writing images

@@ -15,10 +15,21 @@ def _stack(samples):
 
 
 def iterate_batches(dataset, batch_size, indices=None):
-    """Host batches ``(t1 (B, 3, H, W), t2, label (B, H, W))`` of a dataset, in order."""
+    """Host batches ``(t1 (B, 3, H, W), t2, label (B, H, W))`` of a dataset, in order.
+
+    A batch holds consecutive samples of one size: where the size changes (scenes
+    of different sizes), the batch ends early and the next one starts.
+    """
     indices = list(range(len(dataset)) if indices is None else indices)
-    for start in range(0, len(indices), batch_size):
-        yield _stack([dataset[i] for i in indices[start : start + batch_size]])
+    batch = []
+    for i in indices:
+        sample = dataset[i]
+        if batch and (len(batch) == batch_size or sample[0].shape != batch[0][0].shape):
+            yield _stack(batch)
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield _stack(batch)
 
 
 class TrainBatches:
@@ -29,15 +40,18 @@ class TrainBatches:
     ``setting``): every sample gets a random crop (when ``crop``) and a random
     flip / 90-degree rotation shared by the pair and the label (when
     ``augment``), and, for students, a freshly degraded t2 whose degradation
-    seed is drawn from the same generator. The generator's state is therefore all
+    seed is drawn from the same generator. ``change_rate``: the share of crops
+    drawn around a change pixel (``random_crop_flip``). The generator's state is therefore all
     a checkpoint needs to replay the data exactly.
     """
 
-    def __init__(self, dataset, batch_size, *, rng, crop=None, setting=None, augment=True):
+    def __init__(self, dataset, batch_size, *, rng, crop=None, setting=None, augment=True, change_rate=0.0):
         if len(dataset) < batch_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one batch of {batch_size}")
+        if not 0.0 <= change_rate <= 1.0:
+            raise ValueError(f"change_rate must be in [0, 1], got {change_rate}")
         self.dataset, self.batch_size, self.rng = dataset, batch_size, rng
-        self.crop, self.setting, self.augment = crop, setting, augment
+        self.crop, self.setting, self.augment, self.change_rate = crop, setting, augment, float(change_rate)
 
     def __len__(self):
         return len(self.dataset) // self.batch_size
@@ -49,7 +63,8 @@ class TrainBatches:
             for i in order[b * self.batch_size : (b + 1) * self.batch_size]:
                 t1, t2, label = self.dataset[int(i)]
                 if self.crop is not None or self.augment:
-                    t1, t2, label = random_crop_flip(t1, t2, label, self.rng, self.crop, flips=self.augment)
+                    t1, t2, label = random_crop_flip(t1, t2, label, self.rng, self.crop, flips=self.augment,
+                                                     change_rate=self.change_rate if self.crop else 0.0)
                 x1s.append(t1)
                 hqs.append(t2)
                 labels.append(label)
