@@ -1,20 +1,37 @@
-"""Reproduce the paper's claim: every quality setting x seed x student variant, on held-out LQ test sets.
+"""Does HiCD beat the baseline student? Every quality setting x seed x student variant, on held-out LQ test sets.
 
-    python examples/reproduce.py                              # the full sweep (resumable)
-    python examples/reproduce.py --settings multi --seeds 0   # a part of it
-    python examples/reproduce.py --report-only                # rebuild docs/RESULTS.md and the plot
-    python examples/reproduce.py --levir ../shared/data/levir-cd-samples --seeds 0 1 2
+    python examples/reproduce.py                              # synthetic scenes, the 6-epoch sweep (resumable)
+    python examples/reproduce.py --protocol converged         # synthetic, every model trained until it stops improving
+    python examples/reproduce.py --data ../shared/data/sztaki-airchange --settings resolution-x4 multi
+    python examples/reproduce.py --data path/to/any/A-B-label/folder --label-threshold 128
+    python examples/reproduce.py --report-only                # rebuild the report and the plots
 
 For each seed one teacher is trained on HQ/HQ pairs (it does not depend on the
 quality setting); then, for each setting, the rows ``teacher HQ/HQ``,
 ``teacher HQ/LQ`` and one row per student variant are evaluated on the same
-held-out LQ test set. Rows go to ``results/reproduce.json`` (a list of
-``{setting, method, seed, f1, iou, precision, recall, oa, kappa}``) as soon as
-each is measured; rows already there are skipped, so an interrupted sweep
-resumes where it stopped (a finished model's checkpoint is reused when its
-folder still exists). ``docs/RESULTS.md`` and ``docs/images/reproduce_f1.png``
-are rebuilt after every row; the hand-written part of the report lives in
-``docs/results_notes.md``.
+held-out LQ test set (t2 of test sample ``i`` degraded with seed ``[54321 + seed, i]``).
+
+Rows go to ``results/<study>.json`` as soon as each is measured: ``{setting,
+method, seed, init, best_epoch, epochs_run, val_f1, f1, iou, precision, recall,
+oa, kappa}`` (``init``: ``fresh`` or ``teacher``, how the students started;
+``val_f1``: validation F1 per epoch; with ``--data`` also ``f1_per_scene``).
+Rows already there are skipped, so an interrupted run resumes where it stopped
+(a finished model's checkpoint is reused when its folder still exists). The
+report ``docs/RESULTS*.md`` and its plots are rebuilt after every row; its
+hand-written part lives in ``docs/results*_notes.md``.
+
+Studies (``--data`` and ``--protocol`` choose one):
+
+* ``reproduce`` (synthetic, ``--protocol sweep``): 64x64 scenes, the same 6-epoch
+  budget for every model;
+* ``converged`` (synthetic, ``--protocol converged``): every model trained until its
+  validation F1 has not improved for ``patience`` epochs, within one maximum budget;
+* ``--data PATH``: a real A/B/label folder, trained on random crops of its training
+  scenes, validated and tested on whole scenes (tiled), every model trained until
+  it stops improving. The split: the named split whose scenes the folder holds
+  (``SPLITS``: ``sztaki``, the literature's, and ``levir-samples``), else
+  ``PATH/list/{train,val,test}.txt``, else a seeded split by scene written to
+  ``--out`` as such lists.
 """
 
 from __future__ import annotations
@@ -26,17 +43,20 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hicd_core import backend  # noqa: E402
-from hicd_core.data import SETTINGS, FolderDataset, Repeat, Subset, load_splits  # noqa: E402
+from hicd_core.data import SETTINGS, FolderDataset, InMemory, Repeat, Subset, load_splits  # noqa: E402
+from hicd_core.errors import HicdError  # noqa: E402
 from hicd_core.experiment import (  # noqa: E402
     PROFILES,
     STUDENTS,
     Profile,
+    run_summary,
     test_views,
     train_student,
     train_teacher,
@@ -51,29 +71,37 @@ LABELS = {name: STUDENTS[name][0] for name in VARIANTS}
 LABELS["hicd"] = "student HiCD full"
 METHODS = ("teacher HQ/HQ", "teacher HQ/LQ") + tuple(LABELS[v] for v in VARIANTS)
 
-# The sweep's configuration (see docs/results_notes.md for how it was chosen on validation):
-# 64x64 scenes, 320 training pairs, the same 6-epoch budget and learning rate for the teacher
-# and for every student, students from a fresh initialisation.
+# The 6-epoch sweep (see docs/results_notes.md for how it was chosen on validation):
+# 64x64 scenes, 320 training pairs, the same budget and learning rate for every model.
 PROFILES["sweep"] = Profile(size=64, n_train=320, n_val=64, n_test=128, teacher_epochs=6, student_epochs=6,
                             lr=2e-3, student_lr=2e-3)
-# Real LEVIR-CD tiles: 256x256, random 64x64 training crops, 16 crops per tile per epoch; the
-# sweep's learning rates (not tuned on these tiles), more teacher epochs for the smaller epochs.
+# The converged protocol on the same scenes: every model stops once validation F1 has not
+# improved for `patience` epochs; the maximum budgets are large enough that runs stop by
+# patience rather than by budget (docs/results_converged_notes.md says how this was checked).
+PROFILES["converged"] = Profile(size=64, n_train=320, n_val=64, n_test=128, teacher_epochs=60, student_epochs=40,
+                                lr=2e-3, student_lr=2e-3, patience=8)
+# Real LEVIR-CD sample tiles: 256x256, random 64x64 training crops, 16 crops per tile per epoch
+# (the configuration of docs/RESULTS_LEVIR.md, fixed-epoch).
 PROFILES["levir"] = Profile(size=256, crop=64, batch_size=8, teacher_epochs=10, student_epochs=6,
-                            lr=2e-3, student_lr=2e-3)
-LEVIR_SPLIT = {
-    "test": ["test_2_0000_0000", "test_55_0256_0000", "test_77_0512_0256"],
-    "val": ["val_27_0000_0256"],
-}  # training: the other 7 tiles
-LEVIR_CROPS_PER_TILE = 16  # random crops of each training tile per epoch
+                            lr=2e-3, student_lr=2e-3, repeats=16)
+# Real scenes with the recipe for imbalanced change (chosen on the SZTAKI validation scenes,
+# docs/results_sztaki_notes.md): normalised inputs, change pixels weighted in the BCE plus
+# soft Dice, half of the crops drawn around change, early stopping, whole-scene tiled validation.
+PROFILES["real"] = Profile(size=128, crop=128, batch_size=8, teacher_epochs=40, student_epochs=40,
+                           lr=2e-3, student_lr=2e-3, patience=10, dice_weight=1.0, pos_weight=5.0, normalize=True,
+                           change_crop_rate=0.5, eval_tile=256, repeats=16)
 
+# A smoke run of the real-data path (tests, a first try on a new folder): minutes, not a result.
+PROFILES["real-quick"] = replace(PROFILES["real"], size=32, crop=16, batch_size=4, teacher_epochs=2,
+                                 student_epochs=2, patience=1, eval_tile=32, repeats=4)
 
-def levir_splits(root, crops_per_tile=LEVIR_CROPS_PER_TILE):
-    full = FolderDataset(root)
-    index = {name: i for i, name in enumerate(full.names)}
-    test = [index[n] for n in LEVIR_SPLIT["test"]]
-    val = [index[n] for n in LEVIR_SPLIT["val"]]
-    train = [i for n, i in index.items() if i not in test and i not in val]
-    return Repeat(Subset(full, train), crops_per_tile), Subset(full, val), Subset(full, test)
+SPLITS = {
+    # the split of the literature (Daudt et al., ICIP 2018); the validation scenes were chosen
+    # once, before any test number was seen, one per site, and are not to be changed
+    "sztaki": {"test": ["szada_1", "tiszadob_3"], "val": ["szada_2", "tiszadob_2"], "label_threshold": 128},
+    "levir-samples": {"test": ["test_2_0000_0000", "test_55_0256_0000", "test_77_0512_0256"],
+                      "val": ["val_27_0000_0256"]},
+}
 
 
 def machine_description(backend_name):
@@ -88,115 +116,283 @@ def machine_description(backend_name):
     return f"{platform.machine()}, {os.cpu_count()} CPUs ({model or 'unknown model'}), backend {backend_name}"
 
 
+# --------------------------------------------------------------------------- splits of a real folder
+
+
+def named_split(names):
+    """The name of the split in ``SPLITS`` whose test and validation scenes are all in ``names``, or None."""
+    for key, split in SPLITS.items():
+        if set(split["test"]) | set(split["val"]) <= set(names):
+            return key
+    return None
+
+
+def write_split_lists(names, out, seed, fractions=(0.7, 0.1, 0.2)):
+    """A seeded split of scene names, written as ``out/list/{train,val,test}.txt``; returns the lists."""
+    import numpy as np
+
+    if len(names) < 3:
+        raise HicdError(f"{len(names)} scenes are too few to split into training, validation and test")
+    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
+    n_val = max(1, round(fractions[1] * len(names)))
+    n_test = max(1, round(fractions[2] * len(names)))
+    lists = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    for part, part_names in lists.items():
+        with atomic_path(Path(out) / "list" / f"{part}.txt") as tmp:
+            tmp.write_text("".join(n + "\n" for n in part_names))
+    return lists
+
+
+def folder_splits(root, prof, *, label_threshold=None, out=None, seed=0):
+    """``(train, val, test, description)`` of a real folder: training scenes repeated for random crops."""
+    root = Path(root)
+    key = None
+    if (root / "list").is_dir() and all((root / "list" / f"{p}.txt").is_file() for p in ("train", "val", "test")):
+        parts = {p: FolderDataset(root, p, label_threshold=label_threshold).names for p in ("train", "val", "test")}
+        how = f"the lists in {root / 'list'}"
+    else:
+        names = FolderDataset(root, label_threshold=label_threshold).names
+        key = named_split(names)
+        if key is not None:
+            split = SPLITS[key]
+            parts = {"test": list(split["test"]), "val": list(split["val"])}
+            parts["train"] = [n for n in names if n not in parts["test"] and n not in parts["val"]]
+            how = f"the named split {key!r}"
+            if label_threshold is None:
+                label_threshold = split.get("label_threshold")
+        else:
+            parts = write_split_lists(names, out, seed)
+            how = f"a seeded split (seed {seed}) written to {Path(out) / 'list'}"
+    full = FolderDataset(root, label_threshold=label_threshold)
+    index = {n: i for i, n in enumerate(full.names)}
+    overlap = (set(parts["train"]) & set(parts["test"])) | (set(parts["train"]) & set(parts["val"])) | \
+        (set(parts["val"]) & set(parts["test"]))
+    if overlap:
+        raise HicdError(f"{root}: scenes in more than one split: {sorted(overlap)[:5]}")
+    cached = InMemory(full)  # a few large scenes: decode each once
+    subsets = {p: Subset(cached, [index[n] for n in parts[p]]) for p in ("train", "val", "test")}
+    description = (f"{how}: test {parts['test']}, validation {parts['val']}, {len(parts['train'])} training scenes"
+                   + (f", labels >= {label_threshold} are change" if label_threshold is not None else ""))
+    return Repeat(subsets["train"], prof.repeats), subsets["val"], subsets["test"], description, key
+
+
+# --------------------------------------------------------------------------- rows and the report
+
+
 def load_rows(path):
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def row(setting, method, seed, metrics):
-    return {"setting": setting, "method": method, "seed": seed, **{k: metrics[k] for k in METRIC_KEYS}}
+def row(setting, method, seed, init, metrics, summary=None, per_scene=None):
+    r = {"setting": setting, "method": method, "seed": seed, "init": init, **{k: metrics[k] for k in METRIC_KEYS}}
+    if summary is not None:
+        r.update(best_epoch=summary["best_epoch"], epochs_run=summary["epochs_run"], val_f1=summary["val_f1"])
+    if per_scene is not None:
+        r["f1_per_scene"] = per_scene
+    return r
 
 
-def summarise(rows):
-    """{(setting, method): (mean f1, std f1, mean iou, std iou, n)} over seeds."""
+def row_key(r):
+    return r["setting"], r["method"], r["seed"], r.get("init", "fresh")
+
+
+def label(method, init):
+    """A table label: students that started from the teacher are marked."""
+    return f"{method} (from teacher)" if init == "teacher" and not method.startswith("teacher") else method
+
+
+def summarise(rows, field="f1"):
+    """{(setting, label): (mean, std, n)} of ``field`` over seeds."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["setting"], r["method"]), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        f1 = [r["f1"] for r in rs]
-        iou = [r["iou"] for r in rs]
-        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
-        out[key] = (statistics.mean(f1), sd(f1), statistics.mean(iou), sd(iou), len(rs))
-    return out
+        groups.setdefault((r["setting"], label(r["method"], r.get("init", "fresh"))), []).append(r[field])
+    sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
+    return {key: (statistics.mean(v), sd(v), len(v)) for key, v in groups.items()}
+
+
+def row_labels(rows):
+    inits = sorted({r.get("init", "fresh") for r in rows}) or ["fresh"]
+    labels = list(METHODS)
+    if "teacher" in inits:
+        labels += [label(m, "teacher") for m in METHODS[2:]]
+    present = {label(r["method"], r.get("init", "fresh")) for r in rows}
+    return [lab for lab in labels if lab in present]
 
 
 def results_table(rows, settings):
-    stats = summarise(rows)
+    f1, iou = summarise(rows, "f1"), summarise(rows, "iou")
     head = "| method | " + " | ".join(f"{s} F1 | {s} IoU" for s in settings) + " |"
-    rule = "|---|" + "---:|---:|" * len(settings)
-    lines = [head, rule]
-    for m in METHODS:
+    lines = [head, "|---|" + "---:|---:|" * len(settings)]
+    for lab in row_labels(rows):
         cells = []
         for s in settings:
-            if (s, m) in stats:
-                f1, f1s, iou, ious, n = stats[(s, m)]
+            if (s, lab) in f1:
+                m, sd, n = f1[(s, lab)]
                 mark = "" if n == 3 else f" (n={n})"
-                cells += [f"{f1:.2f} ± {f1s:.2f}{mark}", f"{iou:.2f} ± {ious:.2f}"]
+                cells += [f"{m:.2f} ± {sd:.2f}{mark}", "{:.2f} ± {:.2f}".format(*iou[(s, lab)][:2])]
             else:
                 cells += ["–", "–"]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def paired(rows, setting, a, b):
-    """Mean of (a - b) F1 over the seeds where both methods were measured, and those seeds."""
-    f1 = {(r["method"], r["seed"]): r["f1"] for r in rows if r["setting"] == setting}
+def best_epoch_table(rows, settings):
+    """Best validation epoch / epochs run, per model, seeds listed."""
+    cells = {}
+    for r in rows:
+        if "best_epoch" in r:
+            cells.setdefault((r["setting"], label(r["method"], r.get("init", "fresh"))), []).append(
+                f"{r['best_epoch']}/{r['epochs_run']}")
+    if not cells:
+        return ""
+    lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
+    for lab in row_labels(rows):
+        if lab == "teacher HQ/LQ":
+            continue
+        lines.append(f"| {lab} | " + " | ".join(", ".join(cells.get((s, lab), ["–"])) for s in settings) + " |")
+    return "\n".join(lines)
+
+
+def per_scene_table(rows, settings):
+    """F1 per test scene, mean ± std over seeds, for real folders."""
+    scenes = sorted({name for r in rows for name in r.get("f1_per_scene", {})})
+    if not scenes:
+        return ""
+    cols = [(s, name) for s in settings for name in scenes]
+    lines = ["| method | " + " | ".join(f"{s} {name}" for s, name in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for lab in row_labels(rows):
+        cells = []
+        for s, name in cols:
+            v = [r["f1_per_scene"][name] for r in rows if r["setting"] == s and "f1_per_scene" in r
+                 and label(r["method"], r.get("init", "fresh")) == lab and name in r["f1_per_scene"]]
+            cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0.0:.2f}" if v else "–")
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(rows, setting, a, b, init="fresh"):
+    """Mean and sample std of (a - b) F1 over the seeds where both were measured, and those seeds."""
+    f1 = {(r["method"], r["seed"]): r["f1"] for r in rows
+          if r["setting"] == setting and r.get("init", "fresh") == init}
     seeds = sorted({s for (m, s) in f1 if m == a} & {s for (m, s) in f1 if m == b})
     if not seeds:
-        return None, []
-    return statistics.mean(f1[(a, s)] - f1[(b, s)] for s in seeds), seeds
+        return None, None, []
+    d = [f1[(a, s)] - f1[(b, s)] for s in seeds]
+    return statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, seeds
 
 
 def verdict(rows, settings):
-    """The issue's target, checked on whatever has been measured (differences paired by seed)."""
-    lines, wins, measured, versus_fmse = [], 0, 0, []
-    for s in settings:
-        d, seeds = paired(rows, s, "student HiCD full", "student baseline")
-        if d is not None:
-            measured += 1
-            wins += d >= 1.0
-            lines.append(f"- {s}: HiCD full − baseline = {d:+.2f} F1 (mean over seeds {seeds})")
-        d, seeds = paired(rows, s, "student HiCD full", "student feature-mse")
-        if d is not None:
-            versus_fmse.append(d)
-    if measured:
-        lines.append(f"- settings where HiCD full beats the baseline by ≥ 1.0 F1: {wins} of {measured} measured "
-                     "(target: at least 3 of 4)")
-    if versus_fmse:
-        lines.append(f"- HiCD full − feature-mse, mean over measured settings: {statistics.mean(versus_fmse):+.2f} F1 "
-                     "(target: > 0)")
+    """HiCD full against the baseline and feature matching, paired by seed, per student init."""
+    lines = []
+    for init in sorted({r.get("init", "fresh") for r in rows}):
+        wins, measured, versus_fmse = 0, 0, []
+        for s in settings:
+            d, sd, seeds = paired(rows, s, "student HiCD full", "student baseline", init)
+            if d is not None:
+                measured += 1
+                wins += d >= 1.0
+                lines.append(f"- {s}, students {init}: HiCD full − baseline = {d:+.2f} F1 "
+                             f"(paired by seed, std {sd:.2f}, seeds {seeds})")
+            d, _, _ = paired(rows, s, "student HiCD full", "student feature-mse", init)
+            if d is not None:
+                versus_fmse.append(d)
+        if measured:
+            lines.append(f"- students {init}: HiCD full ≥ baseline + 1.0 F1 in {wins} of {measured} measured settings")
+        if versus_fmse:
+            lines.append(f"- students {init}: HiCD full − feature-mse, mean over measured settings "
+                         f"{statistics.mean(versus_fmse):+.2f} F1")
     return "\n".join(lines) or "- nothing measured yet"
+
+
+COLOURS = [(90, 90, 90), (170, 170, 170), (66, 133, 244), (251, 188, 5), (52, 168, 83), (0, 150, 136),
+           (219, 68, 55), (120, 60, 160), (240, 120, 40), (30, 90, 160), (160, 160, 40), (200, 90, 150)]
+
+
+def _canvas(W, H):
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return None, None
+    img = Image.new("RGB", (W, H), "white")
+    return img, ImageDraw.Draw(img)
+
+
+def _save(img, path):
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return path
 
 
 def bar_plot(rows, settings, path):
     """Grouped bars (F1 per method, one group per setting) with ±1 std error bars, drawn with Pillow."""
-    try:
-        from PIL import Image, ImageDraw
-    except ImportError:
+    W, H, left, bottom, top = 1100, 500, 60, 80, 20
+    img, d = _canvas(W, H)
+    if img is None:
         return None
-    stats = summarise(rows)
-    colours = [(90, 90, 90), (170, 170, 170), (66, 133, 244), (251, 188, 5), (52, 168, 83), (0, 150, 136),
-               (219, 68, 55)]
-    W, H, left, bottom, top = 1100, 480, 60, 60, 20
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
+    stats, labels = summarise(rows), row_labels(rows)
     plot_h = H - bottom - top
     y_of = lambda v: top + plot_h * (1 - v / 100.0)  # noqa: E731
     for v in range(0, 101, 20):
         d.line([(left, y_of(v)), (W - 10, y_of(v))], fill=(225, 225, 225))
         d.text((left - 30, y_of(v) - 6), f"{v}", fill="black")
     group_w = (W - left - 20) / len(settings)
-    bar_w = group_w * 0.8 / len(METHODS)
+    bar_w = group_w * 0.8 / max(len(labels), 1)
     for g, s in enumerate(settings):
         x0 = left + g * group_w + group_w * 0.1
-        for k, m in enumerate(METHODS):
-            if (s, m) not in stats:
+        for k, lab in enumerate(labels):
+            if (s, lab) not in stats:
                 continue
-            f1, sd = stats[(s, m)][:2]
+            f1, sd = stats[(s, lab)][:2]
             xa, xb = x0 + k * bar_w, x0 + (k + 1) * bar_w - 2
-            d.rectangle([xa, y_of(f1), xb, y_of(0)], fill=colours[k])
+            d.rectangle([xa, y_of(f1), xb, y_of(0)], fill=COLOURS[k % len(COLOURS)])
             xc = (xa + xb) / 2
             d.line([(xc, y_of(min(f1 + sd, 100))), (xc, y_of(max(f1 - sd, 0)))], fill="black", width=1)
         d.text((x0 + group_w * 0.25, H - bottom + 8), s, fill="black")
-    for k, m in enumerate(METHODS):
-        x = left + (k % 4) * 250
-        y = H - bottom + 26 + (k // 4) * 14
-        d.rectangle([x, y + 2, x + 10, y + 10], fill=colours[k])
-        d.text((x + 14, y), m, fill="black")
+    for k, lab in enumerate(labels):
+        x, y = left + (k % 4) * 260, H - bottom + 26 + (k // 4) * 14
+        d.rectangle([x, y + 2, x + 10, y + 10], fill=COLOURS[k % len(COLOURS)])
+        d.text((x + 14, y), lab, fill="black")
     d.text((5, top), "F1", fill="black")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
+    return _save(img, path)
+
+
+def curve_plot(rows, settings, path, methods=("student baseline", "student HiCD full")):
+    """Validation F1 against epoch, mean over seeds (of the runs still going at that epoch), one panel a setting."""
+    curves = {}
+    for r in rows:
+        if r["method"] in methods and r.get("val_f1"):
+            curves.setdefault((r["setting"], label(r["method"], r.get("init", "fresh"))), []).append(r["val_f1"])
+    if not curves:
+        return None
+    labels = sorted({lab for (_, lab) in curves})
+    panels = [s for s in settings if any(k[0] == s for k in curves)]
+    pw, ph, left, top, bottom = 330, 260, 40, 20, 60
+    img, d = _canvas(pw * len(panels) + 20, ph + bottom)
+    if img is None:
+        return None
+    longest = max(len(c) for cs in curves.values() for c in cs)
+    for p, s in enumerate(panels):
+        x0 = p * pw + left
+        x_of = lambda e: x0 + (pw - left - 10) * (e - 1) / max(longest - 1, 1)  # noqa: E731, B023
+        y_of = lambda v: top + (ph - top - 20) * (1 - v / 100.0)  # noqa: E731
+        for v in range(0, 101, 20):
+            d.line([(x0, y_of(v)), (x0 + pw - left - 10, y_of(v))], fill=(225, 225, 225))
+            d.text((x0 - 25, y_of(v) - 6), f"{v}", fill="black")
+        d.text((x0 + 5, ph - 15), f"{s}: val F1 by epoch (1-{longest})", fill="black")
+        for k, lab in enumerate(labels):
+            cs = curves.get((s, lab), [])
+            points = []
+            for e in range(longest):
+                vals = [c[e] for c in cs if len(c) > e]
+                if vals:
+                    points.append((x_of(e + 1), y_of(statistics.mean(vals))))
+            if len(points) > 1:
+                d.line(points, fill=COLOURS[(k + 2) % len(COLOURS)], width=2)
+    for k, lab in enumerate(labels):
+        x, y = left + (k % 2) * 300, ph + 10 + (k // 2) * 14
+        d.rectangle([x, y + 2, x + 10, y + 10], fill=COLOURS[(k + 2) % len(COLOURS)])
+        d.text((x + 14, y), lab, fill="black")
+    return _save(img, path)
 
 
 def _relative(path, start):
@@ -206,17 +402,18 @@ def _relative(path, start):
         return Path(path).as_posix()
 
 
-def write_report(rows, meta, settings, report, plot, title="Reproducing the HiCD claim", results=None, notes=None):
-    results = Path(results or ROOT / "results" / "reproduce.json")
-    notes = Path(notes or ROOT / "docs" / "results_notes.md")
-    notes_text = notes.read_text() if notes.exists() else ""
+def write_report(rows, meta, settings, report, plot, *, title, results, notes):
+    notes_text = Path(notes).read_text() if Path(notes).exists() else ""
     seconds = sum(meta.get("seconds", {}).values())
     rel = lambda p: _relative(p, report.parent)  # noqa: E731
+    curves = plot.with_name(plot.stem.replace("_f1", "") + "_curves.png")
+    epochs, scenes = best_epoch_table(rows, settings), per_scene_table(rows, settings)
     text = f"""# {title}
 
-Generated by `examples/reproduce.py` from [`{results.name}`]({rel(results)});
-the plot is [`{plot.name}`]({rel(plot)}). Do not edit by hand: the
-hand-written part below comes from `{_relative(notes, ROOT)}`.
+Generated by `examples/reproduce.py` from [`{Path(results).name}`]({rel(results)});
+the plots are [`{plot.name}`]({rel(plot)}) and, where validation curves were recorded,
+[`{curves.name}`]({rel(curves)}). Do not edit by hand: the hand-written part below comes
+from `{_relative(notes, ROOT)}`.
 
 - command: `{meta.get("command", "")}`
 - last updated: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -229,83 +426,142 @@ setting's held-out low-quality test set (`teacher HQ/HQ`: the clean test set):
 
 {results_table(rows, settings)}
 
-The target (issue 6), on what has been measured so far:
+HiCD full against the baseline student and plain feature matching, on what has been
+measured so far:
 
 {verdict(rows, settings)}
 
 ![F1 per method and setting]({rel(plot)})
-
-{notes_text}"""
+"""
+    if scenes:
+        text += f"\nF1 per test scene (mean ± std over seeds):\n\n{scenes}\n"
+    if epochs:
+        text += ("\nBest validation epoch / epochs trained, one entry per seed (a run that stopped before its "
+                 f"budget stopped by patience):\n\n{epochs}\n")
+    if curve_plot(rows, settings, curves) is not None:
+        text += f"\n![validation F1 by epoch, baseline and HiCD full, mean over seeds]({rel(curves)})\n"
+    text += f"\n{notes_text}"
     with atomic_path(report) as tmp:
         tmp.write_text(text)
     bar_plot(rows, settings, plot)
 
 
-def main(argv=None):
+# --------------------------------------------------------------------------- the run
+
+
+def evaluate_scenes(model, dataset, prof):
+    """Pooled metrics over a test set (one confusion matrix) and F1 per scene, by name."""
+    from hicd_core.metrics import ConfusionMatrix
+
+    pooled, per_scene = ConfusionMatrix(), {}
+    names = getattr(dataset, "names", [str(i) for i in range(len(dataset))])
+    for i, name in enumerate(names):
+        m = evaluate(model, Subset(dataset, [i]), batch_size=1, tile=prof.eval_tile)
+        per_scene[name] = m["f1"]
+        pooled.tp, pooled.fp, pooled.fn, pooled.tn = (pooled.tp + m["tp"], pooled.fp + m["fp"],
+                                                      pooled.fn + m["fn"], pooled.tn + m["tn"])
+    return pooled.compute(), per_scene
+
+
+def study_paths(args, tag):
+    results = Path(args.results or ROOT / "results" / f"{tag}.json")
+    report_name = "RESULTS.md" if tag == "reproduce" else f"RESULTS_{tag.upper().replace('-', '_')}.md"
+    report = Path(args.report or ROOT / "docs" / report_name)
+    notes = ROOT / "docs" / ("results_notes.md" if tag == "reproduce" else f"results_{tag}_notes.md")
+    return results, results.with_name(results.stem + "_meta.json"), report, report.parent / "images" / f"{tag}_f1.png", notes
+
+
+TITLES = {"reproduce": "Reproducing the HiCD claim: the 6-epoch sweep on synthetic scenes",
+          "converged": "HiCD against converged students on synthetic scenes",
+          "sztaki": "HiCD on the SZTAKI AirChange scenes",
+          "levir": "HiCD on the LEVIR-CD sample tiles"}
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--student-init", nargs="+", default=["fresh"], choices=["fresh", "teacher"],
+                        help="how students start (both: every variant is trained both ways)")
+    parser.add_argument("--protocol", default="sweep", choices=["sweep", "converged"],
+                        help="synthetic data: the 6-epoch sweep or train-until-it-stops (default sweep)")
+    parser.add_argument("--data", default=None, help="a real A/B/label folder instead of the synthetic scenes")
+    parser.add_argument("--label-threshold", type=int, default=None,
+                        help="binarise masks with grey pixels: value >= T is change (named splits set their own)")
     parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
-                        help="sizes and schedules (default: sweep, or levir with --levir)")
-    parser.add_argument("--student-init", default="fresh", choices=["teacher", "fresh"])
-    parser.add_argument("--levir", default=None, help="run the LEVIR-CD sample tiles instead (separate report)")
+                        help="sizes, schedules and recipe (default: from the study)")
+    parser.add_argument("--tag", default=None, help="name of the study's rows and report (default: from the data)")
     parser.add_argument("--out", default="runs/reproduce", help="checkpoints (reused when present)")
-    parser.add_argument("--results", default=None, help="rows JSON (default results/reproduce.json)")
+    parser.add_argument("--results", default=None, help="rows JSON (default results/<study>.json)")
+    parser.add_argument("--report", default=None, help="report path (default docs/RESULTS*.md)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
-    parser.add_argument("--report", default=None, help="report path (default docs/RESULTS.md)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    backend.keep_host_memory()  # reuse freed host memory across steps (see its docstring)
+    if args.data is not None and not Path(args.data).is_dir():
+        parser.error(f"--data {args.data}: no such folder")
+    if args.label_threshold is not None and not 1 <= args.label_threshold <= 255:
+        parser.error(f"--label-threshold must be in 1..255, got {args.label_threshold}")
+    return args
 
-    tag = "levir" if args.levir else "reproduce"
-    results = Path(args.results or ROOT / "results" / f"{tag}.json")
-    meta_path = results.with_name(results.stem + "_meta.json")
-    report = Path(args.report or ROOT / "docs" / ("RESULTS_LEVIR.md" if args.levir else "RESULTS.md"))
-    plot = report.parent / "images" / f"{tag}_f1.png"
+
+def choose_study(args):
+    """``(tag, profile name, split key or None)`` for the arguments."""
+    if args.data is None:
+        tag = args.tag or ("converged" if args.protocol == "converged" else "reproduce")
+        return tag, args.profile or ("converged" if args.protocol == "converged" else "sweep"), None
+    names = FolderDataset(args.data, label_threshold=args.label_threshold).names
+    key = named_split(names)
+    tag = args.tag or {"sztaki": "sztaki", "levir-samples": "levir"}.get(key) or \
+        "".join(c if c.isalnum() else "-" for c in Path(args.data).resolve().name.lower())
+    # the LEVIR sample tiles keep the fixed-epoch profile their published rows were measured with
+    return tag, args.profile or ("levir" if key == "levir-samples" else "real"), key
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    backend.keep_host_memory()  # reuse freed host memory across steps (see its docstring)
+    tag, profile, _ = choose_study(args)
+    results, meta_path, report, plot, notes = study_paths(args, tag)
     rows = load_rows(results)
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"seconds": {}}
-    profile = args.profile or ("levir" if args.levir else "sweep")
-    title = "HiCD on the LEVIR-CD sample tiles" if args.levir else "Reproducing the HiCD claim"
-    notes = ROOT / "docs" / ("results_levir_notes.md" if args.levir else "results_notes.md")
-    report_args = dict(title=title, results=results, notes=notes)
-    if args.report_only:  # the stored meta describes the sweep that measured the rows
+    report_args = dict(title=TITLES.get(tag, f"HiCD on {tag}"), results=results, notes=notes)
+    if args.report_only:  # the stored meta describes the run that measured the rows
         write_report(rows, meta, args.settings, report, plot, **report_args)
         return rows
     prof = PROFILES[profile]
-    if args.levir:
-        described = (f"{profile}: tiles {LEVIR_SPLIT} for test and validation, the other 7 for training "
-                     f"(random {prof.crop}x{prof.crop} crops, {LEVIR_CROPS_PER_TILE} per tile and epoch), batch {prof.batch_size}, "
-                     f"teacher {prof.teacher_epochs} epochs at lr {prof.lr}, students {prof.student_epochs} "
-                     f"epochs at lr {prof.student_lr}")
-    else:
-        described = f"{profile}: {prof}"
-    meta.update(command="python examples/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                machine=machine_description(args.backend),
-                profile=f"{described}; student init: {args.student_init}")
     xp = backend.namespace(args.backend)
-    done = {(r["setting"], r["method"], r["seed"]) for r in rows}
+    done = {row_key(r) for r in rows}
+    meta.update(command="python examples/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                machine=machine_description(args.backend))
 
-    def record(setting, method, seed, metrics, seconds):
-        rows.append(row(setting, method, seed, metrics))
-        meta["seconds"][f"{setting}|{method}|{seed}"] = round(seconds, 1)
+    def record(r, seconds):
+        rows.append(r)
+        meta["seconds"]["|".join(str(k) for k in row_key(r))] = round(seconds, 1)
         write_json(results, rows)
         write_json(meta_path, meta)
         write_report(rows, meta, args.settings, report, plot, **report_args)
-        print(f"{setting:14s} seed {seed}  {method:26s} F1 {metrics['f1']:6.2f}  IoU {metrics['iou']:6.2f}", flush=True)
+        print(f"{r['setting']:14s} seed {r['seed']}  {label(r['method'], r['init']):40s} F1 {r['f1']:6.2f}  "
+              f"IoU {r['iou']:6.2f}" + (f"  best epoch {r['best_epoch']}/{r['epochs_run']}" if "best_epoch" in r else ""),
+              flush=True)
 
     for seed in args.seeds:
-        if args.levir:
-            splits = levir_splits(args.levir)
-        else:
+        out = Path(args.out) / tag / f"seed{seed}"
+        if args.data is None:
             splits = load_splits(None, size=prof.size, n_train=prof.n_train, n_val=prof.n_val,
                                  n_test=prof.n_test, seed=seed)
-        out = Path(args.out) / tag / f"seed{seed}"
+            meta["profile"] = f"{profile}: {prof}; students start: {' and '.join(args.student_init)}"
+        else:
+            train, val, test, described, _ = folder_splits(args.data, prof, label_threshold=args.label_threshold,
+                                                           out=Path(args.out) / tag, seed=0)
+            splits = (train, val, test)
+            meta["profile"] = f"{profile}: {prof}; split: {described}; students start: {' and '.join(args.student_init)}"
         teacher = None
         for setting in args.settings:
-            wanted = [m for m in METHODS if (setting, m, seed) not in done and
-                      (m.startswith("teacher") or any(LABELS[v] == m for v in args.variants))]
+            wanted = [(m, "fresh") for m in METHODS[:2] if (setting, m, seed, "fresh") not in done]
+            wanted += [(v, init) for init in args.student_init for v in args.variants
+                       if (setting, LABELS[v], seed, init) not in done]
             if not wanted:
                 continue
             started = time.perf_counter()
@@ -313,23 +569,42 @@ def main(argv=None):
                 teacher = train_teacher(out / "teacher", splits, prof, seed=seed, xp=xp,
                                         progress=not args.no_progress)
                 meta["seconds"][f"teacher|{seed}"] = round(time.perf_counter() - started, 1)
+            teacher_summary = _summary(out / "teacher")
             test_hq, test_lq = test_views(splits[2], setting, seed)
             for method, data in (("teacher HQ/HQ", test_hq), ("teacher HQ/LQ", test_lq)):
-                if method in wanted:
+                if (method, "fresh") in wanted:
                     t = time.perf_counter()
-                    record(setting, method, seed, evaluate(teacher, data, batch_size=prof.batch_size),
+                    record(_measure(teacher, data, prof, args, setting, method, seed, "fresh", teacher_summary),
                            time.perf_counter() - t)
-            for variant in args.variants:
-                if LABELS[variant] not in wanted:
+            for variant, init in wanted:
+                if variant not in LABELS:
                     continue
                 t = time.perf_counter()
-                student = train_student(out / setting / f"student-{variant}", variant, splits, prof, teacher,
-                                        setting=setting, seed=seed, xp=xp, progress=not args.no_progress,
-                                        student_init=args.student_init)
-                record(setting, LABELS[variant], seed, evaluate(student, test_lq, batch_size=prof.batch_size),
+                folder = out / setting / (f"student-{variant}" + ("-from-teacher" if init == "teacher" else ""))
+                student = train_student(folder, variant, splits, prof, teacher, setting=setting, seed=seed, xp=xp,
+                                        progress=not args.no_progress, student_init=init)
+                record(_measure(student, test_lq, prof, args, setting, LABELS[variant], seed, init, _summary(folder)),
                        time.perf_counter() - t)
     return rows
 
 
+def _summary(folder):
+    summary = run_summary(folder)
+    log = Path(folder) / "log.jsonl"
+    summary["val_f1"] = [json.loads(line)["val"]["f1"] for line in log.read_text().splitlines() if line.strip()]
+    return summary
+
+
+def _measure(model, data, prof, args, setting, method, seed, init, summary):
+    if args.data is None:
+        return row(setting, method, seed, init, evaluate(model, data, batch_size=prof.batch_size), summary)
+    pooled, per_scene = evaluate_scenes(model, data, prof)
+    return row(setting, method, seed, init, pooled, summary, per_scene)
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HicdError as exc:
+        print(f"reproduce.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)

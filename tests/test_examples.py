@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +55,9 @@ def test_reproduce_writes_rows_report_and_resumes(tmp_path):
     run_script(*args)
     rows = json.loads(results.read_text())
     assert [r["method"] for r in rows] == ["teacher HQ/HQ", "teacher HQ/LQ", "student baseline"]
-    assert all(set(r) == {"setting", "method", "seed", "f1", "iou", "precision", "recall", "oa", "kappa"}
-               for r in rows)
+    assert all(set(r) == {"setting", "method", "seed", "init", "best_epoch", "epochs_run", "val_f1", "f1", "iou",
+                          "precision", "recall", "oa", "kappa"} for r in rows)
+    assert all(r["init"] == "fresh" and 1 <= r["best_epoch"] <= r["epochs_run"] == len(r["val_f1"]) for r in rows)
     text = report.read_text()
     assert "[`rows.json`](../rows.json)" in text and "| student baseline |" in text
     assert (tmp_path / "docs" / "images" / "reproduce_f1.png").exists()
@@ -63,17 +65,79 @@ def test_reproduce_writes_rows_report_and_resumes(tmp_path):
     assert json.loads(results.read_text()) == rows
 
 
-def test_levir_split_is_disjoint():
-    """The documented split of the 11 LEVIR-CD sample tiles (skips without ../shared)."""
-    root = ROOT.parent / "shared" / "data" / "levir-cd-samples"
-    if not root.is_dir():
-        pytest.skip("../shared/data/levir-cd-samples is absent")
+def write_scenes(root, sizes, seed=0):
+    """A tiny A/B/label folder of scenes of different sizes, with a grey anti-aliased mask edge."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for sub in ("A", "B", "label"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate(sizes):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        b = a.copy()
+        lab = np.zeros((h, w), np.uint8)
+        y, x = rng.integers(0, h - 12), rng.integers(0, w - 12)
+        b[y:y + 12, x:x + 12] = 255 - b[y:y + 12, x:x + 12]
+        lab[y:y + 12, x:x + 12] = 255
+        lab[y, x:x + 12] = 200
+        for sub, arr in (("A", a), ("B", b), ("label", lab)):
+            Image.fromarray(arr).save(root / sub / f"scene_{i}.png")
+    return root
+
+
+def test_reproduce_on_a_folder_writes_rows_per_scene_report_and_plots(tmp_path):
+    pytest.importorskip("PIL")
+    data = write_scenes(tmp_path / "data", [(40, 48)] * 5 + [(48, 56)] * 5)
+    results, report = tmp_path / "rows.json", tmp_path / "docs" / "REPORT.md"
+    args = ("examples/reproduce.py", "--data", str(data), "--label-threshold", "128", "--profile", "real-quick",
+            "--settings", "multi", "--seeds", "0", "--variants", "baseline", "hicd", "--out", str(tmp_path / "runs"),
+            "--results", str(results), "--report", str(report), "--no-progress")
+    run_script(*args)
+    rows = json.loads(results.read_text())
+    assert [r["method"] for r in rows] == ["teacher HQ/HQ", "teacher HQ/LQ", "student baseline", "student HiCD full"]
+    lists = {p: (tmp_path / "runs" / "data" / "list" / f"{p}.txt").read_text().split() for p in ("train", "val", "test")}
+    assert sorted(sum(lists.values(), [])) == sorted(f"scene_{i}" for i in range(10))  # each scene in one split
+    for r in rows:
+        assert set(r["f1_per_scene"]) == set(lists["test"]) and r["epochs_run"] <= 2 and "val_f1" in r
+    text = report.read_text()
+    assert "F1 per test scene" in text and "| student HiCD full |" in text and "Best validation epoch" in text
+    assert (tmp_path / "docs" / "images" / "data_f1.png").exists()
+    assert (tmp_path / "docs" / "images" / "data_curves.png").exists()
+    assert "student" not in run_script(*args)  # resumed: nothing left to measure
+    bad = run_script_fails("examples/reproduce.py", "--data", str(data), "--profile", "real-quick", "--seeds", "0",
+                           "--out", str(tmp_path / "runs2"), "--results", str(tmp_path / "r2.json"),
+                           "--report", str(tmp_path / "R2.md"), "--no-progress")
+    assert "label values" in bad and "--label-threshold" in bad and "Traceback" not in bad
+
+
+def run_script_fails(*args):
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    return out.stderr
+
+
+def _reproduce_module():
     sys.path.insert(0, str(ROOT / "examples"))
     try:
         import reproduce
     finally:
         sys.path.pop(0)
-    train, val, test = reproduce.levir_splits(root)
-    assert len(test) == 3 and len(val) == 1 and len(train) == 7 * reproduce.LEVIR_CROPS_PER_TILE
-    assert set(test.names) == set(reproduce.LEVIR_SPLIT["test"]) and set(val.names) == set(reproduce.LEVIR_SPLIT["val"])
-    assert len(set(train.dataset.names)) == 7 and not set(train.dataset.names) & (set(test.names) | set(val.names))
+    return reproduce
+
+
+@pytest.mark.parametrize("folder, key, n_train", [("levir-cd-samples", "levir-samples", 7),
+                                                  ("sztaki-airchange", "sztaki", 9)])
+def test_named_splits_are_disjoint_and_recognised(folder, key, n_train):
+    """The documented splits of the real samples in ../shared (skip without it)."""
+    root = ROOT.parent / "shared" / "data" / folder
+    if not root.is_dir():
+        pytest.skip(f"../shared/data/{folder} is absent")
+    reproduce = _reproduce_module()
+    prof = reproduce.PROFILES["levir" if key == "levir-samples" else "real"]
+    train, val, test, described, found = reproduce.folder_splits(root, prof)
+    split = reproduce.SPLITS[key]
+    assert found == key and set(test.names) == set(split["test"]) and set(val.names) == set(split["val"])
+    assert len(train) == n_train * prof.repeats and len(set(train.dataset.names)) == n_train
+    assert not set(train.dataset.names) & (set(test.names) | set(val.names))
+    if key == "sztaki":  # the split of Daudt et al. (2018): these two test scenes, whatever else happens
+        assert sorted(test.names) == ["szada_1", "tiszadob_3"] and "labels >= 128" in described

@@ -1,0 +1,60 @@
+"""Probe a teacher recipe on a real folder's validation scenes (how docs/results_sztaki_notes.md chose it).
+
+    python scripts/recipe_probe.py NAME '{"normalize": true, "pos_weight": 5.0, "change_crop_rate": 0.5}'
+
+Trains one teacher (seed 0) on the training scenes of ``--data`` (default the SZTAKI
+AirChange scenes with the split of ``examples/reproduce.py``), random 128x128 crops,
+16 per scene and epoch, batch 8, lr 2e-3, cosine over ``epochs`` (default 40), with
+the ``TrainConfig`` fields given as JSON, and appends its validation F1 per epoch to
+``results/recipe_probe.json`` under NAME. Only validation scenes are evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from hicd_core import backend  # noqa: E402
+from hicd_core.experiment import PROFILES, write_json  # noqa: E402
+from hicd_core.train import TrainConfig, fit  # noqa: E402
+from reproduce import folder_splits  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("fields", help="TrainConfig fields as JSON")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
+    parser.add_argument("--out", default="runs/recipe_probe")
+    parser.add_argument("--results", default=str(ROOT / "results" / "recipe_probe.json"))
+    args = parser.parse_args(argv)
+    backend.keep_host_memory()
+    fields = json.loads(args.fields)
+    epochs = fields.pop("epochs", 40)
+    train, val, _, described, _ = folder_splits(args.data, PROFILES["real"], out=Path(args.out), seed=0)
+    cfg = TrainConfig(role="teacher", epochs=epochs, batch_size=8, crop=128, lr=2e-3, eval_tile=256, seed=0, **fields)
+    curve, started = [], time.perf_counter()
+
+    def on_epoch(r):
+        curve.append(r["val"]["f1"])
+        print(r["epoch"], round(r["train"]["loss"], 4), {k: r["val"][k] for k in ("f1", "precision", "recall")},
+              flush=True)
+
+    fit(cfg, train, val, Path(args.out) / args.name, progress=False, on_epoch=on_epoch)
+    results = Path(args.results)
+    rows = json.loads(results.read_text()) if results.exists() else []
+    rows.append({"name": args.name, "fields": fields, "epochs": epochs, "split": described, "val_f1": curve,
+                 "best_val_f1": max(curve), "best_epoch": curve.index(max(curve)) + 1,
+                 "seconds": round(time.perf_counter() - started, 1)})
+    write_json(results, rows)
+
+
+if __name__ == "__main__":
+    main()
