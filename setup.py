@@ -29,6 +29,8 @@ setup(
         "gpu": ["cupy>=13"],
         "io": ["Pillow>=9"],
         "progress": ["tqdm>=4.60"],
+        "torch": ["torch>=2.1"],
+        "jax": ["jax>=0.4.30"],
         "test": [
             "pytest>=7",
             "hypothesis>=6.80",

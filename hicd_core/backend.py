@@ -15,6 +15,7 @@ library itself for namespaces that conform already (array-api-strict).
 from __future__ import annotations
 
 import importlib
+import sys
 
 import array_api_compat
 import numpy as np
@@ -24,6 +25,9 @@ __all__ = [
     "namespace",
     "is_numpy_namespace",
     "is_cupy_namespace",
+    "mutable_namespace",
+    "is_tracing",
+    "as_arrays",
     "to_host",
     "from_host",
     "all_finite",
@@ -97,6 +101,54 @@ def is_numpy_namespace(xp) -> bool:
 
 def is_cupy_namespace(xp) -> bool:
     return array_api_compat.is_cupy_namespace(xp)
+
+
+def mutable_namespace(xp) -> bool:
+    """Whether arrays a function allocated itself may be updated in place.
+
+    True for NumPy and CuPy, which have no autograd and no tracers. Elsewhere (torch,
+    whose autograd may hold an intermediate; JAX, whose arrays are immutable) the
+    library's own code rebinds instead (``a = a - b``), so the result dtype and the
+    autograd graph are the same as with any other out-of-place code.
+    """
+    return is_numpy_namespace(xp) or is_cupy_namespace(xp)
+
+
+def is_tracing(*arrays) -> bool:
+    """True when a value cannot be read on the host now: a JAX tracer (``jit``, ``grad``,
+    ``vmap``), a torch tensor while ``torch.compile`` traces, or a functorch-batched
+    tensor (``torch.func.vmap``). Neither library is imported here; only a library the
+    caller already imported is asked."""
+    jax = sys.modules.get("jax")
+    if jax is not None and any(isinstance(a, jax.core.Tracer) for a in arrays):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and any(isinstance(a, torch.Tensor) for a in arrays):
+        if torch.compiler.is_compiling():
+            return True
+        batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+        if batched is not None and any(isinstance(a, torch.Tensor) and batched(a) for a in arrays):
+            return True
+    return False
+
+
+def as_arrays(*objects):
+    """``(xp, arrays)``: the namespace of the array-API arrays among ``objects``, and every
+    object as an array of it; an object that only speaks DLPack (``__dlpack__``) is
+    converted with ``xp.from_dlpack`` (into NumPy when no object is an array-API array).
+    ``None`` entries stay None."""
+    known = [o for o in objects if o is not None and array_api_compat.is_array_api_obj(o)]
+    xp = array_namespace(*known) if known else array_api_compat.array_namespace(np.empty(0))
+    out = []
+    for o in objects:
+        if o is None or array_api_compat.is_array_api_obj(o):
+            out.append(o)
+        elif hasattr(o, "__dlpack__"):
+            out.append(xp.from_dlpack(o))
+        else:
+            raise TypeError(f"hicd: expected an array (array-API or DLPack), got {type(o).__module__}."
+                            f"{type(o).__qualname__}")
+    return xp, out
 
 
 def to_host(x) -> np.ndarray:

@@ -15,9 +15,10 @@ teacher is a constant).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import operator
+from typing import NamedTuple, Sequence
 
-from .backend import all_finite, array_namespace, device
+from .backend import all_finite, array_namespace, as_arrays, device, is_tracing, mutable_namespace
 from .correlation import (
     _row_sum,
     _cross_gram,
@@ -46,15 +47,31 @@ def _softmax_parts(r, inv_tau, shift=True, *, xp):
     ``log softmax = z - log_sum``; every array here is freshly allocated. ``c`` is each
     row's maximum, or 0 with ``shift=False`` (only where ``exp`` can neither overflow nor
     underflow without it, ``_shift_needed``), which saves NumPy's slow reduction over
-    short rows and a pass.
+    short rows and a pass. The updates are in place only on NumPy / CuPy
+    (``backend.mutable_namespace``), where nothing else can hold these arrays.
     """
+    inplace = mutable_namespace(xp)
     z = r * inv_tau
     if shift:
-        z -= xp.max(z, axis=-1, keepdims=True)
+        row_max = xp.max(z, axis=-1, keepdims=True)
+        if inplace:
+            z -= row_max
+        else:
+            z = z - row_max
     prob = xp.exp(z)
     total = _row_sum(prob, xp=xp)
-    prob *= 1.0 / total
+    if inplace:
+        prob *= 1.0 / total
+    else:
+        prob = prob * (1.0 / total)
     return z, prob, xp.log(total)
+
+
+def _zero_d(value, xp):
+    """A reduction's result as a 0-d array: NumPy reductions return scalars, which the API
+    does not promise; other namespaces already return 0-d arrays (and torch would warn
+    about re-wrapping a tensor that requires grad)."""
+    return xp.asarray(value) if mutable_namespace(xp) else value
 
 
 def _shift_needed(bound, tau, dtype, row_length, *, xp):
@@ -113,23 +130,96 @@ def _distance(r_s, r_t, kind, tau, bound=None):
         raise ValueError(f"correlations need a non-empty last axis, got shape {tuple(r_s.shape)}")
     size = math.prod(r_s.shape)
     if kind == "kl":
-        if not (isinstance(tau, (int, float)) and tau > 0 and math.isfinite(tau)):
-            raise ValueError(f"tau must be a positive finite number, got {tau!r}")
-        tau = float(tau)
+        tau = _setting(tau, "tau", positive=True)
         rows = size // r_s.shape[-1]
         shift = _shift_needed(bound, tau, r_s.dtype, r_s.shape[-1], xp=xp)
         z_s, q, log_sum_s = _softmax_parts(r_s, 1.0 / tau, shift, xp=xp)
         z_t, p, log_sum_t = _softmax_parts(r_t, 1.0 / tau, shift, xp=xp)
         # sum_j p_j (log p_j - log q_j) = sum_j p_j (z_t - z_s)_j + log_sum_s - log_sum_t, as sum_j p_j = 1
-        z_t -= z_s
-        kl = xp.sum(p * z_t) + xp.sum(log_sum_s - log_sum_t)
-        q -= p
-        q *= tau / rows
-        return xp.asarray(kl * (tau * tau / rows)), q
+        if mutable_namespace(xp):  # our own arrays: reuse their memory
+            z_t -= z_s
+            kl = xp.sum(p * z_t) + xp.sum(log_sum_s - log_sum_t)
+            q -= p
+            q *= tau / rows
+            return _zero_d(kl * (tau * tau / rows), xp), q
+        kl = xp.sum(p * (z_t - z_s)) + xp.sum(log_sum_s - log_sum_t)
+        return _zero_d(kl * (tau * tau / rows), xp), (q - p) * (tau / rows)
     if kind == "mse":
         diff = r_s - r_t
-        return xp.asarray(xp.sum(diff * diff) * (1.0 / size)), diff * (2.0 / size)
+        return _zero_d(xp.sum(diff * diff) * (1.0 / size), xp), diff * (2.0 / size)
     raise ValueError(f"unknown distance kind {kind!r}; choose one of {KINDS}")
+
+
+def _setting(value, name, *, positive=False):
+    """A numeric setting as a Python float (NumPy scalars and 0-d host numbers welcome)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or (number <= 0 if positive else number < 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} finite number, got {value!r}")
+    return number
+
+
+def _window_setting(window, name):
+    """A window as a Python int (``operator.index``: NumPy integers welcome) or None."""
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise ValueError(f"{name} must be a positive int or None, got {window!r}")
+    try:
+        return operator.index(window)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive int or None, got {window!r}") from None
+
+
+def _student_dtype(students, xp):
+    """The one floating dtype of the student's features (the loss's and the gradients' dtype)."""
+    dtypes = {str(a.dtype) for a in students}
+    if len(dtypes) > 1:
+        raise ValueError(f"the student's features must share one dtype, got {sorted(dtypes)}")
+    dtype = students[0].dtype
+    if not xp.isdtype(dtype, "real floating"):
+        raise ValueError(f"student features must be real floating point, got dtype {dtype}")
+    return dtype
+
+
+class HiCDSettings(NamedTuple):
+    """The non-array arguments of ``hicd_loss``, coerced to Python values (hashable: static under ``jit``)."""
+
+    windows: tuple
+    change_window: int | None
+    w_self: float
+    w_cross: float
+    w_global: float
+    kind: str
+    tau: float
+    eps: float
+    check_finite: object
+
+
+def adapter_arguments(student_sem, teacher_sem, student_chg, teacher_chg, *, windows, change_window, w_self,
+                      w_cross, w_global, kind, tau, eps, check_finite):
+    """``(student pairs, teacher pairs, HiCDSettings)`` for the framework adapters: the structure checked
+    (pairs, stage counts, change features together) before any array is touched, the settings coerced."""
+    if (student_chg is None) != (teacher_chg is None):
+        raise ValueError("student_chg and teacher_chg must be given together")
+    sem_s, sem_t = tuple(tuple(p) for p in student_sem), tuple(tuple(p) for p in teacher_sem)
+    if len(sem_s) != len(sem_t):
+        raise ValueError(f"student_sem has {len(sem_s)} stages but teacher_sem has {len(sem_t)}")
+    if any(len(p) != 2 for p in sem_s + sem_t):
+        raise ValueError("student_sem and teacher_sem entries must be (f1, f2) pairs")
+    if not sem_s and student_chg is None:
+        raise ValueError("hicd_loss needs at least one semantic stage or change features")
+    settings = HiCDSettings(
+        tuple(_window_setting(w, f"windows[{i}]") for i, w in enumerate(windows)),
+        _window_setting(change_window, "change_window"),
+        _setting(w_self, "w_self"), _setting(w_cross, "w_cross"), _setting(w_global, "w_global"),
+        str(kind), _setting(tau, "tau", positive=True), _setting(eps, "eps"), check_finite,
+    )
+    return sem_s, sem_t, settings
 
 
 def _validate_stages(student_sem, teacher_sem, windows):
@@ -158,6 +248,7 @@ def _check_student_teacher(s, t, where):
 
 
 def _finish(terms, grads_sem, grad_chg, check_finite, *, xp, like):
+    """Sum the terms into the loss; check it (``check_finite``: True, False or "auto")."""
     if terms:
         values = list(terms.values())
         loss = values[0]
@@ -165,8 +256,9 @@ def _finish(terms, grads_sem, grad_chg, check_finite, *, xp, like):
             loss = loss + v
     else:
         loss = xp.zeros((), dtype=like.dtype, device=device(like))
-    # NumPy reductions return scalars; the API promises 0-d arrays of the namespace.
-    loss = xp.asarray(loss)
+    loss = _zero_d(loss, xp)
+    if check_finite == "auto":  # no host sync on a traced value (jit, torch.compile, vmap)
+        check_finite = not is_tracing(loss)
     if check_finite and terms and not all_finite(loss):
         bad = [name for name, v in terms.items() if not all_finite(v)]
         raise NonFiniteError(f"non-finite distillation loss in term(s) {', '.join(bad) or 'sum'}")
@@ -187,7 +279,7 @@ def hicd_loss(
     kind: str = "kl",
     tau: float = 0.5,
     eps: float = 1e-6,
-    check_finite: bool = True,
+    check_finite="auto",
 ):
     """The HiCD loss (SPEC section 2) and its gradients for every student feature.
 
@@ -205,9 +297,12 @@ def hicd_loss(
     kind, tau : see ``correlation_distance``
     eps : float
         Normalisation eps (inside the square root).
-    check_finite : bool
-        If True (default) a non-finite loss raises ``NonFiniteError`` naming the
-        term(s); this costs one device-to-host sync.
+    check_finite : bool or "auto"
+        If True a non-finite loss raises ``NonFiniteError`` naming the term(s); this
+        costs one device-to-host sync. "auto" (default): check unless the loss is a
+        traced value (``jax.jit`` / ``grad`` / ``vmap``, ``torch.compile``,
+        ``torch.func.vmap``), where no host sync is possible; there the caller checks
+        the returned loss. False: never.
 
     Returns
     -------
@@ -231,18 +326,36 @@ def hicd_loss(
     Per stage the two phases are partitioned and normalised once and shared by
     the self and cross terms; their window-space gradients are summed before the
     single backward through the normalisation.
+
+    Dtype policy: the student's features share one floating dtype; the teacher's
+    are cast to it, and the loss and every gradient are in it, on every backend.
+    Inputs that only speak DLPack are converted into the namespace of the others.
+    Numeric settings may be NumPy scalars (they are read with ``float`` and
+    ``operator.index``). The inputs are never written to.
     """
-    arrays = [f for pair in student_sem for f in pair] + [f for pair in teacher_sem for f in pair]
-    arrays += [a for a in (student_chg, teacher_chg) if a is not None]
-    if not arrays:
-        raise ValueError("hicd_loss needs at least one semantic stage or change features")
-    xp = array_namespace(*arrays)
-    _validate_stages(student_sem, teacher_sem, windows)
     if (student_chg is None) != (teacher_chg is None):
         raise ValueError("student_chg and teacher_chg must be given together")
-    for name, w in (("w_self", w_self), ("w_cross", w_cross), ("w_global", w_global)):
-        if not (isinstance(w, (int, float)) and w >= 0 and math.isfinite(w)):
-            raise ValueError(f"{name} must be a finite number >= 0, got {w!r}")
+    student_sem, teacher_sem = [tuple(p) for p in student_sem], [tuple(p) for p in teacher_sem]
+    n_s, n_t = 2 * len(student_sem), 2 * len(teacher_sem)
+    flat = [f for pair in student_sem for f in pair] + [f for pair in teacher_sem for f in pair]
+    if not flat and student_chg is None:
+        raise ValueError("hicd_loss needs at least one semantic stage or change features")
+    xp, flat = as_arrays(*flat, student_chg, teacher_chg)
+    flat, (student_chg, teacher_chg) = flat[:-2], flat[-2:]
+    students = flat[:n_s] + ([student_chg] if student_chg is not None else [])
+    dtype = _student_dtype(students, xp)
+    teachers = [t if t.dtype == dtype else xp.astype(t, dtype) for t in flat[n_s:n_s + n_t]]
+    if teacher_chg is not None and teacher_chg.dtype != dtype:
+        teacher_chg = xp.astype(teacher_chg, dtype)
+    student_sem = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(student_sem))]
+    teacher_sem = [(teachers[2 * i], teachers[2 * i + 1]) for i in range(len(teacher_sem))]
+    arrays = students + teachers + ([teacher_chg] if teacher_chg is not None else [])
+    windows = [_window_setting(w, f"windows[{l}]") for l, w in enumerate(windows)]
+    change_window = _window_setting(change_window, "change_window")
+    w_self, w_cross, w_global = (_setting(w, name) for name, w in
+                                 (("w_self", w_self), ("w_cross", w_cross), ("w_global", w_global)))
+    tau, eps = _setting(tau, "tau", positive=True), _setting(eps, "eps")
+    _validate_stages(student_sem, teacher_sem, windows)
 
     # every correlation here is a Gram product of L2-normalised vectors: |r| <= 1
     dist = lambda r_s, r_t: _distance(r_s, r_t, kind, tau, bound=1.0)  # noqa: E731
@@ -308,13 +421,14 @@ def hicd_loss(
     return _finish(terms, grads_sem, grad_chg, check_finite, xp=xp, like=arrays[0])
 
 
-def feature_mse_loss(student_feats: Sequence, teacher_feats: Sequence, *, check_finite: bool = True):
+def feature_mse_loss(student_feats: Sequence, teacher_feats: Sequence, *, check_finite="auto"):
     """Plain feature matching, the usual distillation baseline (FitNets, Romero et al. 2015).
 
     Parameters
     ----------
     student_feats, teacher_feats : sequences of arrays (N, C, H, W), pairwise the same shape
         (this baseline has no projection layer, so channel counts must agree).
+    check_finite : bool or "auto", as in ``hicd_loss``
 
     Returns
     -------
@@ -333,7 +447,9 @@ def feature_mse_loss(student_feats: Sequence, teacher_feats: Sequence, *, check_
         d, g = correlation_distance(s, t, kind="mse")
         loss = d if loss is None else loss + d
         grads.append(g)
-    loss = xp.asarray(loss)
+    loss = _zero_d(loss, xp)
+    if check_finite == "auto":
+        check_finite = not is_tracing(loss)
     if check_finite and not all_finite(loss):
         raise NonFiniteError("non-finite feature-mse distillation loss")
     return loss, grads

@@ -16,7 +16,9 @@ from tests.conftest import to_np, to_xp
 PACKAGE = Path(hicd_core.__file__).parent
 # Host-side modules that may use NumPy directly (SPEC/STYLE: backend, io, data/).
 HOST_SIDE = {"backend.py", "io.py"}
-ARRAY_LIBS = {"numpy", "cupy", "cupyx", "array_api_strict", "torch"}
+ARRAY_LIBS = {"numpy", "cupy", "cupyx", "array_api_strict", "torch", "jax", "jaxlib"}
+# The optional adapters import their own framework and nothing else may (hicd_core never loads them).
+ADAPTERS = {"torch.py": {"torch"}, "jax.py": {"jax"}}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -35,15 +37,17 @@ def test_only_host_side_modules_import_array_libraries():
         rel = path.relative_to(PACKAGE)
         if rel.parts[0] == "data" or rel.name in HOST_SIDE:
             continue
-        bad = imported_roots(path) & ARRAY_LIBS
+        bad = imported_roots(path) & ARRAY_LIBS - ADAPTERS.get(str(rel), set())
         if bad:
             offenders[str(rel)] = sorted(bad)
     assert not offenders, f"array libraries imported outside the backend shim: {offenders}"
 
 
-def test_torch_is_never_imported_by_the_package():
+def test_torch_and_jax_are_imported_only_by_their_adapters():
     for path in PACKAGE.rglob("*.py"):
-        assert "torch" not in imported_roots(path), path
+        rel = str(path.relative_to(PACKAGE))
+        assert not imported_roots(path) & ({"torch", "jax"} - ADAPTERS.get(rel, set())), path
+    assert "import hicd_core.torch" not in (PACKAGE / "__init__.py").read_text()
 
 
 def test_round_trip_keeps_values_and_dtype(xp):
