@@ -248,3 +248,69 @@ def test_feature_mse_loss():
     np.testing.assert_allclose(grads[0], num, rtol=1e-6, atol=1e-10)
     with pytest.raises(ValueError, match="student shape"):
         feature_mse_loss([s[0]], [t[1]])
+
+
+def _small_pairs(seed, dtype_s="float32", dtype_t="float64"):
+    rng = np.random.default_rng(seed)
+    s = [rng.standard_normal((2, 3, 8, 8)).astype(dtype_s) for _ in range(2)]
+    t = [rng.standard_normal((2, 5, 8, 8)).astype(dtype_t) for _ in range(2)]
+    c = rng.standard_normal((2, 4, 8, 8)).astype(dtype_s), rng.standard_normal((2, 2, 8, 8)).astype(dtype_t)
+    return s, t, c
+
+
+def test_mixed_dtypes_follow_the_student_on_every_backend(xp):
+    s, t, (c_s, c_t) = _small_pairs(0)
+    loss, grads = hicd_loss([(to_xp(xp, s[0]), to_xp(xp, s[1]))], [(to_xp(xp, t[0]), to_xp(xp, t[1]))],
+                            to_xp(xp, c_s), to_xp(xp, c_t), windows=[4], change_window=4)
+    assert loss.dtype == xp.float32 and grads["sem"][0][0].dtype == xp.float32 and grads["chg"].dtype == xp.float32
+    same, _ = hicd_loss([(s[0], s[1])], [(t[0].astype(np.float32), t[1].astype(np.float32))], c_s,
+                        c_t.astype(np.float32), windows=[4], change_window=4)
+    assert float(to_np(loss)) == pytest.approx(float(same), rel=1e-5)
+    with pytest.raises(ValueError, match="share one dtype"):
+        hicd_loss([(s[0], s[1].astype(np.float64))], [(t[0], t[1])], windows=[4])
+
+
+def test_numpy_scalar_settings_are_accepted_and_bad_ones_named():
+    s, t, _ = _small_pairs(1, "float64")
+    plain, _ = hicd_loss([(s[0], s[1])], [(t[0], t[1])], windows=[4], tau=0.5, w_self=1.0)
+    scalars, _ = hicd_loss([(s[0], s[1])], [(t[0], t[1])], windows=[np.int64(4)], tau=np.float32(0.5),
+                           w_self=np.float64(1.0), w_cross=np.int32(1))
+    assert float(scalars) == pytest.approx(float(plain), rel=1e-7)  # tau 0.5 is exact in float32
+    for kw, name in ((dict(windows=[4.5]), "windows"), (dict(windows=[4], tau=-1), "tau"),
+                     (dict(windows=[4], w_global=float("nan")), "w_global"), (dict(windows=[True]), "windows")):
+        with pytest.raises(ValueError, match=name):
+            hicd_loss([(s[0], s[1])], [(t[0], t[1])], **kw)
+
+
+class _DLPackOnly:
+    """An object that speaks only DLPack (as a foreign library's array might)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kw):
+        return self._a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_dlpack_only_inputs_are_converted_into_the_others_namespace():
+    s, t, _ = _small_pairs(2, "float64")
+    want, g_want = hicd_loss([(s[0], s[1])], [(t[0], t[1])], windows=[4])
+    got, g_got = hicd_loss([(s[0], s[1])], [(_DLPackOnly(t[0]), _DLPackOnly(t[1]))], windows=[4])
+    assert float(got) == float(want) and np.array_equal(g_got["sem"][0][0], g_want["sem"][0][0])
+    alone, _ = hicd_loss([(_DLPackOnly(s[0]), _DLPackOnly(s[1]))], [(_DLPackOnly(t[0]), _DLPackOnly(t[1]))],
+                         windows=[4])
+    assert float(alone) == float(want)
+    with pytest.raises(TypeError, match="expected an array"):
+        hicd_loss([(s[0], s[1])], [([1.0], t[1])], windows=[4])
+
+
+def test_the_loss_never_writes_its_inputs(xp):
+    s, t, (c_s, c_t) = _small_pairs(3, "float64")
+    arrays = [to_xp(xp, a) for a in (*s, *t, c_s, c_t)]
+    before = [to_np(a).copy() for a in arrays]
+    hicd_loss([(arrays[0], arrays[1])], [(arrays[2], arrays[3])], arrays[4], arrays[5], windows=[4],
+              change_window=None)
+    assert all(np.array_equal(to_np(a), b) for a, b in zip(arrays, before))

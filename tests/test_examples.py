@@ -141,3 +141,10 @@ def test_named_splits_are_disjoint_and_recognised(folder, key, n_train):
     assert not set(train.dataset.names) & (set(test.names) | set(val.names))
     if key == "sztaki":  # the split of Daudt et al. (2018): these two test scenes, whatever else happens
         assert sorted(test.names) == ["szada_1", "tiszadob_3"] and "labels >= 128" in described
+
+
+@pytest.mark.parametrize("script, framework", [("examples/distill_torch.py", "torch"), ("examples/distill_jax.py", "jax")])
+def test_framework_examples_train_and_report_f1(script, framework):
+    pytest.importorskip(framework)
+    out = run_script(script, "--steps", "3", "--size", "16")
+    assert "student step    3" in out and "HiCD student F1" in out
