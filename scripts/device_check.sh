@@ -35,6 +35,9 @@ cat "$OUT/env.txt"
 status=0
 timeout 240 python3 -m pytest -q -p no:cacheprovider -k cupy tests/ > "$OUT/pytest_cupy.txt" 2>&1 || status=1
 tail -n 15 "$OUT/pytest_cupy.txt"
+# the PyTorch adapter on CUDA tensors (tests/test_torch.py, marked gpu)
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_torch.py > "$OUT/pytest_torch_cuda.txt" 2>&1 || status=1
+tail -n 5 "$OUT/pytest_torch_cuda.txt"
 
 # the default ("auto", merged on CuPy), then "flat" (one im2col of dy for both gradients, no col2im),
 # which was only ever timed on the CPU: bench_MODE.json and bench_MODE_flat.json

@@ -196,3 +196,20 @@ def test_import_hicd_core_loads_neither_torch_nor_jax():
     code = "import sys, hicd_core, hicd_core.train; print(any(m in sys.modules for m in ('torch', 'jax')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensors_match_the_cpu():
+    sem_s, sem_t, (c_s, c_t) = features(8)
+    cpu = [t.clone().requires_grad_() for t in flat_student(sem_s, c_s)]
+    gpu = [t.cuda().requires_grad_() for t in flat_student(sem_s, c_s)]
+    kw = dict(windows=[4, None], change_window=4)
+    loss_cpu = hicd_loss([(cpu[0], cpu[1]), (cpu[2], cpu[3])], sem_t, cpu[4], c_t, **kw)
+    loss_gpu = hicd_loss([(gpu[0], gpu[1]), (gpu[2], gpu[3])], [(a.cuda(), b.cuda()) for a, b in sem_t], gpu[4],
+                         c_t.cuda(), **kw)
+    loss_cpu.backward()
+    loss_gpu.backward()
+    assert loss_gpu.device.type == "cuda" and torch.allclose(loss_gpu.cpu(), loss_cpu, rtol=1e-10)
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(b.grad.cpu(), a.grad, rtol=1e-8, atol=1e-14)
