@@ -17,7 +17,6 @@ model's prediction) and every model's checkpoints and logs.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -29,6 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hicd_core import backend  # noqa: E402
+from hicd_core.cli import OneLineParser  # noqa: E402
 from hicd_core.data import SETTINGS  # noqa: E402
 from hicd_core.experiment import PROFILES, format_table, run_comparison, write_json  # noqa: E402
 from hicd_core.data.folder import image_grid, to_uint8, write_png  # noqa: E402
@@ -63,7 +63,7 @@ def save_png(array, path, scale=1):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (32x32 scenes, a few epochs)")
     parser.add_argument("--setting", default="resolution-x4", choices=SETTINGS, help="quality setting of t2")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,6 +73,12 @@ def main(argv=None):
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.data is not None and not Path(args.data).exists():
+        parser.error(f"--data {args.data}: no such folder or file")
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: exists and is not a folder")
+    if args.crop is not None and (args.crop < 8 or args.crop % 8):
+        parser.error(f"--crop {args.crop}: must be a positive multiple of 8")
     backend.keep_host_memory()  # reuse freed host memory across steps (see its docstring)
 
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
@@ -95,4 +101,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from hicd_core.errors import HicdError
+
+    try:
+        main()
+    except (HicdError, ValueError, OSError, ImportError) as exc:  # user errors: one line, exit 2, as `hicd` does
+        print(f"train_cd.py: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("train_cd.py: interrupted (rerun with the same --out to resume)", file=sys.stderr)
+        sys.exit(130)

@@ -19,7 +19,7 @@ from .correlation import (
     self_correlation_forward,
 )
 from .distill import correlation_distance, feature_mse_loss, hicd_loss
-from .errors import CheckpointError, DatasetError, HicdError, NonFiniteError
+from .errors import CheckpointError, DatasetError, HicdError, NonFiniteError, RunLockError
 
 __version__ = "0.1.0"
 
@@ -40,4 +40,5 @@ __all__ = [
     "NonFiniteError",
     "CheckpointError",
     "DatasetError",
+    "RunLockError",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,55 +26,98 @@ def _add_backend(p):
 
 
 def _none_or_int(text):
-    return None if text.lower() == "none" else int(text)
+    return None if text.lower() == "none" else _positive_int(text)
+
+
+def _checked(kind, test, what):
+    """An argparse ``type`` that converts with ``kind`` and refuses values failing ``test`` (argparse names the option)."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    convert.__name__ = kind.__name__
+    return convert
+
+
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_positive = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_probability = _checked(float, lambda v: 0 < v < 1, "a probability strictly between 0 and 1")
+_rate = _checked(float, lambda v: 0 <= v <= 1, "a rate in [0, 1]")
+_multiple_of_8 = _checked(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
+_label_value = _checked(int, lambda v: 1 <= v <= 255, "in 1..255")
+_ignore_value = _checked(int, lambda v: 2 <= v <= 255,
+                         "usable: 0 and 1 are the no-change and change values of a label (use e.g. 255 "
+                         "for unlabelled pixels of 0/1 masks)")
+
+
+def _png_path(text):
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"{text}: only PNG output is written (name it .png)")
+    return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the option (``--help`` still shows the full usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+IGNORE_HELP = ("label value of unlabelled pixels in 0/1 masks, excluded from loss and metrics "
+               "(e.g. 255 for BANDON); never 0 or 1, and not 255 with 0/255 masks, where 255 is change")
 
 
 def build_parser():
     from .experiment import STUDENTS
 
-    parser = argparse.ArgumentParser(prog="hicd", description="Change detection across image quality by "
+    parser = OneLineParser(prog="hicd", description="Change detection across image quality by "
                                      "hierarchical correlation distillation (HiCD).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     t = sub.add_parser("train", help="train a teacher (HQ/HQ) or a student (HQ/LQ)",
                        description="Train a teacher on high-quality pairs or a student on high/low-quality pairs. "
                        "Writes last.h5, best.h5 (by validation F1) and log.jsonl into --out; --resume continues.")
     t.add_argument("--role", choices=["teacher", "student"], default="teacher")
     t.add_argument("--data", default=None, help="LEVIR-CD style folder or HDF5 pack (default: built-in synthetic)")
-    t.add_argument("--size", type=int, default=64, help="synthetic scene size (default 64)")
-    t.add_argument("--n-train", type=int, default=400, help="synthetic training pairs (default 400)")
-    t.add_argument("--n-val", type=int, default=64, help="synthetic validation pairs (default 64)")
+    t.add_argument("--size", type=_multiple_of_8, default=64, help="synthetic scene size (default 64)")
+    t.add_argument("--n-train", type=_positive_int, default=400, help="synthetic training pairs (default 400)")
+    t.add_argument("--n-val", type=_positive_int, default=64, help="synthetic validation pairs (default 64)")
     t.add_argument("--setting", choices=SETTINGS, default=None, help="quality setting of t2 (students)")
     t.add_argument("--method", choices=sorted(STUDENTS), default="hicd", help="student variant (default hicd)")
     t.add_argument("--teacher", default=None, help="teacher checkpoint (students)")
     t.add_argument("--student-init", choices=["teacher", "fresh"], default="teacher",
                    help="start a student from the teacher's weights (default) or a fresh init")
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--crop", type=int, default=None, help="random training crop (real data)")
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--weight-decay", type=float, default=1e-2)
+    t.add_argument("--epochs", type=_positive_int, default=8)
+    t.add_argument("--batch-size", type=_positive_int, default=8)
+    t.add_argument("--crop", type=_multiple_of_8, default=None, help="random training crop (real data; a multiple of 8)")
+    t.add_argument("--lr", type=_positive, default=2e-3)
+    t.add_argument("--weight-decay", type=_non_negative, default=1e-2)
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     t.add_argument("--schedule", choices=["cosine", "poly", "constant"], default="cosine")
-    t.add_argument("--dice-weight", type=float, default=0.0, help="weight of the soft Dice term (default off)")
-    t.add_argument("--pos-weight", type=float, default=None,
+    t.add_argument("--dice-weight", type=_non_negative, default=0.0, help="weight of the soft Dice term (default off)")
+    t.add_argument("--pos-weight", type=_positive, default=None,
                    help="weight of the change pixels in the BCE (imbalanced real scenes, e.g. 5; default 1)")
     t.add_argument("--normalize", action="store_true",
                    help="standardise the input channels with statistics of the training set (stored in the checkpoint)")
-    t.add_argument("--change-crop-rate", type=float, default=0.0,
+    t.add_argument("--change-crop-rate", type=_rate, default=0.0,
                    help="share of training crops drawn around a change pixel (with --crop; e.g. 0.5)")
-    t.add_argument("--patience", type=int, default=None,
+    t.add_argument("--patience", type=_positive_int, default=None,
                    help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
-    t.add_argument("--eval-tile", type=int, default=None, help="validate scenes larger than this tile by tile")
-    t.add_argument("--label-threshold", type=int, default=None,
+    t.add_argument("--eval-tile", type=_multiple_of_8, default=None, help="validate scenes larger than this tile by tile")
+    t.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
-    t.add_argument("--ignore-index", type=int, default=None, help="label value to ignore (e.g. 255)")
-    t.add_argument("--distill-weight", type=float, default=1.0, help="weight of the whole distillation loss")
-    t.add_argument("--w-self", type=float, default=None, help="HiCD self-correlation weight")
-    t.add_argument("--w-cross", type=float, default=None, help="HiCD cross-correlation weight")
-    t.add_argument("--w-global", type=float, default=None, help="HiCD global-correlation weight")
+    t.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
+    t.add_argument("--distill-weight", type=_non_negative, default=1.0, help="weight of the whole distillation loss")
+    t.add_argument("--w-self", type=_non_negative, default=None, help="HiCD self-correlation weight")
+    t.add_argument("--w-cross", type=_non_negative, default=None, help="HiCD cross-correlation weight")
+    t.add_argument("--w-global", type=_non_negative, default=None, help="HiCD global-correlation weight")
     t.add_argument("--kind", choices=["kl", "mse"], default="kl", help="correlation distance (default kl)")
-    t.add_argument("--tau", type=float, default=0.5, help="softmax temperature of the kl distance")
+    t.add_argument("--tau", type=_positive, default=0.5, help="softmax temperature of the kl distance")
     t.add_argument("--windows", type=_none_or_int, nargs=3, default=None, metavar="W",
                    help="windows of taps E2 E3 E4 (ints or none; default from the input size)")
     t.add_argument("--change-window", type=_none_or_int, default=None, metavar="W", help="window of d1")
@@ -89,28 +133,28 @@ def build_parser():
     e.add_argument("checkpoint")
     e.add_argument("--data", default=None, help="folder or HDF5 pack (default: synthetic test scenes)")
     e.add_argument("--split", default=None, help="split list of a folder (list/<split>.txt)")
-    e.add_argument("--size", type=int, default=64, help="synthetic scene size")
-    e.add_argument("--n", type=int, default=128, help="synthetic test pairs")
+    e.add_argument("--size", type=_multiple_of_8, default=64, help="synthetic scene size")
+    e.add_argument("--n", type=_positive_int, default=128, help="synthetic test pairs")
     e.add_argument("--setting", choices=SETTINGS, default=None, help="degrade t2 (default: evaluate HQ)")
     e.add_argument("--seed", type=int, default=54321, help="degradation seed of the test set")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--tile", type=int, default=None, help="predict scenes larger than this tile by tile")
-    e.add_argument("--label-threshold", type=int, default=None,
+    e.add_argument("--batch-size", type=_positive_int, default=8)
+    e.add_argument("--tile", type=_multiple_of_8, default=None, help="predict scenes larger than this tile by tile")
+    e.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
-    e.add_argument("--ignore-index", type=int, default=None)
+    e.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
     _add_backend(e)
 
     p = sub.add_parser("predict", help="change map of one image pair of any size",
                        description="Predict the change map of T1 -> T2 with tiled sliding-window inference.")
     p.add_argument("t1")
     p.add_argument("t2")
-    p.add_argument("-o", "--output", required=True, help="binary change map (PNG, 0/255)")
+    p.add_argument("-o", "--output", type=_png_path, required=True, help="binary change map (PNG, 0/255)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prob", default=None, help="also write the probability map (8-bit PNG)")
-    p.add_argument("--overlay", default=None, help="also write T2 with the changes drawn in red")
-    p.add_argument("--threshold", type=float, default=0.5)
-    p.add_argument("--tile", type=int, default=256)
-    p.add_argument("--overlap", type=int, default=32)
+    p.add_argument("--prob", type=_png_path, default=None, help="also write the probability map (8-bit PNG)")
+    p.add_argument("--overlay", type=_png_path, default=None, help="also write T2 with the changes drawn in red (PNG)")
+    p.add_argument("--threshold", type=_probability, default=0.5, help="change where the probability is >= this")
+    p.add_argument("--tile", type=_multiple_of_8, default=256)
+    p.add_argument("--overlap", type=_checked(int, lambda v: v >= 0, "a non-negative integer"), default=32)
     _add_backend(p)
 
     d = sub.add_parser("degrade", help="build a degraded test set",
@@ -118,8 +162,8 @@ def build_parser():
                        "[SEED, i]); an .h5 output is an HDF5 pack, anything else an A/B/label folder of PNGs.")
     d.add_argument("--data", default=None, help="folder or HDF5 pack (default: synthetic test scenes)")
     d.add_argument("--split", default=None)
-    d.add_argument("--size", type=int, default=64)
-    d.add_argument("--n", type=int, default=128)
+    d.add_argument("--size", type=_multiple_of_8, default=64)
+    d.add_argument("--n", type=_positive_int, default=128)
     d.add_argument("--setting", choices=SETTINGS, required=True)
     d.add_argument("--seed", type=int, default=54321)
     d.add_argument("-o", "--output", required=True)
@@ -130,9 +174,9 @@ def build_parser():
     k.add_argument("data")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--split", default=None)
-    k.add_argument("--label-threshold", type=int, default=None,
+    k.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
-    k.add_argument("--ignore-index", type=int, default=None)
+    k.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
     return parser
 
 

@@ -57,6 +57,8 @@ def check_feature(f, name: str) -> tuple[int, int, int, int]:
     shape = tuple(f.shape)
     if len(shape) != 4:
         raise ValueError(f"{name} must have shape (N, C, H, W), got shape {shape}")
+    if 0 in shape:
+        raise ValueError(f"{name} is empty (shape {shape}): every axis of (N, C, H, W) needs at least one element")
     return shape
 
 
@@ -119,8 +121,14 @@ def _row_sum(x, *, xp):
 
 
 def _normalize(x, eps, *, xp):
-    """L2-normalise along the last axis with eps inside the square root."""
-    inv_norm = 1.0 / xp.sqrt(_row_sum(x * x, xp=xp) + eps)
+    """L2-normalise along the last axis with eps inside the square root.
+
+    A squared norm that overflows (float32 vectors of norm above about 1.8e19) would give
+    a zero vector and so a finite but wrong loss; it gives NaN instead, which the loss's
+    non-finite check reports (the correlations are scale invariant, the arithmetic is not).
+    """
+    sq = _row_sum(x * x, xp=xp)
+    inv_norm = xp.where(xp.isinf(sq), xp.nan, 1.0 / xp.sqrt(sq + eps))
     return x * inv_norm, inv_norm
 
 

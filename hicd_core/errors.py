@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["HicdError", "NonFiniteError", "CheckpointError", "DatasetError"]
+__all__ = ["HicdError", "NonFiniteError", "CheckpointError", "DatasetError", "RunLockError"]
 
 
 class HicdError(Exception):
@@ -19,3 +19,7 @@ class CheckpointError(HicdError):
 
 class DatasetError(HicdError, ValueError):
     """A dataset folder or file is unusable; the message names the file at fault."""
+
+
+class RunLockError(HicdError):
+    """Another live process is writing into the same run folder; the message names it."""

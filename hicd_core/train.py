@@ -16,6 +16,7 @@ The loop (epochs, validation, checkpoints, resume) is built on top of this.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from .distill import feature_mse_loss, hicd_loss
 from .errors import CheckpointError, NonFiniteError
 from .functional import bce_with_logits, soft_dice
 from .infer import evaluate
-from .io import atomic_path, load_checkpoint, save_checkpoint
+from .io import atomic_path, load_checkpoint, remove_stale_temps, run_lock, save_checkpoint
 from .metrics import METRIC_KEYS
 from .model import TinySiamCD
 from .optim import SGD, AdamW, make_schedule
@@ -77,6 +78,10 @@ class DistillConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown student method {self.method!r}; choose one of {METHODS}")
+        for name in ("weight", "w_self", "w_cross", "w_global"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"distillation {name} must be a finite number >= 0, got {value!r}")
         self.taps, self.windows = tuple(self.taps), tuple(self.windows)
         if len(self.taps) != len(self.windows):
             raise ValueError(f"{len(self.taps)} taps but {len(self.windows)} windows")
@@ -313,14 +318,24 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
     progress : bool
         Show a tqdm progress bar (loss terms, pairs/s) when tqdm is installed.
 
+    The folder is locked while the run writes into it (``io.run_lock``: a second run
+    into the same folder fails at once), and temporary files left there by killed
+    writers are removed first.
+
     Returns
     -------
     FitResult with the trained model (last epoch), the history (one dict per
     epoch, as in ``log.jsonl``) and the best validation metrics.
     """
+    with run_lock(out_dir):
+        remove_stale_temps(out_dir)
+        return _fit(cfg, train_set, val_set, Path(out_dir), xp=xp, teacher=teacher, resume=resume, progress=progress,
+                    log_every=log_every, on_epoch=on_epoch)
+
+
+def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log_every, on_epoch):
+    """``fit`` inside the run folder's lock."""
     xp = xp if xp is not None else backend.namespace("numpy")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path, log_path = out_dir / "last.h5", out_dir / "best.h5", out_dir / "log.jsonl"
     student = cfg.role == "student"
     distill = cfg.distill if student else None
@@ -436,7 +451,15 @@ def _normalisation(cfg, train_set, teacher):
 def _read_log(path):
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{path}: line {number} is not valid JSON ({exc.msg}); the log is damaged: "
+                                      "move it away to resume from the checkpoint alone") from None
+    return records
 
 
 def _write_log(path, history):

@@ -334,3 +334,27 @@ def test_evaluation_batches_split_where_the_size_changes():
     large = [(np.zeros((3, 16, 8), np.float32),) * 2 + (np.zeros((16, 8), np.uint8),)] * 2
     shapes = [b[0].shape for b in iterate_batches(small[:2] + large + small[2:], 4)]
     assert shapes == [(2, 3, 8, 8), (2, 3, 16, 8), (1, 3, 8, 8)]
+
+
+def test_a_pack_that_does_not_fit_fails_before_hdf5_writes(tmp_path):
+    """A 1 MB tmpfs (root and mount needed; skipped otherwise): the pack is refused with an OSError, the
+    interpreter lives on, no temporary file remains, and a pack that fits is written."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        code = ("import sys; from hicd_core.data import synthetic_pairs, pack_dataset, H5Dataset\n"
+                "try:\n    pack_dataset(synthetic_pairs(200, 64, 0), sys.argv[1] + '/big.h5')\n"
+                "except OSError as exc:\n    print('refused', exc.errno)\n"
+                "pack_dataset(synthetic_pairs(20, 64, 0), sys.argv[1] + '/fits.h5')\n"
+                "print(len(H5Dataset(sys.argv[1] + '/fits.h5')))\n")
+        out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, (out.returncode, out.stderr[-1500:])
+        assert out.stdout.split() == ["refused", "28", "20"]
+        assert sorted(p.name for p in folder.iterdir()) == ["fits.h5"]
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

@@ -314,3 +314,20 @@ def test_the_loss_never_writes_its_inputs(xp):
     hicd_loss([(arrays[0], arrays[1])], [(arrays[2], arrays[3])], arrays[4], arrays[5], windows=[4],
               change_window=None)
     assert all(np.array_equal(to_np(a), b) for a, b in zip(arrays, before))
+
+
+def test_an_empty_batch_is_a_clear_error():
+    empty = np.zeros((0, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"empty \(shape \(0, 3, 8, 8\)\)"):
+        hicd_loss([(empty, empty)], [(empty, empty)], windows=[4])
+
+
+def test_features_whose_squared_norm_overflows_raise_instead_of_a_wrong_finite_loss():
+    s, t, _ = _small_pairs(4, "float32", "float32")
+    huge = [a * np.float32(1e19) for a in s]  # |f|^2 overflows float32; the correlations would not change
+    with pytest.raises(NonFiniteError, match="sem0"), np.errstate(over="ignore", invalid="ignore"):
+        hicd_loss([(huge[0], huge[1])], [(t[0], t[1])], windows=[4])  # NumPy warns of the overflow, then this
+    big = [a * np.float32(1e15) for a in s]  # still representable: the same loss as unscaled features
+    want, _ = hicd_loss([(s[0], s[1])], [(t[0], t[1])], windows=[4])
+    got, _ = hicd_loss([(big[0], big[1])], [(t[0], t[1])], windows=[4])
+    assert float(got) == pytest.approx(float(want), rel=1e-4)

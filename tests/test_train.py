@@ -242,3 +242,87 @@ def test_early_stopping_stops_at_the_stated_patience_and_resume_keeps_it_stopped
     assert len(again.history) == 5 and again.best["epoch"] == 2
     with pytest.raises(ValueError, match="patience must be >= 1"):
         TrainConfig(patience=0)
+
+
+def test_a_second_run_into_a_locked_folder_fails_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
+    from hicd_core import RunLockError
+
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    cfg = TrainConfig(role="teacher", epochs=1, batch_size=8, seed=0)
+    out = tmp_path / "run"
+    out.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+
+        (out / ".lock").write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(), "started": "x"}))
+        with pytest.raises(RunLockError, match=rf"in use by process {owner.pid}"):
+            fit(cfg, data, data, out, progress=False)
+        assert not (out / "last.h5").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+    (out / f".last.h5.tmp-{owner.pid}").write_bytes(b"half a checkpoint")  # a writer killed mid-write
+    fit(cfg, data, data, out, progress=False)  # the owner is gone: its lock and temp file go too
+    assert "taking over the lock" in capsys.readouterr().err
+    assert (out / "last.h5").is_file() and not (out / ".lock").exists()
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def test_a_damaged_log_on_resume_names_the_file_and_line(tmp_path):
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    cfg = TrainConfig(role="teacher", epochs=2, batch_size=8, seed=0)
+    fit(replace_epochs(cfg, 1), data, data, tmp_path / "r", progress=False)
+    (tmp_path / "r" / "log.jsonl").write_text('{"epoch": 1}\n{"epo')
+    with pytest.raises(io.CheckpointError, match=r"log.jsonl: line 2 is not valid JSON"):
+        fit(replace_epochs(cfg, 1), data, data, tmp_path / "r", resume=True, progress=False)
+
+
+def replace_epochs(cfg, epochs):
+    from dataclasses import replace
+
+    return replace(cfg, epochs=epochs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--out", "X", "--distill-weight", "-5"], "argument --distill-weight: -5 is not a finite number >= 0"),
+    (["train", "--out", "X", "--n-val", "0"], "argument --n-val: 0 is not a positive integer"),
+    (["train", "--out", "X", "--crop", "0"], "argument --crop: 0 is not a positive multiple of 8"),
+    (["train", "--out", "X", "--ignore-index", "1"], "argument --ignore-index: 1 is not usable"),
+    (["predict", "a.png", "b.png", "-o", "x.jpg", "--checkpoint", "c.h5"], "only PNG output is written"),
+    (["predict", "a.png", "b.png", "-o", "x.png", "--checkpoint", "c.h5", "--threshold", "nan"],
+     "argument --threshold: nan is not a probability"),
+    (["predict", "a.png", "b.png", "-o", "x.png", "--checkpoint", "c.h5", "--threshold", "2"],
+     "argument --threshold: 2 is not a probability"),
+])
+def test_cli_arguments_are_checked_up_front_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_ignore_value_255_on_a_0_255_mask_is_refused_naming_the_file(tmp_path):
+    from hicd_core import DatasetError
+    from hicd_core.data import FolderDataset
+
+    a, b = write_pair(tmp_path, 16, 16)
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    (tmp_path / "label").mkdir()
+    a.rename(tmp_path / "A" / "s.png")
+    b.rename(tmp_path / "B" / "s.png")
+    label = np.zeros((16, 16), np.uint8)
+    label[:4] = 255
+    PIL.fromarray(label).save(tmp_path / "label" / "s.png")
+    with pytest.raises(DatasetError, match=r"s.png: label values \[0, 255\] with ignore value 255"):
+        FolderDataset(tmp_path, ignore_value=255)[0]
+    assert FolderDataset(tmp_path)[0][2].sum() == 64  # without it, 255 is change
+
+
+def test_train_cd_user_errors_are_one_line(tmp_path):
+    (tmp_path / "afile.txt").write_text("")
+    for args, message in ((["--data", str(tmp_path / "nope")], "no such folder or file"),
+                          (["--out", str(tmp_path / "afile.txt")], "exists and is not a folder")):
+        out = run(["examples/train_cd.py", *args])
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -21,7 +21,9 @@ Samples follow ``synthetic_pairs``' conventions: ``t1, t2`` float32 (3, H, W) in
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -101,6 +103,10 @@ def read_label(path: Path, ignore_value: int | None = None, threshold: int | Non
             return np.where(keep, ignore_value, arr >= threshold).astype(np.uint8)
         return (arr >= threshold).astype(np.uint8)
     if ignore_value is not None:
+        if ignore_value == 255 and 255 in values and 1 not in values:
+            raise DatasetError(f"{path}: label values {sorted(values)} with ignore value 255: in a 0/255 mask 255 is "
+                               "the change value, so every change pixel would be ignored; use an ignore value only "
+                               "for 0/1 masks that mark unlabelled pixels")
         allowed = {0, 1, ignore_value}
         if not values <= allowed:
             raise DatasetError(f"{path}: label values {sorted(values)}; expected a subset of {sorted(allowed)}")
@@ -257,6 +263,7 @@ def pack_dataset(dataset, path, *, names=None, attrs=None) -> Path:
     first = dataset[0]
     shape = first[0].shape
     with atomic_path(path) as tmp:
+        _reserve(tmp, n * (2 * int(np.prod(shape)) + int(np.prod(shape[1:]))), chunks=3 * n)
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = PACK_FORMAT
             f.attrs["format_version"] = PACK_VERSION
@@ -274,6 +281,31 @@ def pack_dataset(dataset, path, *, names=None, attrs=None) -> Path:
                 f["B"][i] = np.round(np.clip(t2, 0, 1) * 255).astype(np.uint8)
                 f["label"][i] = label
     return Path(path)
+
+
+def _reserve(path, data_bytes, *, chunks):
+    """Reserve the disk space a pack will take before HDF5 writes it (``posix_fallocate``).
+
+    HDF5 does not survive a full disk (a write error inside its cache ends in a crash of
+    the interpreter at exit), so a pack that cannot fit must fail here, as an ordinary
+    ``OSError``, before the HDF5 library writes anything. The reservation is the raw
+    bytes plus 1 KiB per chunk (chunk index, Fletcher32) plus 64 KiB of metadata, several
+    times what HDF5 adds (100-300 bytes per chunk and about 8 KiB measured); HDF5 truncates
+    the file to its real size on close. Where the file
+    system cannot reserve space (no ``posix_fallocate``), nothing is reserved.
+    """
+    size = int(data_bytes) + 1024 * int(chunks) + (1 << 16)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    return
+                raise OSError(exc.errno, f"{exc.strerror} (reserving {size} bytes for the pack {path})") from None
+    finally:
+        os.close(fd)
 
 
 class H5Dataset:
