@@ -18,7 +18,6 @@ wiring, not a result.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,18 +25,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hicd_core.data import degrade, synthetic_pairs  # noqa: E402
 from hicd_core.metrics import change_metrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _distill_common import make_data, parse_args  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimisation steps per model")
-    parser.add_argument("--size", type=int, default=32, help="scene side (a multiple of 8)")
-    parser.add_argument("--setting", default="resolution-x4")
-    parser.add_argument("--weight", type=float, default=1.0, help="weight of the HiCD loss")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, argv)
     try:
         import jax
         import jax.numpy as jnp
@@ -107,9 +102,7 @@ def main(argv=None):
         params, state = adam_step(params, state, grads, step)
         return params, state, parts
 
-    t1, t2, label = synthetic_pairs(256, args.size, args.seed)
-    s1, s2, s_label = synthetic_pairs(64, args.size, args.seed + 2000)
-    lq = lambda imgs, base: np.stack([degrade(x, args.setting, [base, i]) for i, x in enumerate(imgs)])  # noqa: E731
+    (t1, t2, label), (s1, s2, s2_lq, s_label), lq = make_data(args)
     rng = np.random.default_rng(args.seed)
 
     def train(params, teacher=None):
@@ -133,7 +126,6 @@ def main(argv=None):
 
     teacher = train(init(jax.random.PRNGKey(args.seed)))
     student = train(teacher, teacher)  # starts from the teacher's weights (arrays are immutable: no copy needed)
-    s2_lq = lq(s2, 54321)
     print(f"held-out {args.setting} test pairs: teacher HQ/HQ F1 {f1_of(teacher, s1, s2):.2f}, "
           f"teacher HQ/LQ F1 {f1_of(teacher, s1, s2_lq):.2f}, HiCD student F1 {f1_of(student, s1, s2_lq):.2f}")
     return 0

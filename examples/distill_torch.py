@@ -17,7 +17,6 @@ is tuned; it shows the wiring, not a result.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,8 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hicd_core.data import degrade, synthetic_pairs  # noqa: E402
 from hicd_core.metrics import change_metrics  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _distill_common import make_data, parse_args  # noqa: E402
 
 
 def build(torch, nn):
@@ -61,13 +62,7 @@ def f1_of(torch, model, t1, t2, label):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimisation steps per model")
-    parser.add_argument("--size", type=int, default=32, help="scene side (a multiple of 8)")
-    parser.add_argument("--setting", default="resolution-x4")
-    parser.add_argument("--weight", type=float, default=1.0, help="weight of the HiCD loss")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, argv)
     try:
         import torch
         from torch import nn
@@ -77,10 +72,7 @@ def main(argv=None):
     from hicd_core.torch import hicd_loss
 
     torch.manual_seed(args.seed)
-    t1, t2, label = synthetic_pairs(256, args.size, args.seed)
-    s1, s2, s_label = synthetic_pairs(64, args.size, args.seed + 2000)
-    lq = lambda imgs, base: np.stack([degrade(x, args.setting, [base, i]) for i, x in enumerate(imgs)])  # noqa: E731
-    s2_lq = lq(s2, 54321)
+    (t1, t2, label), (s1, s2, s2_lq, s_label), lq = make_data(args)
     bce = nn.BCEWithLogitsLoss()
     rng = np.random.default_rng(args.seed)
     Net = build(torch, nn)
