@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import backend
 from .backend import all_finite
-from .data.folder import DegradedView, channel_stats
+from .data.folder import DegradedView, channel_stats, validate_dataset
 from .data.loader import TrainBatches
 from .distill import feature_mse_loss, hicd_loss
 from .errors import CheckpointError, NonFiniteError
@@ -376,6 +376,9 @@ def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log
         stopped = bool(ck["extra"].get("stopped", False))
         history = _read_log(log_path)[:start_epoch]
     _write_log(log_path, history)
+    if start_epoch < cfg.epochs and not stopped:  # bad samples fail now, naming the file, not in epoch 2
+        validate_dataset(_base_dataset(train_set), progress=progress)
+        validate_dataset(val_set, progress=progress)
 
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):

@@ -358,3 +358,20 @@ def test_a_pack_that_does_not_fit_fails_before_hdf5_writes(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == ["fits.h5"]
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_damaged_pack_is_refused_before_hdf5_parses_it(tmp_path):
+    path = pack_dataset(synthetic_pairs(4, 16, 0), tmp_path / "pack.h5")
+    assert path.read_bytes().startswith(b"hicd-dataset v2 sha256=")
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for pos in [*range(0, 100), *rng.choice(np.arange(512, len(data)), 200, replace=False)]:
+        damaged = bytearray(data)
+        damaged[pos] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        if 88 <= pos < 512:  # the user block's zero padding after the digest line (87 bytes and a newline)
+            continue
+        with pytest.raises(DatasetError, match="pack.h5: (damaged dataset pack|not a hicd dataset pack)"):
+            H5Dataset(path)
+    path.write_bytes(bytes(data))
+    assert len(H5Dataset(path)) == 4

@@ -326,3 +326,45 @@ def test_train_cd_user_errors_are_one_line(tmp_path):
                           (["--out", str(tmp_path / "afile.txt")], "exists and is not a folder")):
         out = run(["examples/train_cd.py", *args])
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def _folder(root, sizes, bad_label=None):
+    rng = np.random.default_rng(0)
+    for sub in ("A", "B", "label"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, (h, w) in enumerate(sizes):
+        for sub in ("A", "B"):
+            PIL.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / sub / f"s{i}.png")
+        label = (rng.random((h, w)) > 0.8).astype(np.uint8) * 255
+        if i == bad_label:
+            label[0, 0] = 7
+        PIL.fromarray(label).save(root / "label" / f"s{i}.png")
+    return root
+
+
+def test_a_bad_sample_fails_before_the_first_step_naming_the_file(tmp_path, monkeypatch):
+    from hicd_core import DatasetError
+    from hicd_core import train as train_module
+    from hicd_core.data import FolderDataset, Repeat
+
+    root = _folder(tmp_path / "d", [(16, 16)] * 8, bad_label=6)
+    steps = []
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    cfg = TrainConfig(role="teacher", epochs=2, batch_size=4, seed=0)
+    data = FolderDataset(root)
+    with pytest.raises(DatasetError, match=r"label/s6.png: label values \[0, 7, 255\]"):
+        fit(cfg, Repeat(data, 2), data, tmp_path / "run", progress=False)
+    assert steps == []
+
+
+def test_scenes_of_different_sizes_train_validate_and_evaluate(tmp_path, capsys):
+    from hicd_core.data import FolderDataset
+
+    root = _folder(tmp_path / "d", [(16, 24)] * 4 + [(24, 16)] * 4 + [(20, 20)])  # (20, 20): not a multiple of 8
+    data = FolderDataset(root)
+    cfg = TrainConfig(role="teacher", epochs=1, batch_size=4, crop=16, seed=0, eval_tile=16)
+    result = fit(cfg, data, data, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "best.h5").is_file() and 0 <= result.best["f1"] <= 100
+    assert cli_main(["eval", str(tmp_path / "run" / "best.h5"), "--data", str(root), "--batch-size", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 9

@@ -13,6 +13,7 @@ from .folder import (
     InMemory,
     build_degraded_set,
     channel_stats,
+    validate_dataset,
     open_dataset,
     pack_dataset,
     random_crop_flip,
@@ -35,6 +36,7 @@ __all__ = [
     "random_crop_flip",
     "InMemory",
     "channel_stats",
+    "validate_dataset",
 ]
 
 from .loader import TrainBatches, iterate_batches  # noqa: E402

@@ -22,6 +22,7 @@ Samples follow ``synthetic_pairs``' conventions: ``t1, t2`` float32 (3, H, W) in
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "build_degraded_set",
     "open_dataset",
     "random_crop_flip",
+    "validate_dataset",
     "InMemory",
     "channel_stats",
     "IMAGE_EXTENSIONS",
@@ -49,7 +51,9 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PACK_FORMAT = "hicd-dataset"
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: a SHA-256 of the file in a 512-byte HDF5 user block (1: none)
+_PACK_SEAL = b"hicd-dataset v2 sha256="
+_USERBLOCK = 512
 
 
 def _pil():
@@ -189,11 +193,63 @@ class FolderDataset:
             raise DatasetError(f"{l_path}: size {label.shape} differs from {a_path} {t1.shape[1:]}")
         return t1, t2, label
 
-    def validate(self):
-        """Read every sample once (raises the first ``DatasetError``); returns ``len(self)``."""
-        for i in range(len(self)):
-            self[i]
-        return len(self)
+    def validate(self, indices=None, *, progress=False):
+        """Check samples before training (raises the first ``DatasetError``, naming the file); returns the count.
+
+        Fast: image headers only (readable, supported mode, the two dates and the label of
+        one size), and the label's values, which need the label decoded (small, one
+        channel). ``indices``: the samples to check (all by default); ``progress``: a tqdm
+        bar when tqdm is installed (large sets).
+        """
+        Image = _pil()
+        indices = range(len(self)) if indices is None else indices
+        bar = _bar(len(indices), f"checking {self.root}", progress)
+        for i in indices:
+            a_path, b_path, l_path = self._paths[i]
+            sizes = []
+            for path in (a_path, b_path):
+                try:
+                    with Image.open(path) as im:
+                        mode, size = im.mode, im.size
+                except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
+                    raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+                if mode not in ("L", "P", "LA", "RGBA", "RGB", "1"):
+                    raise DatasetError(f"{path}: unsupported image mode {mode!r} (expected 8-bit RGB or grayscale)")
+                sizes.append(size)
+            if sizes[0] != sizes[1]:
+                raise DatasetError(f"{b_path}: size {sizes[1][::-1]} differs from {a_path} {sizes[0][::-1]}")
+            label = read_label(l_path, self.ignore_value, self.label_threshold)
+            if label.shape != sizes[0][::-1]:
+                raise DatasetError(f"{l_path}: size {label.shape} differs from {a_path} {sizes[0][::-1]}")
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return len(indices)
+
+
+def _bar(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def validate_dataset(dataset, *, progress=False):
+    """Check every sample behind ``dataset`` before training, as cheaply as its kind allows.
+
+    Folders check headers and labels (``FolderDataset.validate``); views (``Subset``,
+    ``Repeat``, ``DegradedView``) check what they show; in-memory data needs nothing.
+    Returns the number of samples checked.
+    """
+    validate = getattr(dataset, "validate", None)
+    if validate is not None:
+        return validate(progress=progress)
+    inner = getattr(dataset, "dataset", None)
+    return validate_dataset(inner, progress=progress) if inner is not None else 0
 
 
 class ArrayDataset:
@@ -252,7 +308,10 @@ def pack_dataset(dataset, path, *, names=None, attrs=None) -> Path:
 
     ``dataset`` is anything with ``len`` and ``[i] -> (t1, t2, label)`` of one size
     (a ``FolderDataset``, an ``H5Dataset``, or a tuple of arrays as returned by
-    ``synthetic_pairs``). Images are stored as uint8 (``round(255 x)``).
+    ``synthetic_pairs``). Images are stored as uint8 (``round(255 x)``). The disk
+    space is reserved before HDF5 writes (a full disk is an ``OSError``, the target
+    untouched), and the SHA-256 of the file goes into its 512-byte user block
+    (``hicd-dataset v2 sha256=<hex>``), which ``H5Dataset`` checks before parsing.
     """
     if isinstance(dataset, tuple) and len(dataset) == 3:
         dataset = ArrayDataset(*dataset)
@@ -264,7 +323,7 @@ def pack_dataset(dataset, path, *, names=None, attrs=None) -> Path:
     shape = first[0].shape
     with atomic_path(path) as tmp:
         _reserve(tmp, n * (2 * int(np.prod(shape)) + int(np.prod(shape[1:]))), chunks=3 * n)
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=_USERBLOCK) as f:
             f.attrs["format"] = PACK_FORMAT
             f.attrs["format_version"] = PACK_VERSION
             f.attrs["names"] = json.dumps(names)
@@ -280,7 +339,32 @@ def pack_dataset(dataset, path, *, names=None, attrs=None) -> Path:
                 f["A"][i] = np.round(np.clip(t1, 0, 1) * 255).astype(np.uint8)
                 f["B"][i] = np.round(np.clip(t2, 0, 1) * 255).astype(np.uint8)
                 f["label"][i] = label
+        with open(tmp, "r+b") as f:
+            f.write(_PACK_SEAL + _file_digest(tmp).encode() + b"\n")
     return Path(path)
+
+
+def _file_digest(path, start=_USERBLOCK, block=1 << 22) -> str:
+    """SHA-256 of a file from byte ``start`` on, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_pack_file(path: Path):
+    """Refuse a damaged v2 pack before HDF5 parses it; v1 packs (HDF5 from byte 0) pass unchecked."""
+    with open(path, "rb") as f:
+        head = f.read(len(_PACK_SEAL) + 65)
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return 1
+    if not head.startswith(_PACK_SEAL) or head[-1:] != b"\n":
+        raise DatasetError(f"{path}: not a hicd dataset pack (no hicd header; damaged, truncated or foreign?)")
+    if _file_digest(path).encode() != head[len(_PACK_SEAL):-1]:
+        raise DatasetError(f"{path}: damaged dataset pack (SHA-256 of the file does not match its header)")
+    return 2
 
 
 def _reserve(path, data_bytes, *, chunks):
@@ -312,13 +396,16 @@ class H5Dataset:
     """A dataset packed by ``pack_dataset``; ``len`` and ``[i] -> (t1, t2, label)``.
 
     Damage (truncation, bad chunks, a foreign file) raises ``DatasetError`` naming
-    the file and the key.
+    the file and the key. A version 2 pack's SHA-256 is checked when it is opened
+    (``verify=True``; about a second per GB), before HDF5 reads any byte of it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, verify=True):
         self.path = Path(path)
         if not self.path.is_file():
             raise DatasetError(f"{self.path}: no such dataset file")
+        if verify:
+            _check_pack_file(self.path)
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
@@ -406,6 +493,9 @@ def random_crop_flip(t1, t2, label, rng, crop: int | None = None, *, flips=True,
 
 class InMemory:
     """A dataset whose samples are read once and then served from memory (small sets of large scenes)."""
+
+    def validate(self, progress=False):  # every sample was read (and so checked) when this was built
+        return len(self)
 
     def __init__(self, dataset):
         self.dataset = dataset

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from .folder import ArrayDataset, FolderDataset, open_dataset
+from .folder import ArrayDataset, FolderDataset, open_dataset, validate_dataset
 from .synthetic import synthetic_pairs
 
 __all__ = ["load_splits", "Subset", "Repeat"]
@@ -27,6 +27,12 @@ class Subset:
 
     def __getitem__(self, i):
         return self.dataset[self.indices[i]]
+
+    def validate(self, progress=False):
+        """Check the samples this subset shows (only those, for a folder)."""
+        if isinstance(self.dataset, FolderDataset):
+            return self.dataset.validate(self.indices, progress=progress)
+        return validate_dataset(self.dataset, progress=progress)
 
 
 class Repeat:
