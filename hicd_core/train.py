@@ -333,107 +333,151 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
                     log_every=log_every, on_epoch=on_epoch)
 
 
-def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log_every, on_epoch):
-    """``fit`` inside the run folder's lock."""
-    xp = xp if xp is not None else backend.namespace("numpy")
-    last_path, best_path, log_path = out_dir / "last.h5", out_dir / "best.h5", out_dir / "log.jsonl"
+@dataclass
+class _Run:
+    """The state of one training run: what ``fit``'s named steps share."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    model: TinySiamCD
+    optimizer: object
+    rng: object
+    batches: TrainBatches
+    schedule: object
+    val_view: object
+    teacher: object
+    xp: object
+    epoch: int = 0
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"f1": -1.0})
+    history: list = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def paths(self):
+        return self.out_dir / "last.h5", self.out_dir / "best.h5", self.out_dir / "log.jsonl"
+
+    def non_finite(self, exc, where):
+        """The one message of a non-finite stop: role, step, epoch and what was non-finite."""
+        return NonFiniteError(f"{self.cfg.role} training stopped {where} step {self.step} "
+                              f"(epoch {self.epoch + 1}): {exc}")
+
+
+def _setup(cfg, train_set, val_set, out_dir, xp, teacher) -> _Run:
+    """A fresh run: model (from the teacher when asked), optimizer, data stream, schedule."""
     student = cfg.role == "student"
-    distill = cfg.distill if student else None
     needs_teacher = student and (cfg.student_init == "teacher" or cfg.distill.method != "baseline")
     if needs_teacher and teacher is None:
         raise ValueError("this student configuration needs a trained teacher")
-
     from_teacher = needs_teacher and cfg.student_init == "teacher"
     mean, std = _normalisation(cfg, train_set, teacher if from_teacher else None)
     model = TinySiamCD(cfg.widths, xp=xp, seed=cfg.seed, input_mean=mean, input_std=std)
     if from_teacher:
         model.load_state_dict(teacher.state_dict(), source="teacher")
-    optimizer = _make_optimizer(cfg, model.params)
     rng = backend.host_rng(cfg.seed)
     batches = TrainBatches(train_set, cfg.batch_size, rng=rng, crop=cfg.crop,
                            setting=cfg.setting if student else None, augment=cfg.augment,
                            change_rate=cfg.change_crop_rate)
-    steps_per_epoch = len(batches)
-    total_steps = cfg.epochs * steps_per_epoch
-    schedule = make_schedule(cfg.schedule, total_steps, cfg.lr,
+    schedule = make_schedule(cfg.schedule, cfg.epochs * len(batches), cfg.lr,
                              **({"warmup_steps": cfg.warmup_steps} if cfg.schedule == "cosine" else {}))
     val_view = DegradedView(val_set, cfg.setting, cfg.val_seed) if student else val_set
+    return _Run(cfg, out_dir, model, _make_optimizer(cfg, model.params), rng, batches, schedule, val_view,
+                teacher, xp)
 
-    config = cfg.to_dict()
-    start_epoch, best, history, stopped = 0, {"f1": -1.0}, [], False
+
+def _restore(run: _Run, resume: bool) -> None:
+    """Continue from ``last.h5`` (same configuration only), or refuse to overwrite a run silently."""
+    last_path, _, log_path = run.paths
     if not resume and last_path.exists():
-        raise ValueError(f"{out_dir} already holds a training run ({last_path.name}); "
+        raise ValueError(f"{run.out_dir} already holds a training run ({last_path.name}); "
                          "resume it (--resume) or choose another output folder")
     if resume and last_path.exists():
         ck = load_checkpoint(last_path)
-        if ck["config"] != config:
+        if ck["config"] != run.cfg.to_dict():
             raise ValueError(f"{last_path}: the checkpoint was written by a different configuration; "
                              "use another --out folder or the same options")
-        model.load_state_dict(ck, source=str(last_path))
-        optimizer.load_state_dict(ck["optim"], source=str(last_path))
-        rng.bit_generator.state = ck["rng_state"]
-        start_epoch, best = ck["extra"]["epoch"], ck["extra"]["best"]
-        stopped = bool(ck["extra"].get("stopped", False))
-        history = _read_log(log_path)[:start_epoch]
-    _write_log(log_path, history)
-    if start_epoch < cfg.epochs and not stopped:  # bad samples fail now, naming the file, not in epoch 2
+        run.model.load_state_dict(ck, source=str(last_path))
+        run.optimizer.load_state_dict(ck["optim"], source=str(last_path))
+        run.rng.bit_generator.state = ck["rng_state"]
+        run.epoch, run.best = ck["extra"]["epoch"], ck["extra"]["best"]
+        run.stopped = bool(ck["extra"].get("stopped", False))
+        run.history = _read_log(log_path)[:run.epoch]
+        run.step = run.epoch * len(run.batches)
+    _write_log(log_path, run.history)
+
+
+def _train_epoch(run: _Run, progress, log_every):
+    """One pass over the training batches; returns the summed loss terms, the step count and the seconds."""
+    cfg, xp, student = run.cfg, run.xp, run.cfg.role == "student"
+    bar = _Progress(len(run.batches), f"{cfg.role} epoch {run.epoch + 1}/{cfg.epochs}", progress)
+    sums, count, started = {}, 0, time.perf_counter()
+    for x1, x2_hq, x2_lq, label in run.batches.epoch():
+        x1_d, hq_d, label_d = (backend.from_host(a, xp) for a in (x1, x2_hq, label))
+        x2_d = backend.from_host(x2_lq, xp) if student else hq_d
+        try:
+            terms = train_step(run.model, run.optimizer, x1_d, x2_d, label_d, lr=run.schedule(run.step),
+                               teacher=run.teacher, teacher_x2=hq_d, distill=cfg.distill if student else None,
+                               dice_weight=cfg.dice_weight, ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight)
+        except NonFiniteError as exc:
+            raise run.non_finite(exc, "at") from None
+        for k, v in terms.items():
+            sums[k] = v if k not in sums else sums[k] + v
+        count += 1
+        run.step += 1
+        postfix = None
+        if count % log_every == 0 or count == len(run.batches):
+            elapsed = time.perf_counter() - started
+            postfix = {k: f"{float(v) / count:.4f}" for k, v in sums.items() if "/" not in k}
+            postfix["pairs/s"] = f"{count * cfg.batch_size / elapsed:.1f}"
+        bar.update(1, postfix)
+    bar.close()
+    return sums, count, time.perf_counter() - started
+
+
+def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
+    """Validate, decide on early stopping, write ``best.h5`` (when improved), ``last.h5`` and the log."""
+    cfg = run.cfg
+    last_path, best_path, log_path = run.paths
+    metrics = evaluate(run.model, run.val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
+                       tile=cfg.eval_tile)
+    record = {"epoch": run.epoch + 1, "step": run.step, "lr": run.schedule(run.step - 1),
+              "train": {k: float(v) / count for k, v in sums.items()},
+              "val": {k: metrics[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
+              "pairs_per_s": round(count * cfg.batch_size / seconds, 2)}
+    run.history.append(record)
+    improved = metrics["f1"] > run.best["f1"]
+    if improved:
+        run.best = dict(record["val"], epoch=run.epoch + 1)
+    run.stopped = cfg.patience is not None and run.epoch + 1 - run.best["epoch"] >= cfg.patience
+    if run.stopped:
+        record["stopped"] = True
+    extra = {"epoch": run.epoch + 1, "best": run.best, "stopped": run.stopped}
+    state = dict(model=run.model, optimizer=run.optimizer, step=run.step, rng_state=run.rng.bit_generator.state,
+                 config=cfg.to_dict(), extra=extra)
+    try:
+        if improved:
+            save_checkpoint(best_path, **state)
+        save_checkpoint(last_path, **state)
+    except NonFiniteError as exc:
+        raise run.non_finite(exc, "after") from None
+    _write_log(log_path, run.history)
+    run.epoch += 1
+    return record
+
+
+def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log_every, on_epoch):
+    """``fit`` inside the run folder's lock: set up, restore, check the data, then epoch after epoch."""
+    run = _setup(cfg, train_set, val_set, out_dir, xp if xp is not None else backend.namespace("numpy"), teacher)
+    _restore(run, resume)
+    if run.epoch < cfg.epochs and not run.stopped:  # bad samples fail now, naming the file, not in epoch 2
         validate_dataset(_base_dataset(train_set), progress=progress)
         validate_dataset(val_set, progress=progress)
-
-    step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped:  # early stopping ended this run (possibly before a resume)
-            break
-        bar = _Progress(steps_per_epoch, f"{cfg.role} epoch {epoch + 1}/{cfg.epochs}", progress)
-        sums, count, started = {}, 0, time.perf_counter()
-        for x1, x2_hq, x2_lq, label in batches.epoch():
-            x1_d, hq_d, label_d = (backend.from_host(a, xp) for a in (x1, x2_hq, label))
-            x2_d = backend.from_host(x2_lq, xp) if student else hq_d
-            lr = schedule(step)
-            try:
-                terms = train_step(model, optimizer, x1_d, x2_d, label_d, lr=lr, teacher=teacher,
-                                   teacher_x2=hq_d, distill=distill, dice_weight=cfg.dice_weight,
-                                   ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight)
-            except NonFiniteError as exc:
-                raise NonFiniteError(f"{cfg.role} training stopped at step {step} (epoch {epoch + 1}): {exc}") from None
-            for k, v in terms.items():
-                sums[k] = v if k not in sums else sums[k] + v
-            count += 1
-            step += 1
-            postfix = None
-            if count % log_every == 0 or count == steps_per_epoch:
-                elapsed = time.perf_counter() - started
-                postfix = {k: f"{float(v) / count:.4f}" for k, v in sums.items() if "/" not in k}
-                postfix["pairs/s"] = f"{count * cfg.batch_size / elapsed:.1f}"
-            bar.update(1, postfix)
-        bar.close()
-        seconds = time.perf_counter() - started
-        metrics = evaluate(model, val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
-                           tile=cfg.eval_tile)
-        record = {"epoch": epoch + 1, "step": step, "lr": schedule(step - 1),
-                  "train": {k: float(v) / count for k, v in sums.items()},
-                  "val": {k: metrics[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
-                  "pairs_per_s": round(count * cfg.batch_size / seconds, 2)}
-        history.append(record)
-        improved = metrics["f1"] > best["f1"]
-        if improved:
-            best = dict(record["val"], epoch=epoch + 1)
-        stopped = cfg.patience is not None and epoch + 1 - best["epoch"] >= cfg.patience
-        if stopped:
-            record["stopped"] = True
-        extra = {"epoch": epoch + 1, "best": best, "stopped": stopped}
-        try:
-            if improved:
-                save_checkpoint(best_path, model=model, optimizer=optimizer, step=step,
-                                rng_state=rng.bit_generator.state, config=config, extra=extra)
-            save_checkpoint(last_path, model=model, optimizer=optimizer, step=step,
-                            rng_state=rng.bit_generator.state, config=config, extra=extra)
-        except NonFiniteError as exc:
-            raise NonFiniteError(f"{cfg.role} training stopped after step {step} (epoch {epoch + 1}): {exc}") from None
-        _write_log(log_path, history)
+    while run.epoch < cfg.epochs and not run.stopped:  # early stopping may have ended it before a resume
+        sums, count, seconds = _train_epoch(run, progress, log_every)
+        record = _finish_epoch(run, sums, count, seconds)
         if on_epoch is not None:
             on_epoch(record)
-    return FitResult(model, history, best, out_dir)
+    return FitResult(run.model, run.history, run.best, out_dir)
 
 
 def _base_dataset(dataset):
