@@ -23,7 +23,7 @@ from .data.splits import load_splits
 from .infer import evaluate
 from .io import atomic_path, load_checkpoint
 from .metrics import METRIC_KEYS
-from .train import DistillConfig, TrainConfig, default_windows, fit, load_model
+from .train import METHODS, DistillConfig, TrainConfig, default_windows, fit, load_model
 
 __all__ = [
     "Profile",
@@ -84,6 +84,9 @@ STUDENTS = {
     "hicd": ("student HiCD", dict(method="hicd")),
 }
 ROW_NAMES = ("teacher HQ/HQ", "teacher HQ/LQ") + tuple(label for label, _ in STUDENTS.values())
+for _name, (_, _fields) in STUDENTS.items():  # every variant names a registered method (train.METHODS)
+    if _fields["method"] not in METHODS:
+        raise ValueError(f"student variant {_name!r}: unknown method {_fields['method']!r}; registered: {METHODS}")
 
 
 def student_config(name, size, **overrides) -> DistillConfig:

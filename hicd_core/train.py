@@ -34,10 +34,8 @@ from .metrics import METRIC_KEYS
 from .model import TinySiamCD
 from .optim import SGD, AdamW, make_schedule
 
-__all__ = ["DistillConfig", "TrainConfig", "FitResult", "train_step", "fit", "load_model", "default_windows", "METHODS"]
-
-METHODS = ("baseline", "hicd", "feature-mse")
-
+__all__ = ["DistillConfig", "TrainConfig", "FitResult", "train_step", "fit", "load_model", "default_windows", "METHODS",
+           "DISTILL_METHODS", "distillation_loss"]
 
 def default_windows(size: int):
     """Windows of the default taps (E2, E3, E4) and of d1 for a square input of side ``size``.
@@ -76,8 +74,8 @@ class DistillConfig:
     tau: float = 0.5
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown student method {self.method!r}; choose one of {METHODS}")
+        if self.method != "baseline" and self.method not in DISTILL_METHODS:
+            raise ValueError(f"unknown student method {self.method!r}; choose one of {('baseline', *DISTILL_METHODS)}")
         for name in ("weight", "w_self", "w_cross", "w_global"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -87,20 +85,22 @@ class DistillConfig:
             raise ValueError(f"{len(self.taps)} taps but {len(self.windows)} windows")
 
 
-def _distill(cfg: DistillConfig, taps, teacher_taps):
-    """Distillation loss, its terms and the tap gradients (already scaled by ``cfg.weight``)."""
-    if cfg.method == "hicd":
-        loss, grads = hicd_loss(
-            [taps[t] for t in cfg.taps], [teacher_taps[t] for t in cfg.taps],
-            taps["d1"] if cfg.use_change else None, teacher_taps["d1"] if cfg.use_change else None,
-            windows=cfg.windows, change_window=cfg.change_window, w_self=cfg.w_self, w_cross=cfg.w_cross,
-            w_global=cfg.w_global, kind=cfg.kind, tau=cfg.tau, check_finite=False,
-        )
-        tap_grads = {t: (g1 * cfg.weight, g2 * cfg.weight) for t, (g1, g2) in zip(cfg.taps, grads["sem"])}
-        if grads["chg"] is not None:
-            tap_grads["d1"] = grads["chg"] * cfg.weight
-        return loss * cfg.weight, grads["terms"], tap_grads
-    # feature-mse: both phases of each semantic tap, plus d1
+def _hicd_method(cfg: DistillConfig, taps, teacher_taps):
+    """HiCD (SPEC 2) on the semantic taps and, with ``use_change``, on ``d1``."""
+    loss, grads = hicd_loss(
+        [taps[t] for t in cfg.taps], [teacher_taps[t] for t in cfg.taps],
+        taps["d1"] if cfg.use_change else None, teacher_taps["d1"] if cfg.use_change else None,
+        windows=cfg.windows, change_window=cfg.change_window, w_self=cfg.w_self, w_cross=cfg.w_cross,
+        w_global=cfg.w_global, kind=cfg.kind, tau=cfg.tau, check_finite=False,
+    )
+    tap_grads = {t: (g1 * cfg.weight, g2 * cfg.weight) for t, (g1, g2) in zip(cfg.taps, grads["sem"])}
+    if grads["chg"] is not None:
+        tap_grads["d1"] = grads["chg"] * cfg.weight
+    return loss * cfg.weight, grads["terms"], tap_grads
+
+
+def _feature_mse_method(cfg: DistillConfig, taps, teacher_taps):
+    """Plain feature matching (FitNets) on both phases of each semantic tap, plus ``d1``."""
     names = [(t, i) for t in cfg.taps for i in (0, 1)]
     student = [taps[t][i] for t, i in names]
     teacher = [teacher_taps[t][i] for t, i in names]
@@ -116,6 +116,24 @@ def _distill(cfg: DistillConfig, taps, teacher_taps):
     if cfg.use_change:
         tap_grads["d1"] = grads[-1] * cfg.weight
     return loss * cfg.weight, {"feature_mse": loss}, tap_grads
+
+
+# The registry of distillation losses: DistillConfig, the CLI (through experiment.STUDENTS) and the
+# experiments check method names against it; a new loss is one function and one entry here.
+DISTILL_METHODS = {"hicd": _hicd_method, "feature-mse": _feature_mse_method}
+METHODS = ("baseline", *DISTILL_METHODS)
+
+
+def distillation_loss(cfg: DistillConfig, taps, teacher_taps):
+    """The distillation loss of ``cfg.method`` between a student's and a teacher's taps.
+
+    Returns ``(loss, terms, tap_grads)``: the 0-d loss and its named terms, both already
+    scaled by ``cfg.weight``'s part (``loss`` includes it), and the gradients for the
+    student's taps in the form ``TinySiamCD.backward`` takes.
+    """
+    if cfg.method not in DISTILL_METHODS:
+        raise ValueError(f"method {cfg.method!r} has no distillation loss; choose one of {tuple(DISTILL_METHODS)}")
+    return DISTILL_METHODS[cfg.method](cfg, taps, teacher_taps)
 
 
 def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teacher_x2=None,
@@ -164,7 +182,7 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
         if teacher is None:
             raise ValueError(f"student method {distill.method!r} needs a teacher")
         _, teacher_taps, _ = teacher.forward(x1, x2 if teacher_x2 is None else teacher_x2, training=False, keep_cache=False)
-        d_loss, d_terms, tap_grads = _distill(distill, taps, teacher_taps)
+        d_loss, d_terms, tap_grads = distillation_loss(distill, taps, teacher_taps)
         terms["distill"] = d_loss
         terms.update({f"distill/{k}": v for k, v in d_terms.items()})
         loss = loss + d_loss

@@ -32,7 +32,7 @@ from hicd_core import backend  # noqa: E402
 from hicd_core.data import DegradedView, iterate_batches, load_splits  # noqa: E402
 from hicd_core.experiment import student_config  # noqa: E402
 from hicd_core.functional import bce_with_logits  # noqa: E402
-from hicd_core.train import _distill, load_model  # noqa: E402
+from hicd_core.train import distillation_loss, load_model  # noqa: E402
 
 
 def flat(grads):
@@ -51,7 +51,7 @@ def probe(student, teacher, batches, distill):
         _, dlogits = bce_with_logits(logits, label)
         g_task = flat(student.backward(dlogits, cache))
         _, teacher_taps, _ = teacher.forward(t1, t2_hq, training=False, keep_cache=False)
-        _, _, tap_grads = _distill(distill, taps, teacher_taps)
+        _, _, tap_grads = distillation_loss(distill, taps, teacher_taps)
         g_hicd = flat(student.backward(dlogits * 0.0, cache, tap_grads))
         per_batch.append(cosine(g_task, g_hicd)[0])
         task_sum, hicd_sum = task_sum + g_task, hicd_sum + g_hicd

@@ -368,3 +368,21 @@ def test_scenes_of_different_sizes_train_validate_and_evaluate(tmp_path, capsys)
     assert (tmp_path / "run" / "best.h5").is_file() and 0 <= result.best["f1"] <= 100
     assert cli_main(["eval", str(tmp_path / "run" / "best.h5"), "--data", str(root), "--batch-size", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 9
+
+
+def test_a_distillation_method_is_added_in_one_place(monkeypatch):
+    from hicd_core import train as train_module
+
+    calls = []
+
+    def zero_method(cfg, taps, teacher_taps):
+        calls.append(sorted(taps))
+        return taps["d1"][0, 0, 0, 0] * 0.0, {"zero": 0.0}, {}
+
+    monkeypatch.setitem(train_module.DISTILL_METHODS, "zero", zero_method)
+    model, teacher = TinySiamCD(widths=(4, 4, 8, 8), seed=0), TinySiamCD(widths=(4, 4, 8, 8), seed=1)
+    t1, t2, label = synthetic_pairs(2, 16, seed=0)
+    terms = train_step(model, AdamW(model.params), t1, t2, label, teacher=teacher, distill=DistillConfig(method="zero"))
+    assert calls and "distill/zero" in terms
+    with pytest.raises(ValueError, match="unknown student method 'nope'"):
+        DistillConfig(method="nope")
