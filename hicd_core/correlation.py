@@ -17,8 +17,7 @@ building blocks, each with a hand-derived backward (derivations with shapes in
 
 ``window_features``  (N, C, H, W) -> (N, K, M, C): window partition followed by
                      per-pixel L2 normalisation ``fhat = f / sqrt(|f|^2 + eps)``;
-``self_gram``        X -> X X^T;
-``cross_gram``       (X1, X2) -> X1 X2^T;
+``gram``             X -> X X^T, or (X1, X2) -> X1 X2^T;
 ``pooled_features``  (B, C, H, W) -> (B, C): spatial mean.
 
 Form of the API: each correlation has ``name(...) -> R``, ``name_forward(...) ->
@@ -44,6 +43,8 @@ __all__ = [
     "global_correlation_backward",
     "window_features",
     "window_features_backward",
+    "gram",
+    "gram_backward",
     "check_window",
     "check_feature",
     "check_pair",
@@ -169,21 +170,21 @@ def window_features_backward(dX, cache: WindowCache):
     return _unpartition(dpart, cache.shape, cache.window, xp=xp)
 
 
-def _self_gram(X, *, xp):
-    return xp.matmul(X, xp.matrix_transpose(X))
+def gram(X1, X2=None):
+    """Gram products of window features: ``R = X1 X2^T`` over the last two axes (``X2 = X1`` when None).
+
+    ``(N, K, M, C), (N, K, M, C) -> (N, K, M, M)``; on ``window_features`` this is the
+    self- (one argument) or cross-correlation (two).
+    """
+    xp = array_namespace(X1, X2)
+    return xp.matmul(X1, xp.matrix_transpose(X1 if X2 is None else X2))
 
 
-def _self_gram_backward(dR, X, *, xp):
-    """R = X X^T  =>  dX = (dR + dR^T) X."""
-    return xp.matmul(dR + xp.matrix_transpose(dR), X)
-
-
-def _cross_gram(X1, X2, *, xp):
-    return xp.matmul(X1, xp.matrix_transpose(X2))
-
-
-def _cross_gram_backward(dR, X1, X2, *, xp):
-    """R = X1 X2^T  =>  dX1 = dR X2, dX2 = dR^T X1."""
+def gram_backward(dR, X1, X2=None):
+    """Gradient of ``gram``: ``R = X X^T => dX = (dR + dR^T) X``; ``R = X1 X2^T => (dR X2, dR^T X1)``."""
+    xp = array_namespace(dR, X1, X2)
+    if X2 is None:
+        return xp.matmul(dR + xp.matrix_transpose(dR), X1)
     return xp.matmul(dR, X2), xp.matmul(xp.matrix_transpose(dR), X1)
 
 
@@ -214,13 +215,13 @@ def self_correlation_forward(f, window=None, eps=1e-6):
     """
     X, wcache = window_features(f, window, eps)
     xp = array_namespace(f)
-    return _self_gram(X, xp=xp), SelfCache(wcache)
+    return gram(X), SelfCache(wcache)
 
 
 def self_correlation_backward(dR, cache: SelfCache):
     """Gradient of the self-correlation with respect to ``f``: (N, K, M, M) -> (N, C, H, W)."""
     xp = array_namespace(dR)
-    dX = _self_gram_backward(dR, cache.features.xhat, xp=xp)
+    dX = gram_backward(dR, cache.features.xhat)
     return window_features_backward(dX, cache.features)
 
 
@@ -267,13 +268,13 @@ def cross_correlation_forward(f1, f2, window=None, eps=1e-6):
     check_pair(f1, f2)
     X1, c1 = window_features(f1, window, eps)
     X2, c2 = window_features(f2, window, eps)
-    return _cross_gram(X1, X2, xp=xp), CrossCache(c1, c2)
+    return gram(X1, X2), CrossCache(c1, c2)
 
 
 def cross_correlation_backward(dR, cache: CrossCache):
     """Gradients of the cross-correlation: (N, K, M, M) -> (df1, df2), each (N, C, H, W)."""
     xp = array_namespace(dR)
-    dX1, dX2 = _cross_gram_backward(dR, cache.features1.xhat, cache.features2.xhat, xp=xp)
+    dX1, dX2 = gram_backward(dR, cache.features1.xhat, cache.features2.xhat)
     return window_features_backward(dX1, cache.features1), window_features_backward(dX2, cache.features2)
 
 
@@ -314,14 +315,14 @@ def global_correlation_forward(f, eps=1e-6):
     shape = check_feature(f, "f")
     g = xp.mean(f, axis=(2, 3))
     ghat, inv_norm = _normalize(g, eps, xp=xp)
-    return _self_gram(ghat, xp=xp), GlobalCache(ghat, inv_norm, shape)
+    return gram(ghat), GlobalCache(ghat, inv_norm, shape)
 
 
 def global_correlation_backward(dR, cache: GlobalCache):
     """Gradient of the global correlation: (B, B) -> (B, C, H, W)."""
     xp = array_namespace(dR)
     B, C, H, W = cache.shape
-    dghat = _self_gram_backward(dR, cache.ghat, xp=xp)
+    dghat = gram_backward(dR, cache.ghat)
     dg = _normalize_backward(dghat, cache.ghat, cache.inv_norm, xp=xp) * (1.0 / (H * W))
     return xp.reshape(dg, (B, C, 1, 1)) * xp.ones((1, 1, H, W), dtype=dg.dtype, device=device(dg))
 

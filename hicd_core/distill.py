@@ -21,15 +21,13 @@ from typing import NamedTuple, Sequence
 from .backend import all_finite, array_namespace, as_arrays, device, is_tracing, mutable_namespace
 from .correlation import (
     _row_sum,
-    _cross_gram,
-    _cross_gram_backward,
-    _self_gram,
-    _self_gram_backward,
     check_feature,
     check_pair,
     check_window,
     global_correlation_backward,
     global_correlation_forward,
+    gram,
+    gram_backward,
     window_features,
     window_features_backward,
 )
@@ -90,7 +88,7 @@ def _shift_needed(bound, tau, dtype, row_length, *, xp):
     return not (b <= -math.log(info.smallest_normal) - 8.0 and b + math.log(max(row_length, 1)) <= math.log(info.max) - 8.0)
 
 
-def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
+def correlation_distance(r_s, r_t, kind="kl", tau=0.5, *, bound=None):
     """Distance between a student and a teacher correlation, and its gradient.
 
     Parameters
@@ -100,6 +98,12 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
     kind : {"kl", "mse"}
     tau : float
         Softmax temperature (``kind="kl"`` only), > 0.
+    bound : float, optional
+        A bound the caller knows on ``|r_s|`` and ``|r_t|`` (1 for correlations of
+        L2-normalised features, as in ``hicd_loss``). With it, the softmax skips its
+        row-maximum shift where ``exp`` can neither overflow nor underflow without it
+        (one reduction and one pass fewer; the same values up to rounding). None: always
+        shift, as SPEC 2 says.
 
     Returns
     -------
@@ -115,12 +119,6 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5):
 
     ``mse``: ``D = mean((r_s - r_t)^2)`` over all elements, ``dD/dr_s = 2 (r_s - r_t) / size``.
     """
-    return _distance(r_s, r_t, kind, tau)
-
-
-def _distance(r_s, r_t, kind, tau, bound=None):
-    """``correlation_distance``; ``bound``: a known bound on ``|r|`` (1 for correlations of
-    normalised features), which lets the softmax skip its shift (``_shift_needed``)."""
     xp = array_namespace(r_s, r_t)
     if tuple(r_s.shape) != tuple(r_t.shape):
         raise ValueError(
@@ -200,10 +198,11 @@ class HiCDSettings(NamedTuple):
     check_finite: object
 
 
-def adapter_arguments(student_sem, teacher_sem, student_chg, teacher_chg, *, windows, change_window, w_self,
+def checked_arguments(student_sem, teacher_sem, student_chg, teacher_chg, *, windows, change_window, w_self,
                       w_cross, w_global, kind, tau, eps, check_finite):
-    """``(student pairs, teacher pairs, HiCDSettings)`` for the framework adapters: the structure checked
-    (pairs, stage counts, change features together) before any array is touched, the settings coerced."""
+    """``(student pairs, teacher pairs, HiCDSettings)``: the structure checked (pairs, stage counts, change
+    features together) before any array is touched, the settings coerced to Python values. ``hicd_loss``
+    and the framework adapters (``hicd_core.torch``, ``hicd_core.jax``) share it."""
     if (student_chg is None) != (teacher_chg is None):
         raise ValueError("student_chg and teacher_chg must be given together")
     sem_s, sem_t = tuple(tuple(p) for p in student_sem), tuple(tuple(p) for p in teacher_sem)
@@ -220,6 +219,20 @@ def adapter_arguments(student_sem, teacher_sem, student_chg, teacher_chg, *, win
         str(kind), _setting(tau, "tau", positive=True), _setting(eps, "eps"), check_finite,
     )
     return sem_s, sem_t, settings
+
+
+def _in_student_dtype(student_sem, teacher_sem, student_chg, teacher_chg):
+    """``(xp, student pairs, teacher pairs, student_chg, teacher_chg)``: DLPack-only inputs converted into
+    the namespace of the others, the teacher's arrays cast to the student's one dtype (the dtype policy)."""
+    n_s = 2 * len(student_sem)
+    flat = [f for pair in student_sem for f in pair] + [f for pair in teacher_sem for f in pair]
+    xp, flat = as_arrays(*flat, student_chg, teacher_chg)
+    flat, (student_chg, teacher_chg) = flat[:-2], flat[-2:]
+    dtype = _student_dtype(flat[:n_s] + ([student_chg] if student_chg is not None else []), xp)
+    cast = lambda t: t if t is None or t.dtype == dtype else xp.astype(t, dtype)  # noqa: E731
+    teachers = [cast(t) for t in flat[n_s:]]
+    pairs = lambda a: [(a[2 * i], a[2 * i + 1]) for i in range(len(a) // 2)]  # noqa: E731
+    return xp, pairs(flat[:n_s]), pairs(teachers), student_chg, cast(teacher_chg)
 
 
 def _validate_stages(student_sem, teacher_sem, windows):
@@ -333,68 +346,25 @@ def hicd_loss(
     Numeric settings may be NumPy scalars (they are read with ``float`` and
     ``operator.index``). The inputs are never written to.
     """
-    if (student_chg is None) != (teacher_chg is None):
-        raise ValueError("student_chg and teacher_chg must be given together")
-    student_sem, teacher_sem = [tuple(p) for p in student_sem], [tuple(p) for p in teacher_sem]
-    n_s, n_t = 2 * len(student_sem), 2 * len(teacher_sem)
-    flat = [f for pair in student_sem for f in pair] + [f for pair in teacher_sem for f in pair]
-    if not flat and student_chg is None:
-        raise ValueError("hicd_loss needs at least one semantic stage or change features")
-    xp, flat = as_arrays(*flat, student_chg, teacher_chg)
-    flat, (student_chg, teacher_chg) = flat[:-2], flat[-2:]
-    students = flat[:n_s] + ([student_chg] if student_chg is not None else [])
-    dtype = _student_dtype(students, xp)
-    teachers = [t if t.dtype == dtype else xp.astype(t, dtype) for t in flat[n_s:n_s + n_t]]
-    if teacher_chg is not None and teacher_chg.dtype != dtype:
-        teacher_chg = xp.astype(teacher_chg, dtype)
-    student_sem = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(student_sem))]
-    teacher_sem = [(teachers[2 * i], teachers[2 * i + 1]) for i in range(len(teacher_sem))]
-    arrays = students + teachers + ([teacher_chg] if teacher_chg is not None else [])
-    windows = [_window_setting(w, f"windows[{l}]") for l, w in enumerate(windows)]
-    change_window = _window_setting(change_window, "change_window")
-    w_self, w_cross, w_global = (_setting(w, name) for name, w in
-                                 (("w_self", w_self), ("w_cross", w_cross), ("w_global", w_global)))
-    tau, eps = _setting(tau, "tau", positive=True), _setting(eps, "eps")
+    student_sem, teacher_sem, settings = checked_arguments(
+        student_sem, teacher_sem, student_chg, teacher_chg, windows=windows, change_window=change_window,
+        w_self=w_self, w_cross=w_cross, w_global=w_global, kind=kind, tau=tau, eps=eps, check_finite=check_finite)
+    windows, change_window, w_self, w_cross, w_global, kind, tau, eps, _ = settings
+    xp, student_sem, teacher_sem, student_chg, teacher_chg = _in_student_dtype(student_sem, teacher_sem, student_chg,
+                                                                               teacher_chg)
     _validate_stages(student_sem, teacher_sem, windows)
 
     # every correlation here is a Gram product of L2-normalised vectors: |r| <= 1
-    dist = lambda r_s, r_t: _distance(r_s, r_t, kind, tau, bound=1.0)  # noqa: E731
-    terms = {}
-    grads_sem = []
+    dist = lambda r_s, r_t: correlation_distance(r_s, r_t, kind, tau, bound=1.0)  # noqa: E731
+    terms, grads_sem = {}, []
     for l, ((s1, s2), (t1, t2), window) in enumerate(zip(student_sem, teacher_sem, windows)):
-        g1 = g2 = None
-        if w_self or w_cross:
-            X1, c1 = window_features(s1, window, eps)
-            X2, c2 = window_features(s2, window, eps)
-            T1 = window_features(t1, window, eps)[0]
-            T2 = window_features(t2, window, eps)[0]
-            dX1 = dX2 = None
-            if w_self:
-                d_a, dr_a = dist(_self_gram(X1, xp=xp), _self_gram(T1, xp=xp))
-                d_b, dr_b = dist(_self_gram(X2, xp=xp), _self_gram(T2, xp=xp))
-                terms[f"sem{l}.self"] = (d_a + d_b) * (0.5 * w_self)
-                dX1 = _self_gram_backward(dr_a * (0.5 * w_self), X1, xp=xp)
-                dX2 = _self_gram_backward(dr_b * (0.5 * w_self), X2, xp=xp)
-            if w_cross:
-                d_c, dr_c = dist(_cross_gram(X1, X2, xp=xp), _cross_gram(T1, T2, xp=xp))
-                terms[f"sem{l}.cross"] = d_c * w_cross
-                e1, e2 = _cross_gram_backward(dr_c * w_cross, X1, X2, xp=xp)
-                dX1 = e1 if dX1 is None else dX1 + e1
-                dX2 = e2 if dX2 is None else dX2 + e2
-            g1 = window_features_backward(dX1, c1)
-            g2 = window_features_backward(dX2, c2)
+        g1, g2 = _window_terms(f"sem{l}", (s1, s2), (t1, t2), window, w_self, w_cross, eps, dist, terms)
         if w_global:
             N = s1.shape[0]
-            r_s, cache = global_correlation_forward(xp.concat([s1, s2], axis=0), eps)
-            r_t = global_correlation_forward(xp.concat([t1, t2], axis=0), eps)[0]
-            d_g, dr_g = dist(r_s, r_t)
-            terms[f"sem{l}.global"] = d_g * w_global
-            dcat = global_correlation_backward(dr_g * w_global, cache)
-            g1 = dcat[:N, ...] if g1 is None else g1 + dcat[:N, ...]
-            g2 = dcat[N:, ...] if g2 is None else g2 + dcat[N:, ...]
-        if g1 is None:
-            g1, g2 = xp.zeros_like(s1), xp.zeros_like(s2)
-        grads_sem.append((g1, g2))
+            dcat = _global_term(f"sem{l}.global", xp.concat([s1, s2], axis=0), xp.concat([t1, t2], axis=0),
+                                w_global, eps, dist, terms)
+            g1, g2 = _add(g1, dcat[:N, ...]), _add(g2, dcat[N:, ...])
+        grads_sem.append((_or_zeros(g1, s1, xp), _or_zeros(g2, s2, xp)))
 
     grad_chg = None
     if student_chg is not None:
@@ -402,23 +372,59 @@ def hicd_loss(
         check_feature(teacher_chg, "teacher_chg")
         _check_student_teacher(student_chg, teacher_chg, "change features")
         check_window(student_chg.shape, change_window, "change features")
-        if w_self:
-            X, cache = window_features(student_chg, change_window, eps)
-            T = window_features(teacher_chg, change_window, eps)[0]
-            d_s, dr_s = dist(_self_gram(X, xp=xp), _self_gram(T, xp=xp))
-            terms["chg.self"] = d_s * w_self
-            grad_chg = window_features_backward(_self_gram_backward(dr_s * w_self, X, xp=xp), cache)
+        (grad_chg,) = _window_terms("chg", (student_chg,), (teacher_chg,), change_window, w_self, 0.0, eps, dist,
+                                    terms)
         if w_global:
-            r_s, cache = global_correlation_forward(student_chg, eps)
-            r_t = global_correlation_forward(teacher_chg, eps)[0]
-            d_g, dr_g = dist(r_s, r_t)
-            terms["chg.global"] = d_g * w_global
-            g = global_correlation_backward(dr_g * w_global, cache)
-            grad_chg = g if grad_chg is None else grad_chg + g
-        if grad_chg is None:
-            grad_chg = xp.zeros_like(student_chg)
+            grad_chg = _add(grad_chg, _global_term("chg.global", student_chg, teacher_chg, w_global, eps, dist, terms))
+        grad_chg = _or_zeros(grad_chg, student_chg, xp)
 
-    return _finish(terms, grads_sem, grad_chg, check_finite, xp=xp, like=arrays[0])
+    like = student_sem[0][0] if student_sem else student_chg
+    return _finish(terms, grads_sem, grad_chg, check_finite, xp=xp, like=like)
+
+
+def _add(a, b):
+    return b if a is None else a + b
+
+
+def _or_zeros(g, like, xp):
+    return xp.zeros_like(like) if g is None else g
+
+
+def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist, terms):
+    """The window terms of one stage: self-correlation of each phase (averaged over the phases)
+    and, for a pair, their cross-correlation. Each phase is partitioned and normalised once and
+    shared by both terms; its window-space gradients are summed before the one backward through
+    the normalisation. Adds the weighted terms to ``terms``; returns each phase's gradient
+    (None when both weights are 0: nothing is computed).
+    """
+    if not (w_self or w_cross):
+        return [None] * len(students)
+    X = [window_features(f, window, eps) for f in students]  # (features, cache) per phase
+    T = [window_features(f, window, eps)[0] for f in teachers]
+    dX = [None] * len(X)
+    if w_self:
+        w = w_self / len(X)
+        total = None
+        for i, ((Xi, _), Ti) in enumerate(zip(X, T)):
+            d, dr = dist(gram(Xi), gram(Ti))
+            total = _add(total, d)
+            dX[i] = gram_backward(dr * w, Xi)
+        terms[f"{prefix}.self"] = total * w
+    if w_cross and len(X) == 2:
+        d, dr = dist(gram(X[0][0], X[1][0]), gram(T[0], T[1]))
+        terms[f"{prefix}.cross"] = d * w_cross
+        e1, e2 = gram_backward(dr * w_cross, X[0][0], X[1][0])
+        dX = [_add(dX[0], e1), _add(dX[1], e2)]
+    return [window_features_backward(d, cache) for d, (_, cache) in zip(dX, X)]
+
+
+def _global_term(name, student, teacher, w_global, eps, dist, terms):
+    """The weighted global-correlation term between two batches; returns the student's gradient."""
+    r_s, cache = global_correlation_forward(student, eps)
+    r_t = global_correlation_forward(teacher, eps)[0]
+    d, dr = dist(r_s, r_t)
+    terms[name] = d * w_global
+    return global_correlation_backward(dr * w_global, cache)
 
 
 def feature_mse_loss(student_feats: Sequence, teacher_feats: Sequence, *, check_finite="auto"):

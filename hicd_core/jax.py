@@ -94,7 +94,7 @@ def hicd_loss(student_sem, teacher_sem, student_chg=None, teacher_chg=None, *, w
     -------
     loss : 0-d array in the student's dtype.
     """
-    sem_s, sem_t, settings = distill.adapter_arguments(
+    sem_s, sem_t, settings = distill.checked_arguments(
         student_sem, teacher_sem, student_chg, teacher_chg, windows=windows, change_window=change_window,
         w_self=w_self, w_cross=w_cross, w_global=w_global, kind=kind, tau=tau, eps=eps, check_finite=check_finite)
     as_array = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731

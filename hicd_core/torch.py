@@ -100,7 +100,7 @@ def hicd_loss(student_sem, teacher_sem, student_chg=None, teacher_chg=None, *, w
     loss : 0-d tensor in the student's dtype, on the student's device. Its gradient
         flows into every student tensor that requires grad; the teacher's get none.
     """
-    student_sem, teacher_sem, settings = distill.adapter_arguments(
+    student_sem, teacher_sem, settings = distill.checked_arguments(
         student_sem, teacher_sem, student_chg, teacher_chg, windows=windows, change_window=change_window,
         w_self=w_self, w_cross=w_cross, w_global=w_global, kind=kind, tau=tau, eps=eps, check_finite=check_finite)
     spec = _Spec(len(student_sem), student_chg is not None, settings)
