@@ -214,13 +214,11 @@ def self_correlation_forward(f, window=None, eps=1e-6):
     With X = window_features(f): ``R = X X^T`` and ``dX = (dR + dR^T) X``.
     """
     X, wcache = window_features(f, window, eps)
-    xp = array_namespace(f)
     return gram(X), SelfCache(wcache)
 
 
 def self_correlation_backward(dR, cache: SelfCache):
     """Gradient of the self-correlation with respect to ``f``: (N, K, M, M) -> (N, C, H, W)."""
-    xp = array_namespace(dR)
     dX = gram_backward(dR, cache.features.xhat)
     return window_features_backward(dX, cache.features)
 
@@ -264,7 +262,6 @@ def cross_correlation_forward(f1, f2, window=None, eps=1e-6):
     -----
     ``R = X1 X2^T``; ``dX1 = dR X2``, ``dX2 = dR^T X1``.
     """
-    xp = array_namespace(f1, f2)
     check_pair(f1, f2)
     X1, c1 = window_features(f1, window, eps)
     X2, c2 = window_features(f2, window, eps)
@@ -273,7 +270,6 @@ def cross_correlation_forward(f1, f2, window=None, eps=1e-6):
 
 def cross_correlation_backward(dR, cache: CrossCache):
     """Gradients of the cross-correlation: (N, K, M, M) -> (df1, df2), each (N, C, H, W)."""
-    xp = array_namespace(dR)
     dX1, dX2 = gram_backward(dR, cache.features1.xhat, cache.features2.xhat)
     return window_features_backward(dX1, cache.features1), window_features_backward(dX2, cache.features2)
 

@@ -48,8 +48,9 @@ import h5py
 import numpy as np
 
 from .errors import CheckpointError, NonFiniteError, RunLockError
+from .model import TinySiamCD
 
-__all__ = ["save_checkpoint", "load_checkpoint", "atomic_path", "array_digest", "run_lock", "remove_stale_temps",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "atomic_path", "array_digest", "run_lock", "remove_stale_temps",
            "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "hicd-checkpoint"
@@ -395,3 +396,19 @@ def load_checkpoint(path) -> dict:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{source}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def load_model(path, xp=None):
+    """A TinySiamCD rebuilt from a checkpoint file (its widths), ready for evaluation."""
+    ck = load_checkpoint(path)
+    mc = ck["model_config"]
+    if mc.get("arch") != "TinySiamCD":
+        raise CheckpointError(f"{path}: unknown architecture {mc.get('arch')!r}")
+    dtype = str(next(iter(ck["params"].values())).dtype)
+    try:
+        model = TinySiamCD(mc["widths"], mc.get("in_channels", 3), xp=xp, dtype=dtype,
+                           input_mean=mc.get("input_mean"), input_std=mc.get("input_std"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model_config {mc!r} ({exc})") from None
+    model.load_state_dict(ck, source=str(path))
+    return model, ck

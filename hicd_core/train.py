@@ -29,7 +29,7 @@ from .distill import feature_mse_loss, hicd_loss
 from .errors import CheckpointError, NonFiniteError
 from .functional import bce_with_logits, soft_dice
 from .infer import evaluate
-from .io import atomic_path, load_checkpoint, remove_stale_temps, run_lock, save_checkpoint
+from .io import atomic_path, load_checkpoint, load_model, remove_stale_temps, run_lock, save_checkpoint
 from .metrics import METRIC_KEYS
 from .model import TinySiamCD
 from .optim import SGD, AdamW, make_schedule
@@ -531,19 +531,3 @@ def _write_log(path, history):
     """Rewrite the JSONL log atomically (one line per finished epoch)."""
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-
-
-def load_model(path, xp=None):
-    """A TinySiamCD rebuilt from a checkpoint file (its widths), ready for evaluation."""
-    ck = load_checkpoint(path)
-    mc = ck["model_config"]
-    if mc.get("arch") != "TinySiamCD":
-        raise CheckpointError(f"{path}: unknown architecture {mc.get('arch')!r}")
-    dtype = str(next(iter(ck["params"].values())).dtype)
-    try:
-        model = TinySiamCD(mc["widths"], mc.get("in_channels", 3), xp=xp, dtype=dtype,
-                           input_mean=mc.get("input_mean"), input_std=mc.get("input_std"))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid model_config {mc!r} ({exc})") from None
-    model.load_state_dict(ck, source=str(path))
-    return model, ck
