@@ -235,12 +235,14 @@ def _same(a, b):
     return a == b
 
 
-def test_backward_never_writes_into_dy_inputs_or_caches():
+def test_backward_never_writes_into_dy_inputs_or_caches(conv_layout):
+    """Every layer, and the convolutions in every layout the network can take (the fixture sets it)."""
     rng = np.random.default_rng(5)
     x = away_from_zero(rng, (2, 3, 6, 6))
     w, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
     g, be, rm, rv = rng.standard_normal(3), rng.standard_normal(3), np.zeros(3), np.ones(3)
     cases = [
+        (lambda: F.conv2d_forward(x, w, b, stride=1, padding=1), F.conv2d_backward),  # the "same" 3x3 layers
         (lambda: F.conv2d_forward(x, w, b, stride=2, padding=1), F.conv2d_backward),
         (lambda: F.conv2d_forward(x, w[:, :, :1, :1], b), F.conv2d_backward),
         (lambda: F.batchnorm2d_forward(x, g, be, rm, rv, training=True)[:2], F.batchnorm2d_backward),
