@@ -571,6 +571,56 @@ def relu_backward(dy, cache: ReluCache):
     return dy * xp.astype(cache.y > 0, dy.dtype)
 
 
+# --------------------------------------------------------------------------- conv-BN-ReLU (SPEC 4's CBR)
+
+
+class CBRCache(NamedTuple):
+    conv: ConvCache
+    bn: BatchNormCache
+    relu: ReluCache
+
+
+def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stride=1, training, momentum=0.1,
+                eps=1e-5):
+    """``CBR`` of SPEC section 4: 3x3 convolution (padding 1, with bias) -> BatchNorm2d -> ReLU.
+
+    Returns
+    -------
+    y : array (N, O, Ho, Wo)
+    cache : CBRCache (for ``cbr_backward``)
+    running_mean, running_var : the new running statistics (the given ones in evaluation mode); they
+        are returned, never written: keeping them is the caller's business.
+    """
+    y, conv_cache = conv2d_forward(x, weight, bias, stride=stride, padding=1)
+    y, bn_cache, mean, var = batchnorm2d_forward(y, gamma, beta, running_mean, running_var, training=training,
+                                                 momentum=momentum, eps=eps)
+    y, relu_cache = relu_forward(y)
+    return y, CBRCache(conv_cache, bn_cache, relu_cache), mean, var
+
+
+def cbr_backward(dy, cache: CBRCache, *, input_grad=True):
+    """Gradients of ``cbr_forward``: ``(dx, dweight, dbias, dgamma, dbeta)`` (dx None with ``input_grad=False``)."""
+    dy = relu_backward(dy, cache.relu)
+    dy, dgamma, dbeta = batchnorm2d_backward(dy, cache.bn)
+    dx, dweight, dbias = conv2d_backward(dy, cache.conv, input_grad=input_grad)
+    return dx, dweight, dbias, dgamma, dbeta
+
+
+def cbr_folded_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stride=1, eps=1e-5):
+    """Evaluation-mode ``CBR`` with the BatchNorm folded into the convolution (no cache; for inference).
+
+    ``gamma (W * x + b - mean) / sqrt(var + eps) + beta = (s W) * x + (s (b - mean) + beta)`` with
+    ``s = gamma / sqrt(var + eps)`` per output channel (docs/MATH.md 7.3): equal to ``cbr_forward`` with
+    ``training=False`` up to rounding, without BatchNorm's passes over the activations.
+    """
+    xp = array_namespace(x, weight)
+    s = gamma / xp.sqrt(running_var + eps)
+    folded_weight = weight * xp.reshape(s, (-1, 1, 1, 1))
+    folded_bias = (bias - running_mean) * s + beta
+    y, _ = conv2d_forward(x, folded_weight, folded_bias, stride=stride, padding=1)
+    return relu_forward(y)[0]
+
+
 class SignCache(NamedTuple):
     sign: object
 

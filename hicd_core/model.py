@@ -26,16 +26,16 @@ from . import backend
 from .backend import array_namespace
 from .errors import CheckpointError
 from .functional import (
+    CBRCache,
     absdiff_backward,
     absdiff_forward,
-    batchnorm2d_backward,
-    batchnorm2d_forward,
+    cbr_backward,
+    cbr_folded_forward,
+    cbr_forward,
     concat_backward,
     concat_forward,
     conv2d_backward,
     conv2d_forward,
-    relu_backward,
-    relu_forward,
     upsample2x_backward,
     upsample2x_forward,
 )
@@ -46,12 +46,6 @@ DEFAULT_WIDTHS = (16, 32, 64, 128)
 TAP_NAMES = ("E1", "E2", "E3", "E4", "d1")
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
-
-
-class CBRCache(NamedTuple):
-    conv: object
-    bn: object
-    relu: object
 
 
 class ForwardCache(NamedTuple):
@@ -187,38 +181,26 @@ class TinySiamCD:
 
     # ------------------------------------------------------------------ blocks
 
-    def _cbr_forward(self, x, name, training):
-        cin, cout, stride = self.layers[name]
+    def _cbr_arrays(self, name):
+        """The CBR's parameters and running statistics, in ``functional.cbr_forward``'s order."""
         p, b = self.params, self.buffers
-        y, conv_cache = conv2d_forward(x, p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], stride=stride, padding=1)
-        y, bn_cache, mean, var = batchnorm2d_forward(
-            y, p[f"{name}.bn.weight"], p[f"{name}.bn.bias"], b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"],
-            training=training, momentum=BN_MOMENTUM, eps=BN_EPS,
-        )
-        if training:
-            b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"] = mean, var
-        y, relu_cache = relu_forward(y)
-        return y, CBRCache(conv_cache, bn_cache, relu_cache)
+        return (p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], p[f"{name}.bn.weight"], p[f"{name}.bn.bias"],
+                b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"])
+
+    def _cbr_forward(self, x, name, training):
+        y, cache, mean, var = cbr_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], training=training,
+                                          momentum=BN_MOMENTUM, eps=BN_EPS)
+        if training:  # the model's one piece of state besides the parameters
+            self.buffers[f"{name}.bn.running_mean"], self.buffers[f"{name}.bn.running_var"] = mean, var
+        return y, cache
 
     def _cbr_folded(self, x, name):
-        """Evaluation-mode conv-BN-ReLU with the BatchNorm folded into the convolution (no cache).
-
-        ``gamma (W * x + b - mean) / sqrt(var + eps) + beta = (s W) * x + (s (b - mean) + beta)``
-        with ``s = gamma / sqrt(var + eps)`` per output channel (docs/MATH.md 7.3).
-        """
-        xp = self.xp
-        _, _, stride = self.layers[name]
-        p, b = self.params, self.buffers
-        s = p[f"{name}.bn.weight"] / xp.sqrt(b[f"{name}.bn.running_var"] + BN_EPS)
-        weight = p[f"{name}.conv.weight"] * xp.reshape(s, (-1, 1, 1, 1))
-        bias = (p[f"{name}.conv.bias"] - b[f"{name}.bn.running_mean"]) * s + p[f"{name}.bn.bias"]
-        y, _ = conv2d_forward(x, weight, bias, stride=stride, padding=1)
-        return relu_forward(y)[0], None
+        return cbr_folded_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], eps=BN_EPS), None
 
     def _cbr_backward(self, dy, cache: CBRCache, name, grads, input_grad=True):
-        dy = relu_backward(dy, cache.relu)
-        dy, grads[f"{name}.bn.weight"], grads[f"{name}.bn.bias"] = batchnorm2d_backward(dy, cache.bn)
-        dx, grads[f"{name}.conv.weight"], grads[f"{name}.conv.bias"] = conv2d_backward(dy, cache.conv, input_grad=input_grad)
+        dx, *param_grads = cbr_backward(dy, cache, input_grad=input_grad)
+        for key, g in zip(("conv.weight", "conv.bias", "bn.weight", "bn.bias"), param_grads):
+            grads[f"{name}.{key}"] = g
         return dx
 
     # ------------------------------------------------------------------ forward / backward

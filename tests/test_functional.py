@@ -330,3 +330,25 @@ def test_flat_blocks_follow_flat_block_bytes(monkeypatch):
     assert F._blocks(5, 300, xp=xp) == [(0, 3), (3, 5)]
     assert F._blocks(5, 4000, xp=xp) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
     assert F._blocks(5, 10, xp=xp) == [(0, 5)]
+
+
+def test_cbr_is_conv_bn_relu_returns_its_statistics_and_folds_for_inference():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((2, 3, 8, 8))
+    w, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    g, be = rng.random(4) + 0.5, rng.standard_normal(4)
+    rm, rv = rng.standard_normal(4), rng.random(4) + 0.5
+    rm_before, rv_before = rm.copy(), rv.copy()
+    y, cache, mean, var = F.cbr_forward(x, w, b, g, be, rm, rv, stride=2, training=True)
+    conv, _ = F.conv2d_forward(x, w, b, stride=2, padding=1)
+    bn, _, want_mean, want_var = F.batchnorm2d_forward(conv, g, be, rm, rv, training=True)
+    assert np.array_equal(y, np.maximum(bn, 0)) and np.array_equal(mean, want_mean) and np.array_equal(var, want_var)
+    assert np.array_equal(rm, rm_before) and np.array_equal(rv, rv_before)  # returned, never written
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db, dg, dbe = F.cbr_backward(dy, cache)
+    num = central_difference(lambda v: np.sum(F.cbr_forward(v, w, b, g, be, rm, rv, stride=2, training=True)[0] * dy),
+                             x.copy())
+    assert rel_err(dx, num) < 1e-6 and dw.shape == w.shape and dg.shape == g.shape
+    evaluated, _, same_mean, _ = F.cbr_forward(x, w, b, g, be, rm, rv, stride=2, training=False)
+    assert same_mean is rm
+    assert np.allclose(F.cbr_folded_forward(x, w, b, g, be, rm, rv, stride=2), evaluated, atol=1e-12)
