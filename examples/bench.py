@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hicd_core import backend, functional  # noqa: E402
+from hicd_core import backend  # noqa: E402
 from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
 from hicd_core.optim import AdamW  # noqa: E402
 from hicd_core.train import DistillConfig, default_windows, train_step  # noqa: E402
@@ -141,7 +141,7 @@ def main(argv=None):
                         help="with --vs-torch: time ours and the twin in alternating blocks of steps")
     parser.add_argument("--profile", action="store_true", help="print the top functions of a profiled step")
     parser.add_argument("--conv-layout", default="auto", choices=["auto", "batched", "merged", "flat"],
-                        help="im2col layout of the convolutions (hicd_core.functional.CONV_LAYOUT)")
+                        help="im2col layout of the convolutions (hicd_core.functional.CONV_LAYOUTS)")
     parser.add_argument("--no-keep-memory", action="store_true",
                         help="leave glibc's malloc thresholds alone (see hicd_core.backend.keep_host_memory)")
     args = parser.parse_args(argv)
@@ -150,14 +150,13 @@ def main(argv=None):
     xp = backend.namespace(args.backend)
     on_gpu = backend.is_cupy_namespace(xp)
     sync = device_sync(xp)
-    functional.CONV_LAYOUT = args.conv_layout
     if on_gpu:
         import cupy
 
     host_batch = make_batch(args.batch, args.size)
     x1, x2, x2_hq, label = (backend.from_host(a, xp) for a in host_batch)
-    student = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=0)
-    teacher = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=1) if args.mode == "hicd" else None
+    student = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=0, conv_layout=args.conv_layout)
+    teacher = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=1, conv_layout=args.conv_layout) if args.mode == "hicd" else None
     opt = AdamW(student.params, lr=1e-3, weight_decay=1e-2)
     windows, change_window = default_windows(args.size)
     distill = DistillConfig(method="hicd", windows=windows, change_window=change_window) if args.mode == "hicd" else None

@@ -6,7 +6,7 @@
 Times (median ms, device-synchronised) the conv layers' parts in the batched
 layout (im2col, the forward matmul, the weight and input-gradient matmuls,
 col2im), each whole conv forward and backward in the batched, merged and flat
-layouts (``hicd_core.functional.CONV_LAYOUT``), a candidate flat backward with the
+layouts (``hicd_core.functional.CONV_LAYOUTS``), a candidate flat backward with the
 batch folded into the pixel axis (``flat_backward_one_product``), BatchNorm and ReLU
 forward + backward and the passes of BatchNorm's forward one by one (``bn_parts``),
 for every conv shape of the network, and prints one JSON line per layer plus totals.
@@ -124,7 +124,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     backend.keep_host_memory()
     xp = backend.namespace(args.backend)
-    F.CONV_LAYOUT = "batched"  # the parts below are those of the batched layout; whole layers for all three
+    # the parts below are those of the batched layout; whole layers for all three
     t = timer(xp)
     rng = np.random.default_rng(0)
     totals = {}
@@ -137,7 +137,7 @@ def main(argv=None):
         x = backend.from_host(rng.standard_normal((n, cin, h, w), dtype=np.float32), xp)
         wt = backend.from_host(rng.standard_normal((cout, cin, 3, 3), dtype=np.float32) * 0.1, xp)
         b = backend.from_host(np.zeros(cout, np.float32), xp)
-        y, cache = F.conv2d_forward(x, wt, b, stride=stride, padding=1)
+        y, cache = F.conv2d_forward(x, wt, b, stride=stride, padding=1, layout="batched")
         dy = backend.from_host(rng.standard_normal(tuple(y.shape), dtype=np.float32), xp)
         Ho, Wo = y.shape[2], y.shape[3]
         cols = cache.cols
@@ -153,14 +153,13 @@ def main(argv=None):
             "dW_splitk": t(lambda: dw_split_k(dy2, cols, xp)),
             "dcols_matmul": t(lambda: xp.matmul(xp.matrix_transpose(w2), dy2)),
             "col2im": t(lambda: F._col2im(dcols, (n, cin), h, w, 3, 3, stride, 1, Ho, Wo, xp=xp)),
-            "conv_fwd": t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1)),
+            "conv_fwd": t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1, layout="batched")),
             "conv_bwd": t(lambda: F.conv2d_backward(dy, cache)),
         }
         need_dx = name != "enc1.0"  # the model skips the first convolution's input gradient
         for layout in ("merged", "flat"):
-            F.CONV_LAYOUT = layout
-            _, other_cache = F.conv2d_forward(x, wt, b, stride=stride, padding=1)
-            row[f"conv_fwd_{layout}"] = t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1))
+            _, other_cache = F.conv2d_forward(x, wt, b, stride=stride, padding=1, layout=layout)
+            row[f"conv_fwd_{layout}"] = t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1, layout=layout))
             row[f"conv_bwd_{layout}"] = t(lambda: F.conv2d_backward(dy, other_cache, input_grad=need_dx))
             if layout == "flat":
                 form = "stride 2, dx by phases" if stride == 2 else "product first" if F._flat_product_first(cin, cout) else "im2col"
@@ -174,7 +173,6 @@ def main(argv=None):
                         float(xp.max(xp.abs(a - b1))) / float(xp.max(xp.abs(a))) for a, b1 in pairs)
                     row["conv_bwd_flat_one_product"] = t(
                         lambda: flat_backward_one_product(dy, other_cache, xp, need_dx))
-        F.CONV_LAYOUT = "batched"
         if backend.is_cupy_namespace(xp):
             import cupy
 

@@ -37,7 +37,7 @@ __all__ = [
 # --------------------------------------------------------------------------- conv2d
 
 
-#: How conv2d lays out its im2col matrix. "batched": per image, ``cols (N, C kh kw, Ho Wo)``
+#: The im2col layouts of ``conv2d_forward(..., layout=...)``. "batched": per image, ``cols (N, C kh kw, Ho Wo)``
 #: and batched matmuls. "merged": the batch folded into the pixel axis, ``cols (C kh kw,
 #: N Ho Wo)``, one large matmul per product at the cost of a transposed copy of the input,
 #: output and their gradients. "flat": like "batched", but "same" convolutions (stride 1,
@@ -48,7 +48,7 @@ __all__ = [
 #: are still in the CPU cache when its products read them; 3x3 stride-2 convolutions of
 #: even-sized inputs compute their input gradient by output phases instead of a col2im.
 #: "auto": merged on CuPy, flat elsewhere (docs/PERFORMANCE.md has the measurements).
-CONV_LAYOUT = "auto"
+CONV_LAYOUTS = ("auto", "batched", "merged", "flat")
 
 #: "flat" works through the batch in blocks of images whose largest temporary (an im2col
 #: matrix or a stack of per-offset products) is about this many bytes, at least one image
@@ -68,18 +68,17 @@ class ConvCache(NamedTuple):
     layout: str  # "batched", "merged" or "flat"
 
 
-def _layout(xp, kh, kw, stride, padding, H, W):
-    """The layout one convolution takes: CONV_LAYOUT resolved.
+def _layout(xp, kh, kw, stride, padding, H, W, layout="auto"):
+    """The layout one convolution takes: ``layout`` resolved for this namespace and shape.
 
     "flat" fits "same" convolutions and 3x3, stride-2, padding-1 convolutions of even-sized
     inputs (their forward pass is the batched one, their input gradient works by phases);
     other convolutions fall back to "batched".
     """
-    layout = CONV_LAYOUT
+    if layout not in CONV_LAYOUTS:
+        raise ValueError(f"conv layout must be one of {CONV_LAYOUTS}, got {layout!r}")
     if layout == "auto":
         layout = "merged" if is_cupy_namespace(xp) else "flat"
-    if layout not in ("batched", "merged", "flat"):
-        raise ValueError(f"CONV_LAYOUT must be 'auto', 'batched', 'merged' or 'flat', got {CONV_LAYOUT!r}")
     same = stride == 1 and kh == kw == 2 * padding + 1 and kh > 1
     halving = stride == 2 and kh == kw == 3 and padding == 1 and H % 2 == 0 and W % 2 == 0
     if layout == "flat" and not (same or halving):
@@ -241,7 +240,7 @@ def _flat_unpad_into(out, s, e, prod, Wp, bias, *, xp):
     out[s:e, ...] = xp.reshape(prod, (e - s, O, Ho, Wp))[..., :Wo]
 
 
-def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
+def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0, layout="auto"):
     """2-d convolution (cross-correlation, as in deep-learning frameworks).
 
     Parameters
@@ -251,6 +250,9 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     bias : array (O,) or None
     stride, padding : int
         Same in both spatial directions; zero padding.
+    layout : one of ``CONV_LAYOUTS``
+        How the im2col products are laid out (the same numbers up to rounding; see
+        ``CONV_LAYOUTS``); the backward pass follows the cache's layout.
 
     Returns
     -------
@@ -260,7 +262,7 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     Notes
     -----
     ``y[n, o] = sum_{c, i, j} weight[o, c, i, j] xpad[n, c, s*y + i, s*x + j] + bias[o]``,
-    computed as ``W (O, C kh kw) @ cols`` (im2col; layout per ``CONV_LAYOUT``).
+    computed as ``W (O, C kh kw) @ cols`` (im2col, laid out per ``layout``).
     Backward: ``dW = dy cols^T`` (summed over images), ``db = sum dy``,
     ``dcols = W^T dy`` scattered back by the adjoint of im2col.
     """
@@ -279,7 +281,7 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0):
     if Ho < 1 or Wo < 1:
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
     w2 = xp.reshape(weight, (O, C * kh * kw))
-    layout = _layout(xp, kh, kw, stride, padding, H, W)
+    layout = _layout(xp, kh, kw, stride, padding, H, W, layout)
     if layout == "flat" and stride == 1:
         cols = _flat_padded(x, padding, xp=xp)  # all the backward pass needs of x
         y = _flat_conv(cols, weight, bias, Ho, Wo, W + padding, xp=xp)
@@ -581,7 +583,7 @@ class CBRCache(NamedTuple):
 
 
 def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stride=1, training, momentum=0.1,
-                eps=1e-5):
+                eps=1e-5, layout="auto"):
     """``CBR`` of SPEC section 4: 3x3 convolution (padding 1, with bias) -> BatchNorm2d -> ReLU.
 
     Returns
@@ -591,7 +593,7 @@ def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stri
     running_mean, running_var : the new running statistics (the given ones in evaluation mode); they
         are returned, never written: keeping them is the caller's business.
     """
-    y, conv_cache = conv2d_forward(x, weight, bias, stride=stride, padding=1)
+    y, conv_cache = conv2d_forward(x, weight, bias, stride=stride, padding=1, layout=layout)
     y, bn_cache, mean, var = batchnorm2d_forward(y, gamma, beta, running_mean, running_var, training=training,
                                                  momentum=momentum, eps=eps)
     y, relu_cache = relu_forward(y)
@@ -606,7 +608,8 @@ def cbr_backward(dy, cache: CBRCache, *, input_grad=True):
     return dx, dweight, dbias, dgamma, dbeta
 
 
-def cbr_folded_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stride=1, eps=1e-5):
+def cbr_folded_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stride=1, eps=1e-5,
+                       layout="auto"):
     """Evaluation-mode ``CBR`` with the BatchNorm folded into the convolution (no cache; for inference).
 
     ``gamma (W * x + b - mean) / sqrt(var + eps) + beta = (s W) * x + (s (b - mean) + beta)`` with
@@ -617,7 +620,7 @@ def cbr_folded_forward(x, weight, bias, gamma, beta, running_mean, running_var, 
     s = gamma / xp.sqrt(running_var + eps)
     folded_weight = weight * xp.reshape(s, (-1, 1, 1, 1))
     folded_bias = (bias - running_mean) * s + beta
-    y, _ = conv2d_forward(x, folded_weight, folded_bias, stride=stride, padding=1)
+    y, _ = conv2d_forward(x, folded_weight, folded_bias, stride=stride, padding=1, layout=layout)
     return relu_forward(y)[0]
 
 

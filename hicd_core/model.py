@@ -26,6 +26,7 @@ from . import backend
 from .backend import array_namespace
 from .errors import CheckpointError
 from .functional import (
+    CONV_LAYOUTS,
     CBRCache,
     absdiff_backward,
     absdiff_forward,
@@ -76,6 +77,9 @@ class TinySiamCD:
         before the encoder (``hicd_core.data.channel_stats`` computes them from a
         training set). They are part of ``config()`` and so of every checkpoint.
         None: the images go in as they are (SPEC section 4).
+    conv_layout : str
+        The im2col layout of every convolution (``functional.CONV_LAYOUTS``; "auto" by
+        default): a choice of speed, not of the model, so not part of ``config()``.
 
     Attributes
     ----------
@@ -88,7 +92,7 @@ class TinySiamCD:
     """
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
-                 input_mean=None, input_std=None):
+                 input_mean=None, input_std=None, conv_layout="auto"):
         widths = tuple(int(w) for w in widths)
         if len(widths) != 4 or min(widths) < 1:
             raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
@@ -96,6 +100,9 @@ class TinySiamCD:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.widths, self.in_channels, self.dtype, self.seed = widths, int(in_channels), dtype, seed
         self.xp = xp if xp is not None else backend.namespace("numpy")
+        if conv_layout not in CONV_LAYOUTS:
+            raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
+        self.conv_layout = conv_layout
         w1, w2, w3, w4 = widths
         layers = [("enc1.0", in_channels, w1, 1), ("enc1.1", w1, w1, 1)]
         for k in range(2, 5):
@@ -189,13 +196,14 @@ class TinySiamCD:
 
     def _cbr_forward(self, x, name, training):
         y, cache, mean, var = cbr_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], training=training,
-                                          momentum=BN_MOMENTUM, eps=BN_EPS)
+                                          momentum=BN_MOMENTUM, eps=BN_EPS, layout=self.conv_layout)
         if training:  # the model's one piece of state besides the parameters
             self.buffers[f"{name}.bn.running_mean"], self.buffers[f"{name}.bn.running_var"] = mean, var
         return y, cache
 
     def _cbr_folded(self, x, name):
-        return cbr_folded_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], eps=BN_EPS), None
+        return cbr_folded_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], eps=BN_EPS,
+                                  layout=self.conv_layout), None
 
     def _cbr_backward(self, dy, cache: CBRCache, name, grads, input_grad=True):
         dx, *param_grads = cbr_backward(dy, cache, input_grad=input_grad)
@@ -262,7 +270,8 @@ class TinySiamCD:
             cat, cat_cache = concat_forward([up, deltas[k - 1]])
             d, c = cbr(cat, f"dec{k}")
             dec[f"dec{k}"] = (c, cat_cache)
-        logits, head_cache = conv2d_forward(d, self.params["head.weight"], self.params["head.bias"])
+        logits, head_cache = conv2d_forward(d, self.params["head.weight"], self.params["head.bias"],
+                                            layout=self.conv_layout)
         taps = {f"E{k + 1}": (s[:n, ...], s[n:, ...]) for k, s in enumerate(stages)}
         taps["d1"] = d
         if not keep_cache:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compare the im2col layouts of conv2d on a GPU (see hicd_core.functional.CONV_LAYOUT).
+# Compare the im2col layouts of conv2d on a GPU (see hicd_core.functional.CONV_LAYOUTS and bench.py --conv-layout).
 set -uo pipefail
 OUT=${1:?usage: device_layouts.sh OUTDIR}
 mkdir -p "$OUT"

@@ -27,10 +27,10 @@ def conv_problems(draw):
     return (draw(st.integers(1, 2)), draw(st.integers(1, 3)), h, w), (draw(st.integers(1, 3)), k), stride, padding
 
 
-def check_conv_against_reference(xp, rng, x, w, b, stride, padding):
-    """Forward and backward of conv2d against the loop reference; returns the cache."""
+def check_conv_against_reference(xp, rng, x, w, b, stride, padding, layout="auto"):
+    """Forward and backward of conv2d (in ``layout``) against the loop reference; returns the cache."""
     y, cache = F.conv2d_forward(to_xp(xp, x), to_xp(xp, w), None if b is None else to_xp(xp, b),
-                                stride=stride, padding=padding)
+                                stride=stride, padding=padding, layout=layout)
     expected = ref.conv2d(x, w, b, stride, padding)
     assert_close(y, expected, xp, dtype="float64")
     dy = rng.standard_normal(expected.shape)
@@ -236,15 +236,15 @@ def _same(a, b):
 
 
 def test_backward_never_writes_into_dy_inputs_or_caches(conv_layout):
-    """Every layer, and the convolutions in every layout the network can take (the fixture sets it)."""
+    """Every layer, and the convolutions in every layout the network can take."""
     rng = np.random.default_rng(5)
     x = away_from_zero(rng, (2, 3, 6, 6))
     w, b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
     g, be, rm, rv = rng.standard_normal(3), rng.standard_normal(3), np.zeros(3), np.ones(3)
     cases = [
-        (lambda: F.conv2d_forward(x, w, b, stride=1, padding=1), F.conv2d_backward),  # the "same" 3x3 layers
-        (lambda: F.conv2d_forward(x, w, b, stride=2, padding=1), F.conv2d_backward),
-        (lambda: F.conv2d_forward(x, w[:, :, :1, :1], b), F.conv2d_backward),
+        (lambda: F.conv2d_forward(x, w, b, stride=1, padding=1, layout=conv_layout), F.conv2d_backward),  # "same"
+        (lambda: F.conv2d_forward(x, w, b, stride=2, padding=1, layout=conv_layout), F.conv2d_backward),
+        (lambda: F.conv2d_forward(x, w[:, :, :1, :1], b, layout=conv_layout), F.conv2d_backward),
         (lambda: F.batchnorm2d_forward(x, g, be, rm, rv, training=True)[:2], F.batchnorm2d_backward),
         (lambda: F.relu_forward(x), F.relu_backward),
         (lambda: F.absdiff_forward(x, x[::-1]), F.absdiff_backward),
@@ -264,8 +264,7 @@ def test_backward_never_writes_into_dy_inputs_or_caches(conv_layout):
 
 
 @pytest.fixture(params=["batched", "merged", "flat"])
-def conv_layout(request, monkeypatch):
-    monkeypatch.setattr(F, "CONV_LAYOUT", request.param)
+def conv_layout(request):
     return request.param
 
 
@@ -273,7 +272,7 @@ def conv_layout(request, monkeypatch):
 def test_conv_layouts_match_reference(xp, conv_layout, k, stride, padding):
     rng = np.random.default_rng(8)
     x, w, b = rng.standard_normal((2, 3, 6, 7)), rng.standard_normal((4, 3, k, k)), rng.standard_normal(4)
-    cache = check_conv_against_reference(xp, rng, x, w, b, stride, padding)
+    cache = check_conv_against_reference(xp, rng, x, w, b, stride, padding, conv_layout)
     same = stride == 1 and k == 2 * padding + 1 and k > 1
     assert cache.layout == ("batched" if conv_layout == "flat" and not same else conv_layout)
 
@@ -284,9 +283,8 @@ def test_flat_halving_conv_matches_reference(xp, monkeypatch, size):
     rng = np.random.default_rng(11)
     H, W = size
     x, w, b = rng.standard_normal((3, 4, H, W)), rng.standard_normal((5, 4, 3, 3)), rng.standard_normal(5)
-    monkeypatch.setattr(F, "CONV_LAYOUT", "flat")
     monkeypatch.setattr(F, "FLAT_BLOCK_BYTES", 1)  # one image per block
-    cache = check_conv_against_reference(xp, rng, x, w, b, 2, 1)
+    cache = check_conv_against_reference(xp, rng, x, w, b, 2, 1, "flat")
     assert cache.layout == ("flat" if H % 2 == 0 and W % 2 == 0 else "batched")
 
 
@@ -294,7 +292,7 @@ def test_conv_input_grad_false_skips_dx(conv_layout):
     """``input_grad=False`` returns no dx and the same parameter gradients."""
     rng = np.random.default_rng(9)
     x, w, b = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
-    y, cache = F.conv2d_forward(x, w, b, stride=1, padding=1)
+    y, cache = F.conv2d_forward(x, w, b, stride=1, padding=1, layout=conv_layout)
     dy = rng.standard_normal(y.shape)
     dx, dw, db = F.conv2d_backward(dy, cache)
     none, dw2, db2 = F.conv2d_backward(dy, cache, input_grad=False)
@@ -311,9 +309,8 @@ def test_flat_conv_in_blocks_matches_reference(xp, monkeypatch, block, channels)
     rng = np.random.default_rng(10)
     C, O = channels
     x, w, b = rng.standard_normal((3, C, 5, 6)), rng.standard_normal((O, C, 3, 3)), rng.standard_normal(O)
-    monkeypatch.setattr(F, "CONV_LAYOUT", "flat")
     monkeypatch.setattr(F, "_blocks", lambda N, image_bytes, *, xp: [(s, min(s + block, N)) for s in range(0, N, block)])
-    cache = check_conv_against_reference(xp, rng, x, w, b, 1, 1)
+    cache = check_conv_against_reference(xp, rng, x, w, b, 1, 1, "flat")
     assert cache.layout == "flat"
     dy = to_xp(xp, rng.standard_normal((3, O, 5, 6)))
     dx, dw, db = F.conv2d_backward(dy, cache)
@@ -352,3 +349,19 @@ def test_cbr_is_conv_bn_relu_returns_its_statistics_and_folds_for_inference():
     evaluated, _, same_mean, _ = F.cbr_forward(x, w, b, g, be, rm, rv, stride=2, training=False)
     assert same_mean is rm
     assert np.allclose(F.cbr_folded_forward(x, w, b, g, be, rm, rv, stride=2), evaluated, atol=1e-12)
+
+
+def test_the_layout_is_a_keyword_checked_by_name_and_the_model_passes_its_own():
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    with pytest.raises(ValueError, match="conv layout must be one of"):
+        F.conv2d_forward(x, w, padding=1, layout="fast")
+    assert F.conv2d_forward(x, w, padding=1, layout="merged")[1].layout == "merged"
+    assert F.conv2d_forward(x, w, padding=1)[1].layout == "flat"  # "auto" on NumPy
+    from hicd_core.model import TinySiamCD
+
+    model = TinySiamCD(widths=(4, 4, 8, 8), conv_layout="batched")
+    _, _, cache = model.forward(x.astype(np.float32), x.astype(np.float32))
+    assert cache.head.layout == "batched" and cache.encoder[0][1].conv.layout == "batched"
+    with pytest.raises(ValueError, match="conv_layout must be one of"):
+        TinySiamCD(conv_layout="fast")
