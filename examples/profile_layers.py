@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hicd_core import backend  # noqa: E402
+from hicd_core import conv_layouts as CL  # noqa: E402
 from hicd_core import functional as F  # noqa: E402
 from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
 
@@ -87,16 +88,16 @@ def flat_backward_one_product(dy, cache, xp, input_grad=True):
     """
     N, C, H, W = cache.x_shape
     k = cache.weight.shape[2]
-    Wp, L, q = F._flat_grid(cache)
-    dyflat = F._flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), cache.padding, xp=xp)  # (O, N, P)
+    Wp, L, q = CL._flat_grid(cache)
+    dyflat = CL._flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), cache.padding, xp=xp)  # (O, N, P)
     dcols = xp.stack([dyflat[:, :, i * Wp + j : i * Wp + j + L] for i in range(k) for j in range(k)], axis=1)
     dcols = xp.reshape(dcols, (-1, N * L))  # (O k k, N L)
     xg = F._contiguous(xp.permute_dims(cache.cols[:, :, q : q + L], (1, 0, 2)), xp=xp)  # (C, N, L)
     g = xp.matmul(dcols, xp.matrix_transpose(xp.reshape(xg, (C, N * L))))  # (O k k, C)
-    dweight = F._unflipped_weight_grad(g, cache.weight.shape, xp=xp)
+    dweight = CL._unflipped_weight_grad(g, cache.weight.shape, xp=xp)
     if not input_grad:
         return None, dweight
-    dxt = xp.reshape(xp.matmul(F._flipped_taps(cache.weight, xp=xp), dcols), (C, N, H, Wp))[..., :W]
+    dxt = xp.reshape(xp.matmul(CL._flipped_taps(cache.weight, xp=xp), dcols), (C, N, H, Wp))[..., :W]
     return F._contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight
 
 
@@ -162,7 +163,7 @@ def main(argv=None):
             row[f"conv_fwd_{layout}"] = t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1, layout=layout))
             row[f"conv_bwd_{layout}"] = t(lambda: F.conv2d_backward(dy, other_cache, input_grad=need_dx))
             if layout == "flat":
-                form = "stride 2, dx by phases" if stride == 2 else "product first" if F._flat_product_first(cin, cout) else "im2col"
+                form = "stride 2, dx by phases" if stride == 2 else "product first" if CL._flat_product_first(cin, cout) else "im2col"
                 row["flat_form"] = f"flat, {form}" if other_cache.layout == "flat" else other_cache.layout
                 if stride == 1 and other_cache.layout == "flat":
                     dx, dw, _ = F.conv2d_backward(dy, other_cache, input_grad=need_dx)

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import reference.layers as ref
+from hicd_core import conv_layouts as CL
 from hicd_core import functional as F
 from tests.conftest import assert_close, to_np, to_xp
 from tests.test_correlation import central_difference, seeds
@@ -283,7 +284,7 @@ def test_flat_halving_conv_matches_reference(xp, monkeypatch, size):
     rng = np.random.default_rng(11)
     H, W = size
     x, w, b = rng.standard_normal((3, 4, H, W)), rng.standard_normal((5, 4, 3, 3)), rng.standard_normal(5)
-    monkeypatch.setattr(F, "FLAT_BLOCK_BYTES", 1)  # one image per block
+    monkeypatch.setattr(CL, "FLAT_BLOCK_BYTES", 1)  # one image per block
     cache = check_conv_against_reference(xp, rng, x, w, b, 2, 1, "flat")
     assert cache.layout == ("flat" if H % 2 == 0 and W % 2 == 0 else "batched")
 
@@ -309,7 +310,7 @@ def test_flat_conv_in_blocks_matches_reference(xp, monkeypatch, block, channels)
     rng = np.random.default_rng(10)
     C, O = channels
     x, w, b = rng.standard_normal((3, C, 5, 6)), rng.standard_normal((O, C, 3, 3)), rng.standard_normal(O)
-    monkeypatch.setattr(F, "_blocks", lambda N, image_bytes, *, xp: [(s, min(s + block, N)) for s in range(0, N, block)])
+    monkeypatch.setattr(CL, "_blocks", lambda N, image_bytes, *, xp: [(s, min(s + block, N)) for s in range(0, N, block)])
     cache = check_conv_against_reference(xp, rng, x, w, b, 1, 1, "flat")
     assert cache.layout == "flat"
     dy = to_xp(xp, rng.standard_normal((3, O, 5, 6)))
@@ -323,10 +324,10 @@ def test_flat_conv_in_blocks_matches_reference(xp, monkeypatch, block, channels)
 def test_flat_blocks_follow_flat_block_bytes(monkeypatch):
     """Blocks hold FLAT_BLOCK_BYTES // bytes-per-image images, at least one, at most the batch."""
     xp = F.array_namespace(np.zeros(1))
-    monkeypatch.setattr(F, "FLAT_BLOCK_BYTES", 1000)
-    assert F._blocks(5, 300, xp=xp) == [(0, 3), (3, 5)]
-    assert F._blocks(5, 4000, xp=xp) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
-    assert F._blocks(5, 10, xp=xp) == [(0, 5)]
+    monkeypatch.setattr(CL, "FLAT_BLOCK_BYTES", 1000)
+    assert CL._blocks(5, 300, xp=xp) == [(0, 3), (3, 5)]
+    assert CL._blocks(5, 4000, xp=xp) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    assert CL._blocks(5, 10, xp=xp) == [(0, 5)]
 
 
 def test_cbr_is_conv_bn_relu_returns_its_statistics_and_folds_for_inference():

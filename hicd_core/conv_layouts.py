@@ -1,0 +1,281 @@
+"""The fast forms of ``functional.conv2d``: the same product laid out for speed, each a forward/backward pair.
+
+``functional.conv2d_forward`` / ``conv2d_backward`` hold the plain im2col convolution (the
+"batched" layout: one im2col per image, col2im for the input gradient), the one a reader
+meets first and the reference the tests hold these to. They call into this module for the
+other layouts of ``functional.CONV_LAYOUTS`` (derivations in docs/MATH.md 7.1-7.2):
+
+* "merged": the batch folded into the pixel axis, one large product per gradient (CuPy's
+  default);
+* "flat", stride 1 ("same" convolutions): windows taken from the padded image with its rows
+  flattened, both gradients from one im2col of ``dy`` (NumPy's default);
+* "flat", stride 2 (3x3, even sizes): the batched forward and weight gradient, the input
+  gradient by output phases instead of a col2im.
+
+Each ``*_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp) -> (y, cols)`` keeps in
+``cols`` what its ``*_backward(dy, cache, input_grad, dbias, *, xp)`` needs;
+``functional.conv2d_forward`` wraps it in the ``ConvCache`` that records the layout.
+"""
+
+from __future__ import annotations
+
+from .backend import device, is_cupy_namespace
+from .functional import ConvCache, _col2im, _contiguous, _im2col, _weight_grad
+
+__all__ = ["FORWARD", "BACKWARD", "merged_forward", "merged_backward", "flat_forward", "flat_backward",
+           "FLAT_BLOCK_BYTES"]
+
+#: "flat" works through the batch in blocks of images whose largest temporary (an im2col
+#: matrix or a stack of per-offset products) is about this many bytes, at least one image
+#: (on the CPU; on CuPy the batch is one block). Measured on a 2-core EPYC VM
+#: (docs/PERFORMANCE.md); tune for other caches.
+FLAT_BLOCK_BYTES = 4 << 20
+
+
+def merged_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
+    """The batch folded into the pixel axis: ``cols (C kh kw, N Ho Wo)``, one product ``W cols``."""
+    N = x.shape[0]
+    O, C, kh, kw = weight.shape
+    cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
+    y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)  # (O, N Ho Wo)
+    if bias is not None:
+        y = y + xp.reshape(bias, (O, 1))
+    return _contiguous(xp.permute_dims(xp.reshape(y, (O, N, Ho, Wo)), (1, 0, 2, 3)), xp=xp), cols
+
+
+def merged_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
+    """``dW = dy^T cols^T`` and ``dx = col2im(W^T dy)`` with the batch in the pixel axis."""
+    N, O, Ho, Wo = dy.shape
+    _, C, kh, kw = cache.weight.shape
+    H, W = cache.x_shape[2:]
+    dyt = xp.reshape(xp.permute_dims(xp.reshape(dy, (N, O, Ho * Wo)), (1, 0, 2)), (O, N * Ho * Wo))
+    dweight = xp.reshape(xp.matmul(dyt, xp.matrix_transpose(cache.cols)), cache.weight.shape)
+    if not input_grad:
+        return None, dweight, dbias
+    dcols = xp.matmul(xp.matrix_transpose(xp.reshape(cache.weight, (O, C * kh * kw))), dyt)  # (C kh kw, N Ho Wo)
+    dxt = _col2im(dcols, (C, N), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp, axis=1)
+    return _contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight, dbias
+
+
+def flat_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
+    """A "same" convolution on the flattened padded image, which is all its backward pass keeps of ``x``."""
+    cols = _flat_padded(x, padding, xp=xp)
+    return _flat_conv(cols, weight, bias, Ho, Wo, x.shape[3] + padding, xp=xp), cols
+
+
+def flat_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
+    """Stride 1: both gradients from one im2col of ``dy``; stride 2 (3x3, even sizes): the batched
+    weight gradient and the input gradient by output phases."""
+    if cache.stride == 1:
+        return _flat_conv_backward(dy, cache, input_grad, dbias, xp=xp)
+    N, O, Ho, Wo = dy.shape
+    dweight = _weight_grad(xp.reshape(dy, (N, O, Ho * Wo)), cache.cols, cache.weight.shape, xp=xp)
+    if not input_grad:
+        return None, dweight, dbias
+    H, W = cache.x_shape[2:]
+    return _halving_input_grad(dy, cache.weight, H, W, xp=xp), dweight, dbias
+
+
+FORWARD = {"merged": merged_forward, "flat": flat_forward}
+BACKWARD = {"merged": merged_backward, "flat": flat_backward}
+
+
+def _flat_padded(x, padding, *, xp):
+    """``x (N, C, H, W)`` zero-padded and flattened with row width ``Wp = W + p``: ``(N, C, P)``.
+
+    Each row holds its ``W`` values and then ``p`` zeros; as the rows run on into each
+    other, the zeros at the end of one row are also the left padding of the next, so
+    only ``p`` of every ``Wp`` output positions are junk (docs/MATH.md 7.2). The array
+    starts ``p`` zeros before the ``p`` top padding rows: ``x[r, c]`` is at
+    ``p + (r + p) Wp + c``, and the window of kernel offset ``(i, j)`` for the output
+    position ``q = y Wp + x`` starts at ``q + i Wp + j``. A spare zero row at the bottom
+    keeps every window inside the buffer. ``P = (H + 2p + 1) Wp + p``.
+    """
+    N, C, H, W = x.shape
+    p = padding
+    Wp, rows = W + p, H + 2 * p + 2  # a row above, whose last p zeros lead the array, and a spare row below
+    buf = xp.zeros((N, C, rows, Wp), dtype=x.dtype, device=device(x))
+    buf[:, :, p + 1 : p + 1 + H, :W] = x
+    return xp.reshape(buf, (N, C, rows * Wp))[:, :, Wp - p :]
+
+
+def _flat_im2col(flat, k, Wp, L, *, xp):
+    """``(N, C, P)`` flattened padded images -> ``(N, C k k, L)``: offset (i, j) starts at ``i Wp + j``."""
+    N, C, _ = flat.shape
+    cols = xp.stack([flat[:, :, i * Wp + j : i * Wp + j + L] for i in range(k) for j in range(k)], axis=2)
+    return xp.reshape(cols, (N, C * k * k, L))
+
+
+def _blocks(N, image_bytes, *, xp):
+    """``(start, stop)`` of the image blocks of "flat": about FLAT_BLOCK_BYTES of temporaries each.
+
+    The blocks are for the CPU's caches; on CuPy the whole batch is one block (small
+    blocks would only mean more, smaller kernel launches).
+    """
+    if is_cupy_namespace(xp):
+        return [(0, N)]
+    b = max(1, min(N, FLAT_BLOCK_BYTES // max(image_bytes, 1)))
+    return [(s, min(s + b, N)) for s in range(0, N, b)]
+
+
+def _flat_product_first(C, O):
+    """Whether a "flat" convolution of ``C`` to ``O`` channels multiplies first (``_flat_conv``)."""
+    return C >= 2 * O
+
+
+def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
+    """The "same" convolution of flattened padded images ``flat (N, C, P)``, cropped: ``(N, O, Ho, Wo)``.
+
+    With at least twice as many input as output channels, the product comes first: one
+    ``(k k O, C) @ (C, P)`` product per image, then the nine offsets' shifted runs of it
+    summed (copies of ``O`` rows instead of an im2col of ``C k k`` rows); otherwise the
+    im2col of 7.2 and one product (docs/MATH.md 7.2).
+    """
+    N, C, P = flat.shape
+    O, _, k, _ = weight.shape
+    L = Ho * Wp
+    itemsize = xp.finfo(flat.dtype).bits // 8
+    product_first = _flat_product_first(C, O)
+    if product_first:
+        wk = xp.reshape(xp.permute_dims(weight, (2, 3, 0, 1)), (k * k * O, C))  # row (i k + j) O + o
+        image_bytes = k * k * O * P * itemsize
+    else:
+        w2 = xp.reshape(weight, (O, C * k * k))
+        image_bytes = C * k * k * L * itemsize
+    blocks = _blocks(N, image_bytes, xp=xp)
+    y = None if len(blocks) == 1 else xp.empty((N, O, Ho, Wo), dtype=flat.dtype, device=device(flat))
+    for s, e in blocks:
+        if product_first:
+            z = xp.reshape(xp.matmul(wk, flat[s:e, ...]), (e - s, k * k, O, P))
+            prod = z[:, 0, :, :L] + z[:, 1, :, 1 : 1 + L]
+            for i in range(k):
+                for j in range(k):
+                    if i * k + j > 1:
+                        prod += z[:, i * k + j, :, i * Wp + j : i * Wp + j + L]
+        else:
+            prod = xp.matmul(w2, _flat_im2col(flat[s:e, ...], k, Wp, L, xp=xp))
+        if y is None:
+            return _flat_unpad(prod, Ho, Wo, Wp, bias, xp=xp)
+        _flat_unpad_into(y, s, e, prod, Wp, bias, xp=xp)
+    return y
+
+
+def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
+    """``(N, O, Ho Wp)`` on the padded-width grid -> contiguous ``(N, O, Ho, Wo)`` (+ bias, in the same pass)."""
+    N, O, _ = y.shape
+    y = xp.reshape(y, (N, O, Ho, Wp))[..., :Wo]
+    if bias is not None:
+        return y + xp.reshape(bias, (O, 1, 1))
+    return _contiguous(y, xp=xp)
+
+
+def _flat_unpad_into(out, s, e, prod, Wp, bias, *, xp):
+    """One block's ``prod (e - s, O, Ho Wp)`` (a fresh array) cropped into ``out[s:e]`` (+ bias).
+
+    Writing each block into the preallocated output saves the copy of a final concatenation.
+    """
+    _, O, Ho, Wo = out.shape
+    if bias is not None:
+        prod += xp.reshape(bias, (O, 1))
+    out[s:e, ...] = xp.reshape(prod, (e - s, O, Ho, Wp))[..., :Wo]
+
+
+def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
+    """``conv2d_backward`` of the "flat" layout (docs/MATH.md 7.2).
+
+    ``dy`` is padded and flattened like ``x``. Its im2col ``dcols`` (``O k k`` rows) gives
+    the input gradient, the "same" convolution of ``dy`` with the flipped kernel, and the
+    weight gradient, ``dcols`` times ``x`` on the padded-width grid with the kernel offsets
+    flipped; only when ``dx`` is not wanted and ``x`` has fewer channels than ``dy`` is the
+    weight gradient taken from the im2col of ``x`` instead.
+    """
+    N, O, Ho, Wo = dy.shape
+    _, C, k, _ = cache.weight.shape
+    H, W = cache.x_shape[2:]
+    Wp, L, q = _flat_grid(cache)
+    itemsize = xp.finfo(dy.dtype).bits // 8
+    dyflat = _flat_padded(dy, cache.padding, xp=xp)
+    if not input_grad and C < O:
+        dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
+        dweight = None
+        for s, e in _blocks(N, C * k * k * L * itemsize, xp=xp):
+            part = _weight_grad(dyg[s:e, ...], _flat_im2col(cache.cols[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape, xp=xp)
+            dweight = part if dweight is None else dweight + part
+        return None, dweight, dbias
+    xg = cache.cols[:, :, q : q + L]  # x on the padded-width grid
+    wt = _flipped_taps(cache.weight, xp=xp)
+    blocks = _blocks(N, O * k * k * L * itemsize, xp=xp)
+    g, dx = None, None
+    if input_grad and len(blocks) > 1:
+        dx = xp.empty(cache.x_shape, dtype=dy.dtype, device=device(dy))
+    for s, e in blocks:
+        dcols = _flat_im2col(dyflat[s:e, ...], k, Wp, L, xp=xp)  # (b, O k k, L)
+        part = xp.sum(xp.matmul(dcols, xp.matrix_transpose(xg[s:e, ...])), axis=0)  # (O k k, C)
+        g = part if g is None else g + part
+        if input_grad and dx is None:  # a single block
+            dx = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp)
+        elif input_grad:
+            _flat_unpad_into(dx, s, e, xp.matmul(wt, dcols), Wp, None, xp=xp)
+    return dx, _unflipped_weight_grad(g, cache.weight.shape, xp=xp), dbias
+
+
+def _flat_grid(cache: ConvCache):
+    """``(Wp, L, q)`` of a stride-1 "flat" convolution: the padded row width, the length of the
+    output on the padded-width grid (``Ho Wp``), and where ``x[0, 0]`` sits in the flattened
+    padded image (``p Wp + p``)."""
+    H, W = cache.x_shape[2:]
+    p = cache.padding
+    Wp = W + p
+    return Wp, H * Wp, p * Wp + p
+
+
+def _flipped_taps(weight, *, xp):
+    """``(C, O k k)``: the kernel flipped in both spatial axes, input channels as rows; times the
+    im2col of ``dy`` it gives the input gradient of a "same" convolution (docs/MATH.md 7.2)."""
+    O, C, k, _ = weight.shape
+    return xp.reshape(xp.permute_dims(xp.flip(weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
+
+
+def _unflipped_weight_grad(g, shape, *, xp):
+    """``g (O k k, C)``, the product of the im2col of ``dy`` with ``x``, as the weight gradient
+    ``(O, C, k, k)``: row ``o k k + (i' k + j')`` belongs to the flipped offset
+    ``(i', j') = (k-1-i, k-1-j)``."""
+    O, C, k, _ = shape
+    return _contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
+
+
+def _halving_input_grad(dy, weight, H, W, *, xp):
+    """``dx`` of a 3x3, stride-2, padding-1 convolution, one output phase at a time (docs/MATH.md 7.2).
+
+    ``dx[c, 2t + a, 2s + b]`` only receives the kernel taps of one parity: phase (0, 0) the
+    centre tap, (1, 0) and (0, 1) two taps, (1, 1) the four corners, each tap reading ``dy``
+    shifted by 0 or 1 row and column. ``dy`` zero-padded by one row and column after its
+    end and flattened (row width ``Wo + 1``) makes every shift a contiguous run; the four
+    shifts stacked in the order (0, 1), (0, 0), (1, 0), (1, 1) give each phase its taps as
+    one contiguous block of rows, so each phase is one product, with no col2im scatter.
+    """
+    N, O, Ho, Wo = dy.shape
+    C = weight.shape[1]
+    Wq = Wo + 1
+    L = Ho * Wq
+    buf = xp.zeros((N, O, Ho + 2, Wq), dtype=dy.dtype, device=device(dy))  # + a spare row
+    buf[:, :, :Ho, :Wo] = dy
+    g = xp.reshape(buf, (N, O, (Ho + 2) * Wq))
+
+    def taps(*ij):  # (C, O * len(ij)): the transposed taps side by side
+        return xp.concat([xp.matrix_transpose(weight[:, :, i, j]) for i, j in ij], axis=1)
+
+    # phase (a, b): its weights and the first row block of dcols it reads (blocks of O rows)
+    phases = [
+        ((0, 0), taps((1, 1)), 1),
+        ((1, 0), taps((2, 1), (0, 1)), 1),
+        ((0, 1), taps((1, 0), (1, 2)), 0),
+        ((1, 1), taps((2, 0), (2, 2), (0, 2), (0, 0)), 0),
+    ]
+    dx = xp.empty((N, C, H, W), dtype=dy.dtype, device=device(dy))
+    for s, e in _blocks(N, 4 * O * L * (xp.finfo(dy.dtype).bits // 8), xp=xp):
+        dcols = xp.concat([g[s:e, :, sy * Wq + sx : sy * Wq + sx + L] for sy, sx in ((0, 1), (0, 0), (1, 0), (1, 1))], axis=1)
+        for (a, b), wm, first in phases:
+            part = xp.matmul(wm, dcols[:, first * O : first * O + wm.shape[1], :])  # (e - s, C, L)
+            dx[s:e, :, a::2, b::2] = xp.reshape(part, (e - s, C, Ho, Wq))[..., :Wo]
+    return dx
