@@ -20,10 +20,11 @@ Each ``*_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp) -> (y, cols)``
 from __future__ import annotations
 
 from .backend import device, is_cupy_namespace
-from .functional import ConvCache, _col2im, _contiguous, _im2col, _weight_grad
+from .functional import ConvCache, col2im, _contiguous, im2col, _weight_grad
 
 __all__ = ["FORWARD", "BACKWARD", "merged_forward", "merged_backward", "flat_forward", "flat_backward",
-           "FLAT_BLOCK_BYTES"]
+           "FLAT_BLOCK_BYTES", "flat_padded", "flat_grid", "flipped_taps", "unflipped_weight_grad",
+           "flat_product_first"]
 
 #: "flat" works through the batch in blocks of images whose largest temporary (an im2col
 #: matrix or a stack of per-offset products) is about this many bytes, at least one image
@@ -36,7 +37,7 @@ def merged_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
     """The batch folded into the pixel axis: ``cols (C kh kw, N Ho Wo)``, one product ``W cols``."""
     N = x.shape[0]
     O, C, kh, kw = weight.shape
-    cols = _im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
+    cols = im2col(xp.permute_dims(x, (1, 0, 2, 3)), kh, kw, stride, padding, Ho, Wo, xp=xp, axis=1)
     y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)  # (O, N Ho Wo)
     if bias is not None:
         y = y + xp.reshape(bias, (O, 1))
@@ -53,13 +54,13 @@ def merged_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     if not input_grad:
         return None, dweight, dbias
     dcols = xp.matmul(xp.matrix_transpose(xp.reshape(cache.weight, (O, C * kh * kw))), dyt)  # (C kh kw, N Ho Wo)
-    dxt = _col2im(dcols, (C, N), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp, axis=1)
+    dxt = col2im(dcols, (C, N), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp, axis=1)
     return _contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight, dbias
 
 
 def flat_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
     """A "same" convolution on the flattened padded image, which is all its backward pass keeps of ``x``."""
-    cols = _flat_padded(x, padding, xp=xp)
+    cols = flat_padded(x, padding, xp=xp)
     return _flat_conv(cols, weight, bias, Ho, Wo, x.shape[3] + padding, xp=xp), cols
 
 
@@ -80,7 +81,7 @@ FORWARD = {"merged": merged_forward, "flat": flat_forward}
 BACKWARD = {"merged": merged_backward, "flat": flat_backward}
 
 
-def _flat_padded(x, padding, *, xp):
+def flat_padded(x, padding, *, xp):
     """``x (N, C, H, W)`` zero-padded and flattened with row width ``Wp = W + p``: ``(N, C, P)``.
 
     Each row holds its ``W`` values and then ``p`` zeros; as the rows run on into each
@@ -118,7 +119,7 @@ def _blocks(N, image_bytes, *, xp):
     return [(s, min(s + b, N)) for s in range(0, N, b)]
 
 
-def _flat_product_first(C, O):
+def flat_product_first(C, O):
     """Whether a "flat" convolution of ``C`` to ``O`` channels multiplies first (``_flat_conv``)."""
     return C >= 2 * O
 
@@ -135,7 +136,7 @@ def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
     O, _, k, _ = weight.shape
     L = Ho * Wp
     itemsize = xp.finfo(flat.dtype).bits // 8
-    product_first = _flat_product_first(C, O)
+    product_first = flat_product_first(C, O)
     if product_first:
         wk = xp.reshape(xp.permute_dims(weight, (2, 3, 0, 1)), (k * k * O, C))  # row (i k + j) O + o
         image_bytes = k * k * O * P * itemsize
@@ -192,9 +193,9 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     N, O, Ho, Wo = dy.shape
     _, C, k, _ = cache.weight.shape
     H, W = cache.x_shape[2:]
-    Wp, L, q = _flat_grid(cache)
+    Wp, L, q = flat_grid(cache)
     itemsize = xp.finfo(dy.dtype).bits // 8
-    dyflat = _flat_padded(dy, cache.padding, xp=xp)
+    dyflat = flat_padded(dy, cache.padding, xp=xp)
     if not input_grad and C < O:
         dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
         dweight = None
@@ -203,7 +204,7 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
             dweight = part if dweight is None else dweight + part
         return None, dweight, dbias
     xg = cache.cols[:, :, q : q + L]  # x on the padded-width grid
-    wt = _flipped_taps(cache.weight, xp=xp)
+    wt = flipped_taps(cache.weight, xp=xp)
     blocks = _blocks(N, O * k * k * L * itemsize, xp=xp)
     g, dx = None, None
     if input_grad and len(blocks) > 1:
@@ -216,10 +217,10 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
             dx = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp)
         elif input_grad:
             _flat_unpad_into(dx, s, e, xp.matmul(wt, dcols), Wp, None, xp=xp)
-    return dx, _unflipped_weight_grad(g, cache.weight.shape, xp=xp), dbias
+    return dx, unflipped_weight_grad(g, cache.weight.shape, xp=xp), dbias
 
 
-def _flat_grid(cache: ConvCache):
+def flat_grid(cache: ConvCache):
     """``(Wp, L, q)`` of a stride-1 "flat" convolution: the padded row width, the length of the
     output on the padded-width grid (``Ho Wp``), and where ``x[0, 0]`` sits in the flattened
     padded image (``p Wp + p``)."""
@@ -229,14 +230,14 @@ def _flat_grid(cache: ConvCache):
     return Wp, H * Wp, p * Wp + p
 
 
-def _flipped_taps(weight, *, xp):
+def flipped_taps(weight, *, xp):
     """``(C, O k k)``: the kernel flipped in both spatial axes, input channels as rows; times the
     im2col of ``dy`` it gives the input gradient of a "same" convolution (docs/MATH.md 7.2)."""
     O, C, k, _ = weight.shape
     return xp.reshape(xp.permute_dims(xp.flip(weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
 
 
-def _unflipped_weight_grad(g, shape, *, xp):
+def unflipped_weight_grad(g, shape, *, xp):
     """``g (O k k, C)``, the product of the im2col of ``dy`` with ``x``, as the weight gradient
     ``(O, C, k, k)``: row ``o k k + (i' k + j')`` belongs to the flipped offset
     ``(i', j') = (k-1-i, k-1-j)``."""

@@ -22,6 +22,9 @@ from .backend import array_namespace, device, is_cupy_namespace
 __all__ = [
     "conv2d_forward",
     "conv2d_backward",
+    "im2col",
+    "col2im",
+    "channel_sum",
     "batchnorm2d_forward",
     "batchnorm2d_backward",
     "relu_forward",
@@ -107,7 +110,7 @@ def _offset(i, j, stride, Ho, Wo):
     return (..., slice(i, i + stride * (Ho - 1) + 1, stride), slice(j, j + stride * (Wo - 1) + 1, stride))
 
 
-def _im2col(x, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
+def im2col(x, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
     """Stack the kh*kw strided windows of the padded last two axes at ``axis``.
 
     With ``x (N, C, H, W)`` and ``axis=2``: ``(N, C*kh*kw, Ho*Wo)`` (batched layout);
@@ -121,8 +124,8 @@ def _im2col(x, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
     return xp.reshape(cols, (A * kh * kw, B * Ho * Wo))
 
 
-def _col2im(dcols, lead_shape, H, W, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
-    """Adjoint of ``_im2col``: scatter-add every kernel offset's window back (docs/MATH.md 7.1)."""
+def col2im(dcols, lead_shape, H, W, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
+    """Adjoint of ``im2col``: scatter-add every kernel offset's window back (docs/MATH.md 7.1)."""
     A, B = lead_shape
     split = (A, B, kh * kw, Ho, Wo) if axis == 2 else (A, kh * kw, B, Ho, Wo)
     dcols = xp.reshape(dcols, split)
@@ -194,7 +197,7 @@ def _batched_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
     if kh == kw == 1 and stride == 1 and padding == 0:
         cols = xp.reshape(x, (N, C, H * W))
     else:
-        cols = _im2col(x, kh, kw, stride, padding, Ho, Wo, xp=xp)
+        cols = im2col(x, kh, kw, stride, padding, Ho, Wo, xp=xp)
     y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)
     if bias is not None:
         y = y + xp.reshape(bias, (O, 1))
@@ -220,7 +223,7 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = cache.weight.shape
     H, W = cache.x_shape[2:]
-    dbias = _channel_sum(dy, xp=xp) if cache.has_bias else None
+    dbias = channel_sum(dy, xp=xp) if cache.has_bias else None
     if cache.layout != "batched":  # the fast forms (hicd_core/conv_layouts.py)
         from . import conv_layouts
 
@@ -234,7 +237,7 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     if kh == kw == 1 and cache.stride == 1 and cache.padding == 0:
         dx = xp.reshape(dcols, cache.x_shape)
     else:
-        dx = _col2im(dcols, (N, C), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp)
+        dx = col2im(dcols, (N, C), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp)
     return dx, dweight, dbias
 
 
@@ -248,7 +251,7 @@ class BatchNormCache(NamedTuple):
     training: bool
 
 
-def _channel_sum(x, *, xp):
+def channel_sum(x, *, xp):
     """Per-channel sum of (N, C, H, W) -> (C,), as a matrix-vector product then a small sum.
 
     Equal to ``xp.sum(x, axis=(0, 2, 3))``; a BLAS / cuBLAS product with a ones
@@ -303,9 +306,9 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         m = x.shape[0] * x.shape[2] * x.shape[3]
         if m < 2:
             raise ValueError(f"batchnorm2d in training needs more than one value per channel, got input {tuple(x.shape)}")
-        mean = _channel_sum(x, xp=xp) * (1.0 / m)
+        mean = channel_sum(x, xp=xp) * (1.0 / m)
         centred = x - xp.reshape(mean, shape)
-        var = _channel_sum(centred * centred, xp=xp) * (1.0 / m)
+        var = channel_sum(centred * centred, xp=xp) * (1.0 / m)
         inv_std = 1.0 / xp.sqrt(var + eps)
         new_mean = running_mean * (1.0 - momentum) + mean * momentum
         new_var = running_var * (1.0 - momentum) + var * (momentum * m / (m - 1))
@@ -330,8 +333,8 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
     C = dy.shape[1]
     shape = (1, C, 1, 1)
     inv_std = xp.reshape(cache.inv_std, (C,))
-    dbeta = _channel_sum(dy, xp=xp)
-    dgamma = _channel_sum(dy * cache.centred, xp=xp) * inv_std
+    dbeta = channel_sum(dy, xp=xp)
+    dgamma = channel_sum(dy * cache.centred, xp=xp) * inv_std
     a = cache.gamma * inv_std
     if not cache.training:
         return dy * xp.reshape(a, shape), dgamma, dbeta

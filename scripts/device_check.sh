@@ -7,7 +7,7 @@
 # packages such a machine lacks: array-api-compat, array-api-strict), runs the
 # CuPy-parametrised tests, then the training-step benchmark (task and hicd modes,
 # batch 16, size 256) against a PyTorch CUDA twin and the hicd_loss benchmark
-# against torch autograd on CUDA, and the per-layer profile (examples/profile_layers.py);
+# against torch autograd on CUDA, and the per-layer profile (benchmarks/profile_layers.py);
 # the step benchmark runs once with the default conv layout and once with "flat". Every figure
 # lands as JSON in OUTDIR, the script's own run time in OUTDIR/wall.txt.
 set -uo pipefail
@@ -44,14 +44,14 @@ tail -n 5 "$OUT/pytest_torch_cuda.txt"
 for layout in auto flat; do
   for mode in task hicd; do
     name=bench_${mode}$([ $layout = auto ] || echo _$layout).json
-    timeout 120 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
+    timeout 120 python3 benchmarks/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 --vs-torch --json \
       --conv-layout $layout > "$OUT/$name" 2>&1 || status=1
     tail -n 1 "$OUT/$name"
   done
 done
-timeout 90 python3 examples/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2>&1 || status=1
+timeout 90 python3 benchmarks/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2>&1 || status=1
 tail -n 1 "$OUT/bench_loss.json"
-timeout 120 python3 examples/profile_layers.py --backend cupy --batch 16 --size 256 --torch > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
+timeout 120 python3 benchmarks/profile_layers.py --backend cupy --batch 16 --size 256 --torch > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
 tail -n 1 "$OUT/profile_cupy.jsonl"
 # the whole pipeline on the GPU: training loop, evaluation, checkpoints, tiled prediction
 timeout 150 python3 examples/train_cd.py --quick --backend cupy --no-progress --out "$OUT/quick_cupy" \

@@ -13,10 +13,10 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider -k cupy tests/test_functiona
 tail -n 3 "$OUT/pytest_cupy.txt"
 for mode in task hicd; do
   for layout in batched merged flat; do
-    timeout 60 python3 examples/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 \
+    timeout 60 python3 benchmarks/bench.py --backend cupy --mode $mode --batch 16 --size 256 --steps 20 \
       --conv-layout $layout --json 2>&1 | tail -n 1 | tee -a "$OUT/bench_layouts.jsonl" || status=1
   done
 done
-timeout 60 python3 examples/profile_layers.py --backend cupy --batch 16 --size 256 > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
+timeout 60 python3 benchmarks/profile_layers.py --backend cupy --batch 16 --size 256 > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
 tail -n 1 "$OUT/profile_cupy.jsonl"
 exit $status

@@ -20,20 +20,20 @@ def run_script(*args):
 
 
 def test_bench_prints_json():
-    line = run_script("examples/bench.py", "--steps", "1", "--batch", "1", "--size", "16", "--mode", "hicd",
+    line = run_script("benchmarks/bench.py", "--steps", "1", "--batch", "1", "--size", "16", "--mode", "hicd",
                       "--json").strip().splitlines()[-1]
     result = json.loads(line)
     assert result["mode"] == "hicd" and result["median_ms"] > 0 and result["peak_mem_mb"] > 0
 
 
 def test_bench_loss_prints_json():
-    result = json.loads(run_script("examples/bench_loss.py", "--batch", "1", "--repeats", "1",
+    result = json.loads(run_script("benchmarks/bench_loss.py", "--batch", "1", "--repeats", "1",
                                    "--no-torch").strip().splitlines()[-1])
     assert result["median_ms"] > 0 and result["loss"] >= 0
 
 
 def test_profile_layers_prints_a_row_per_layer_and_totals():
-    lines = run_script("examples/profile_layers.py", "--batch", "1", "--size", "16").strip().splitlines()
+    lines = run_script("benchmarks/profile_layers.py", "--batch", "1", "--size", "16").strip().splitlines()
     rows = [json.loads(line) for line in lines]
     layers = [row["layer"] for row in rows[:-1]]
     assert layers[0] == "enc1.0" and layers[-1] == "dec1" and len(layers) == 12

@@ -1,8 +1,8 @@
 """Benchmark: one full TinySiamCD training step (forward, backward, optimizer).
 
-    python examples/bench.py --backend numpy --batch 8 --size 64 --steps 20 --mode task --json
-    python examples/bench.py --mode hicd --vs-torch          # also time a PyTorch eager twin
-    python examples/bench.py --mode hicd --profile           # where the time goes
+    python benchmarks/bench.py --backend numpy --batch 8 --size 64 --steps 20 --mode task --json
+    python benchmarks/bench.py --mode hicd --vs-torch          # also time a PyTorch eager twin
+    python benchmarks/bench.py --mode hicd --profile           # where the time goes
 
 ``task``: student forward, BCE, backward, AdamW. ``hicd`` adds the frozen
 teacher's forward on the high-quality pair and ``hicd_loss`` on SPEC section 4's

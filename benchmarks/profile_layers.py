@@ -1,7 +1,7 @@
 """Where a TinySiamCD training step spends its time: each layer kind at the benchmark shapes.
 
-    python examples/profile_layers.py --backend numpy --batch 8 --size 64
-    python examples/profile_layers.py --backend cupy --batch 16 --size 256 --torch
+    python benchmarks/profile_layers.py --backend numpy --batch 8 --size 64
+    python benchmarks/profile_layers.py --backend cupy --batch 16 --size 256 --torch
 
 Times (median ms, device-synchronised) the conv layers' parts in the batched
 layout (im2col, the forward matmul, the weight and input-gradient matmuls,
@@ -62,17 +62,22 @@ def bn_parts(t, y, xp):
     product per image and channel, no squared copy); ``scale_shift``: ``centred s + t``.
     """
     N, C, H, W = y.shape
-    mean = xp.reshape(F._channel_sum(y, xp=xp) * (1.0 / (N * H * W)), (1, C, 1, 1))
+    mean = xp.reshape(F.channel_sum(y, xp=xp) * (1.0 / (N * H * W)), (1, C, 1, 1))
     centred = y - mean
     rows = xp.reshape(centred, (N * C, 1, H * W))
     return {
-        "bn_channel_sum": t(lambda: F._channel_sum(y, xp=xp)),
+        "bn_channel_sum": t(lambda: F.channel_sum(y, xp=xp)),
         "bn_channel_sum_reduce": t(lambda: xp.sum(y, axis=(0, 2, 3))),
         "bn_centre": t(lambda: y - mean),
-        "bn_square_sum": t(lambda: F._channel_sum(centred * centred, xp=xp)),
+        "bn_square_sum": t(lambda: F.channel_sum(centred * centred, xp=xp)),
         "bn_square_sum_dot": t(lambda: xp.sum(xp.reshape(xp.matmul(rows, xp.matrix_transpose(rows)), (N, C)), axis=0)),
         "bn_scale_shift": t(lambda: centred * mean + mean),
     }
+
+
+def _contiguous(a, xp):
+    """A C-ordered copy (a reshape to 1-d must copy, then a free reshape back)."""
+    return xp.reshape(xp.reshape(a, (-1,)), a.shape)
 
 
 def flat_backward_one_product(dy, cache, xp, input_grad=True):
@@ -88,17 +93,17 @@ def flat_backward_one_product(dy, cache, xp, input_grad=True):
     """
     N, C, H, W = cache.x_shape
     k = cache.weight.shape[2]
-    Wp, L, q = CL._flat_grid(cache)
-    dyflat = CL._flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), cache.padding, xp=xp)  # (O, N, P)
+    Wp, L, q = CL.flat_grid(cache)
+    dyflat = CL.flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), cache.padding, xp=xp)  # (O, N, P)
     dcols = xp.stack([dyflat[:, :, i * Wp + j : i * Wp + j + L] for i in range(k) for j in range(k)], axis=1)
     dcols = xp.reshape(dcols, (-1, N * L))  # (O k k, N L)
-    xg = F._contiguous(xp.permute_dims(cache.cols[:, :, q : q + L], (1, 0, 2)), xp=xp)  # (C, N, L)
+    xg = _contiguous(xp.permute_dims(cache.cols[:, :, q : q + L], (1, 0, 2)), xp=xp)  # (C, N, L)
     g = xp.matmul(dcols, xp.matrix_transpose(xp.reshape(xg, (C, N * L))))  # (O k k, C)
-    dweight = CL._unflipped_weight_grad(g, cache.weight.shape, xp=xp)
+    dweight = CL.unflipped_weight_grad(g, cache.weight.shape, xp=xp)
     if not input_grad:
         return None, dweight
-    dxt = xp.reshape(xp.matmul(CL._flipped_taps(cache.weight, xp=xp), dcols), (C, N, H, Wp))[..., :W]
-    return F._contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight
+    dxt = xp.reshape(xp.matmul(CL.flipped_taps(cache.weight, xp=xp), dcols), (C, N, H, Wp))[..., :W]
+    return _contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight
 
 
 def layer_shapes(batch, size, widths=DEFAULT_WIDTHS):
@@ -147,13 +152,13 @@ def main(argv=None):
         dcols = xp.matmul(xp.matrix_transpose(w2), dy2)
         row = {
             "layer": name, "shape": [n, cin, h, w, cout, stride],
-            "im2col": t(lambda: F._im2col(x, 3, 3, stride, 1, Ho, Wo, xp=xp)),
+            "im2col": t(lambda: F.im2col(x, 3, 3, stride, 1, Ho, Wo, xp=xp)),
             "fwd_matmul": t(lambda: xp.matmul(w2, cols)),
             "dW_matmul": t(lambda: xp.sum(xp.matmul(dy2, xp.matrix_transpose(cols)), axis=0)),
             "dW_tensordot": t(lambda: xp.tensordot(dy2, cols, axes=([0, 2], [0, 2]))),
             "dW_splitk": t(lambda: dw_split_k(dy2, cols, xp)),
             "dcols_matmul": t(lambda: xp.matmul(xp.matrix_transpose(w2), dy2)),
-            "col2im": t(lambda: F._col2im(dcols, (n, cin), h, w, 3, 3, stride, 1, Ho, Wo, xp=xp)),
+            "col2im": t(lambda: F.col2im(dcols, (n, cin), h, w, 3, 3, stride, 1, Ho, Wo, xp=xp)),
             "conv_fwd": t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1, layout="batched")),
             "conv_bwd": t(lambda: F.conv2d_backward(dy, cache)),
         }
@@ -163,7 +168,7 @@ def main(argv=None):
             row[f"conv_fwd_{layout}"] = t(lambda: F.conv2d_forward(x, wt, b, stride=stride, padding=1, layout=layout))
             row[f"conv_bwd_{layout}"] = t(lambda: F.conv2d_backward(dy, other_cache, input_grad=need_dx))
             if layout == "flat":
-                form = "stride 2, dx by phases" if stride == 2 else "product first" if CL._flat_product_first(cin, cout) else "im2col"
+                form = "stride 2, dx by phases" if stride == 2 else "product first" if CL.flat_product_first(cin, cout) else "im2col"
                 row["flat_form"] = f"flat, {form}" if other_cache.layout == "flat" else other_cache.layout
                 if stride == 1 and other_cache.layout == "flat":
                     dx, dw, _ = F.conv2d_backward(dy, other_cache, input_grad=need_dx)

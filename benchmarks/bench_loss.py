@@ -7,9 +7,9 @@ installed (it is never a dependency of hicd_core) it also times the same loss
 written with torch autograd on the same device and thread count, checks that the
 two agree, and prints the ratio ``median_ms / torch_median_ms`` (< 1: faster).
 
-    python examples/bench_loss.py                      # NumPy on the CPU
-    python examples/bench_loss.py --backend cupy       # CuPy, torch on CUDA
-    python examples/bench_loss.py --no-torch --repeats 50
+    python benchmarks/bench_loss.py                      # NumPy on the CPU
+    python benchmarks/bench_loss.py --backend cupy       # CuPy, torch on CUDA
+    python benchmarks/bench_loss.py --no-torch --repeats 50
 """
 
 from __future__ import annotations
