@@ -214,8 +214,7 @@ def keep_host_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 3
     padded copies, im2col matrices) every step. By default glibc serves large
     allocations (above a threshold that adapts up to 32 MB) with fresh ``mmap``
     pages and unmaps them on free, so every step pays a page fault per 4 KiB
-    touched: about 10 % of a CPU step at the benchmark's sizes
-    (docs/PERFORMANCE.md). Raising the mmap and trim thresholds lets the heap keep
+    touched (docs/PERFORMANCE.md has the measured cost). Raising the mmap and trim thresholds lets the heap keep
     (at most) the step's peak memory. This changes the whole process's allocator,
     so the library never calls it on its own; the example scripts, the CLI and the
     benchmarks do. Setting the environment variables ``MALLOC_MMAP_THRESHOLD_`` and

@@ -207,8 +207,8 @@ def _batched_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
 def _weight_grad(dy2, cols, shape, *, xp):
     """``sum_n dy2[n] cols[n]^T`` for ``dy2 (N, O, L)``, ``cols (N, K, L)``, reshaped to ``shape``.
 
-    Computed as ``(sum_n cols[n] dy2[n]^T)^T``: OpenBLAS runs the product with the
-    long side (K = C kh kw) as rows 20-90 % faster than with O rows (docs/PERFORMANCE.md).
+    Computed as ``(sum_n cols[n] dy2[n]^T)^T``: OpenBLAS runs the product faster with the
+    long side (K = C kh kw) as rows than with O rows (measured in docs/perf/NOTES.md).
     """
     dwt = xp.sum(xp.matmul(cols, xp.matrix_transpose(dy2)), axis=0)  # (K, O)
     return xp.reshape(xp.matrix_transpose(dwt), shape)
