@@ -1,6 +1,6 @@
 """Train a teacher, a baseline student and a HiCD student; compare them on low-quality test pairs.
 
-    python examples/train_cd.py                       # synthetic data, resolution-x4, ~6-8 min on 2 cores
+    python examples/train_cd.py                       # synthetic data, resolution-x4, minutes on 2 cores
     python examples/train_cd.py --quick               # a smoke run in well under 2 minutes
     python examples/train_cd.py --setting multi --seed 1
     python examples/train_cd.py --data path/to/LEVIR-CD --crop 64
