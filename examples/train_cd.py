@@ -52,6 +52,17 @@ def prediction_panel(models, test_hq, test_lq, n=4, gap=3):
     return image_grid(rows, gap)
 
 
+def verdict(rows):
+    """One line: the HiCD student against the baseline student in this run, and where the multi-seed answer is."""
+    f1 = {r["method"]: r["f1"] for r in rows}
+    if "student HiCD" not in f1 or "student baseline" not in f1:
+        return ""
+    d = f1["student HiCD"] - f1["student baseline"]
+    word = "above" if d > 0 else "below" if d < 0 else "level with"
+    return (f"verdict: the HiCD student is {abs(d):.2f} F1 {word} the baseline student in this run (one seed, "
+            "students from the teacher); across seeds and trained to convergence: docs/RESULTS_CONVERGED.md")
+
+
 def save_png(array, path, scale=1):
     """Write the panel (nearest-neighbour enlarged by ``scale``); skipped with a note without Pillow."""
     if scale != 1:
@@ -92,6 +103,7 @@ def main(argv=None):
     print(f"setting {args.setting}, seed {args.seed}, {result['seconds']:.0f} s "
           f"({platform.processor() or platform.machine()}, backend {args.backend})")
     print(table)
+    print(verdict(result["rows"]))
     write_json(out / "results.json", {"setting": args.setting, "seed": args.seed, "seconds": result["seconds"],
                                       "data": args.data or "synthetic", "rows": result["rows"]})
     save_png(prediction_panel(result["models"], result["test_hq"], result["test_lq"]), out / "predictions.png",

@@ -38,7 +38,7 @@ def test_train_cd_quick_writes_its_files(tmp_path):
     for r in results["rows"]:
         assert set(r) == {"method", "f1", "iou", "precision", "recall", "oa", "kappa"}
     assert (tmp_path / "run" / "predictions.png").stat().st_size > 0
-    assert "| teacher HQ/HQ" in out.stdout
+    assert "| teacher HQ/HQ" in out.stdout and "verdict: the HiCD student is" in out.stdout
     for sub in ("teacher", "student-baseline", "student-hicd"):
         assert (tmp_path / "run" / sub / "best.h5").is_file()
         assert len((tmp_path / "run" / sub / "log.jsonl").read_text().splitlines()) >= 2
