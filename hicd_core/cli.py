@@ -73,11 +73,20 @@ IGNORE_HELP = ("label value of unlabelled pixels in 0/1 masks, excluded from los
 
 
 def build_parser():
-    from .experiment import STUDENTS
-
     parser = OneLineParser(prog="hicd", description="Change detection across image quality by "
                                      "hierarchical correlation distillation (HiCD).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    _train_parser(sub)
+    _eval_parser(sub)
+    _predict_parser(sub)
+    _degrade_parser(sub)
+    _pack_parser(sub)
+    return parser
+
+
+def _train_parser(sub):
+    from .experiment import STUDENTS
 
     t = sub.add_parser("train", help="train a teacher (HQ/HQ) or a student (HQ/LQ)",
                        description="Train a teacher on high-quality pairs or a student on high/low-quality pairs. "
@@ -127,6 +136,8 @@ def build_parser():
     t.add_argument("--no-progress", action="store_true")
     _add_backend(t)
 
+
+def _eval_parser(sub):
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset and setting",
                        description="Print the change metrics (percent) of a checkpoint on a dataset, with t2 "
                        "degraded by --setting (seeded) or untouched.")
@@ -144,6 +155,8 @@ def build_parser():
     e.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
     _add_backend(e)
 
+
+def _predict_parser(sub):
     p = sub.add_parser("predict", help="change map of one image pair of any size",
                        description="Predict the change map of T1 -> T2 with tiled sliding-window inference.")
     p.add_argument("t1")
@@ -157,6 +170,8 @@ def build_parser():
     p.add_argument("--overlap", type=_checked(int, lambda v: v >= 0, "a non-negative integer"), default=32)
     _add_backend(p)
 
+
+def _degrade_parser(sub):
     d = sub.add_parser("degrade", help="build a degraded test set",
                        description="Write a dataset whose t2 is degraded by SETTING (sample i with seed "
                        "[SEED, i]); an .h5 output is an HDF5 pack, anything else an A/B/label folder of PNGs.")
@@ -168,6 +183,8 @@ def build_parser():
     d.add_argument("--seed", type=int, default=54321)
     d.add_argument("-o", "--output", required=True)
 
+
+def _pack_parser(sub):
     k = sub.add_parser("pack", help="pack a dataset folder into one HDF5 file",
                        description="Pack a LEVIR-CD style folder (all images one size) into a chunked uint8 "
                        "HDF5 file for fast random-crop training.")
@@ -177,7 +194,7 @@ def build_parser():
     k.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     k.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
-    return parser
+
 
 
 def _dataset(args, *, n_default=128):
