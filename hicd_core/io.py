@@ -48,9 +48,8 @@ import h5py
 import numpy as np
 
 from .errors import CheckpointError, NonFiniteError, RunLockError
-from .model import TinySiamCD
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "atomic_path", "array_digest", "run_lock", "remove_stale_temps",
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_state", "atomic_path", "array_digest", "run_lock", "remove_stale_temps",
            "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "hicd-checkpoint"
@@ -398,8 +397,33 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{source}: damaged checkpoint ({type(exc).__name__}: {exc})") from None
 
 
+def check_state(state: dict, expected: dict, dtype: str, source: str) -> None:
+    """Check a state's groups, keys, shapes and dtype against a model's (``expected``: group -> name -> array).
+
+    ``state`` is ``{"params": {...}, "buffers": {...}}`` of host arrays (a checkpoint or
+    ``state_dict()``); every difference raises ``CheckpointError`` naming ``source``, the
+    group, the key and what was expected.
+    """
+    for group, current in expected.items():
+        given = state.get(group)
+        if not isinstance(given, dict):
+            raise CheckpointError(f"{source}: missing group {group!r}")
+        missing = sorted(set(current) - set(given))
+        extra = sorted(set(given) - set(current))
+        if missing or extra:
+            raise CheckpointError(f"{source}: {group} keys differ from the model: missing {missing}, unexpected {extra}")
+        for name, arr in current.items():
+            host = given[name]
+            if tuple(host.shape) != tuple(arr.shape):
+                raise CheckpointError(f"{source}: {group}/{name} has shape {tuple(host.shape)}, expected {tuple(arr.shape)}")
+            if str(host.dtype) != dtype:
+                raise CheckpointError(f"{source}: {group}/{name} has dtype {host.dtype}, expected {dtype}")
+
+
 def load_model(path, xp=None):
     """A TinySiamCD rebuilt from a checkpoint file (its widths), ready for evaluation."""
+    from .model import TinySiamCD  # the model imports check_state from here
+
     ck = load_checkpoint(path)
     mc = ck["model_config"]
     if mc.get("arch") != "TinySiamCD":

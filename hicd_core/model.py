@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from . import backend
 from .backend import array_namespace
-from .errors import CheckpointError
+from .io import check_state
 from .functional import (
     CONV_LAYOUTS,
     CBRCache,
@@ -163,23 +163,11 @@ class TinySiamCD:
         }
 
     def load_state_dict(self, state: dict, *, source: str = "state") -> None:
-        """Load host arrays after checking every key, shape and dtype; nothing is changed on error."""
-        new = {}
-        for group, current in (("params", self.params), ("buffers", self.buffers)):
-            given = state.get(group)
-            if not isinstance(given, dict):
-                raise CheckpointError(f"{source}: missing group {group!r}")
-            missing = sorted(set(current) - set(given))
-            extra = sorted(set(given) - set(current))
-            if missing or extra:
-                raise CheckpointError(f"{source}: {group} keys differ from the model: missing {missing}, unexpected {extra}")
-            for name, arr in current.items():
-                host = given[name]
-                if tuple(host.shape) != tuple(arr.shape):
-                    raise CheckpointError(f"{source}: {group}/{name} has shape {tuple(host.shape)}, expected {tuple(arr.shape)}")
-                if str(host.dtype) != self.dtype:
-                    raise CheckpointError(f"{source}: {group}/{name} has dtype {host.dtype}, expected {self.dtype}")
-                new[(group, name)] = backend.from_host(host, self.xp, dtype=self.dtype)
+        """Load host arrays after checking every key, shape and dtype (``io.check_state``); nothing is
+        changed on error."""
+        check_state(state, {"params": self.params, "buffers": self.buffers}, self.dtype, source)
+        new = {(group, name): backend.from_host(state[group][name], self.xp, dtype=self.dtype)
+               for group in ("params", "buffers") for name in getattr(self, group)}
         for (group, name), arr in new.items():
             getattr(self, group)[name] = arr
 
