@@ -3,7 +3,7 @@
 ``functional.conv2d_forward`` / ``conv2d_backward`` hold the plain im2col convolution (the
 "batched" layout: one im2col per image, col2im for the input gradient), the one a reader
 meets first and the reference the tests hold these to. They call into this module for the
-other layouts of ``functional.CONV_LAYOUTS`` (derivations in docs/MATH.md 7.1-7.2):
+other layouts of ``functional.CONV_LAYOUTS`` (derivations in docs/MATH.md 7.1 and docs/KERNELS.md):
 
 * "merged": the batch folded into the pixel axis, one large product per gradient (CuPy's
   default);
@@ -86,7 +86,7 @@ def flat_padded(x, padding, *, xp):
 
     Each row holds its ``W`` values and then ``p`` zeros; as the rows run on into each
     other, the zeros at the end of one row are also the left padding of the next, so
-    only ``p`` of every ``Wp`` output positions are junk (docs/MATH.md 7.2). The array
+    only ``p`` of every ``Wp`` output positions are junk (docs/KERNELS.md). The array
     starts ``p`` zeros before the ``p`` top padding rows: ``x[r, c]`` is at
     ``p + (r + p) Wp + c``, and the window of kernel offset ``(i, j)`` for the output
     position ``q = y Wp + x`` starts at ``q + i Wp + j``. A spare zero row at the bottom
@@ -130,7 +130,7 @@ def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
     With at least twice as many input as output channels, the product comes first: one
     ``(k k O, C) @ (C, P)`` product per image, then the nine offsets' shifted runs of it
     summed (copies of ``O`` rows instead of an im2col of ``C k k`` rows); otherwise the
-    im2col of 7.2 and one product (docs/MATH.md 7.2).
+    im2col of docs/KERNELS.md and one product.
     """
     N, C, P = flat.shape
     O, _, k, _ = weight.shape
@@ -182,7 +182,7 @@ def _flat_unpad_into(out, s, e, prod, Wp, bias, *, xp):
 
 
 def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
-    """``conv2d_backward`` of the "flat" layout (docs/MATH.md 7.2).
+    """``conv2d_backward`` of the "flat" layout (docs/KERNELS.md).
 
     ``dy`` is padded and flattened like ``x``. Its im2col ``dcols`` (``O k k`` rows) gives
     the input gradient, the "same" convolution of ``dy`` with the flipped kernel, and the
@@ -232,7 +232,7 @@ def flat_grid(cache: ConvCache):
 
 def flipped_taps(weight, *, xp):
     """``(C, O k k)``: the kernel flipped in both spatial axes, input channels as rows; times the
-    im2col of ``dy`` it gives the input gradient of a "same" convolution (docs/MATH.md 7.2)."""
+    im2col of ``dy`` it gives the input gradient of a "same" convolution (docs/KERNELS.md)."""
     O, C, k, _ = weight.shape
     return xp.reshape(xp.permute_dims(xp.flip(weight, axis=(2, 3)), (1, 0, 2, 3)), (C, O * k * k))
 
@@ -246,7 +246,7 @@ def unflipped_weight_grad(g, shape, *, xp):
 
 
 def _halving_input_grad(dy, weight, H, W, *, xp):
-    """``dx`` of a 3x3, stride-2, padding-1 convolution, one output phase at a time (docs/MATH.md 7.2).
+    """``dx`` of a 3x3, stride-2, padding-1 convolution, one output phase at a time (docs/KERNELS.md).
 
     ``dx[c, 2t + a, 2s + b]`` only receives the kernel taps of one parity: phase (0, 0) the
     centre tap, (1, 0) and (0, 1) two taps, (1, 1) the four corners, each tap reading ``dy``

@@ -49,7 +49,7 @@ __all__ = [
 #: N Ho Wo)``, one large matmul per product at the cost of a transposed copy of the input,
 #: output and their gradients. "flat": like "batched", but "same" convolutions (stride 1,
 #: odd square kernel, padding (k - 1) / 2) take their windows from the padded image with its
-#: rows flattened, where every window is one contiguous run (docs/MATH.md 7.2); they keep
+#: rows flattened, where every window is one contiguous run (docs/KERNELS.md); they keep
 #: only that padded image for the backward pass, whose weight and input gradients share
 #: one im2col of ``dy``, and they work a few images at a time so that each block's copies
 #: are still in the CPU cache when its products read them; 3x3 stride-2 convolutions of
