@@ -41,12 +41,49 @@ from .functional import (
     upsample2x_forward,
 )
 
-__all__ = ["TinySiamCD", "DEFAULT_WIDTHS", "TAP_NAMES"]
+__all__ = ["TinySiamCD", "DEFAULT_WIDTHS", "TAP_NAMES", "DECODER", "layer_table"]
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
 TAP_NAMES = ("E1", "E2", "E3", "E4", "d1")
 BN_MOMENTUM = 0.1
 BN_EPS = 1e-5
+
+
+def layer_table(widths, in_channels=3):
+    """The network's topology (SPEC section 4): ``{name: (in channels, out channels, stride)}`` of every CBR.
+
+    Encoder stages ``enc{k}.0`` (stride 2 from stage 2 on) and ``enc{k}.1``; decoder layers
+    in ``DECODER`` order. Forward and backward both walk this table and ``DECODER``.
+    """
+    w1, w2, w3, w4 = widths
+    layers = [("enc1.0", in_channels, w1, 1), ("enc1.1", w1, w1, 1)]
+    for k in range(2, 5):
+        layers += [(f"enc{k}.0", widths[k - 2], widths[k - 1], 2), (f"enc{k}.1", widths[k - 1], widths[k - 1], 1)]
+    layers += [("dec4", w4, w3, 1), ("dec3", 2 * w3, w3, 1), ("dec2", w3 + w2, w2, 1), ("dec1", w2 + w1, w1, 1)]
+    return {name: (cin, cout, stride) for name, cin, cout, stride in layers}
+
+
+#: The decoder, in forward order: each layer and the encoder stage whose fusion it takes after
+#: upsampling the layer before it (None: the deepest fusion, directly).
+DECODER = (("dec4", None), ("dec3", 3), ("dec2", 2), ("dec1", 1))
+
+
+def _initial_parameters(layers, widths, rng, xp, dtype):
+    """Kaiming-normal convolutions (fan-in, ReLU gain), zero biases, BatchNorm 1 / 0, running stats 0 / 1."""
+    params, buffers = {}, {}
+    zeros = lambda n: xp.zeros((n,), dtype=getattr(xp, dtype))  # noqa: E731
+    ones = lambda n: xp.ones((n,), dtype=getattr(xp, dtype))  # noqa: E731
+    for name, (cin, cout, _) in layers.items():
+        params[f"{name}.conv.weight"] = backend.normal(rng, (cout, cin, 3, 3), math.sqrt(2.0 / (cin * 9)), xp, dtype=dtype)
+        params[f"{name}.conv.bias"] = zeros(cout)
+        params[f"{name}.bn.weight"] = ones(cout)
+        params[f"{name}.bn.bias"] = zeros(cout)
+        buffers[f"{name}.bn.running_mean"] = zeros(cout)
+        buffers[f"{name}.bn.running_var"] = ones(cout)
+    w1 = widths[0]
+    params["head.weight"] = backend.normal(rng, (1, w1, 1, 1), math.sqrt(1.0 / w1), xp, dtype=dtype)
+    params["head.bias"] = zeros(1)
+    return params, buffers
 
 
 class ForwardCache(NamedTuple):
@@ -103,25 +140,8 @@ class TinySiamCD:
         if conv_layout not in CONV_LAYOUTS:
             raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
         self.conv_layout = conv_layout
-        w1, w2, w3, w4 = widths
-        layers = [("enc1.0", in_channels, w1, 1), ("enc1.1", w1, w1, 1)]
-        for k in range(2, 5):
-            layers += [(f"enc{k}.0", widths[k - 2], widths[k - 1], 2), (f"enc{k}.1", widths[k - 1], widths[k - 1], 1)]
-        layers += [("dec4", w4, w3, 1), ("dec3", 2 * w3, w3, 1), ("dec2", w3 + w2, w2, 1), ("dec1", w2 + w1, w1, 1)]
-        self.layers = {name: (cin, cout, stride) for name, cin, cout, stride in layers}
-        self.params, self.buffers = {}, {}
-        rng = backend.host_rng(seed)
-        xp_ = self.xp
-        for name, (cin, cout, _) in self.layers.items():
-            fan_in = cin * 9
-            self.params[f"{name}.conv.weight"] = backend.normal(rng, (cout, cin, 3, 3), math.sqrt(2.0 / fan_in), xp_, dtype=dtype)
-            self.params[f"{name}.conv.bias"] = xp_.zeros((cout,), dtype=getattr(xp_, dtype))
-            self.params[f"{name}.bn.weight"] = xp_.ones((cout,), dtype=getattr(xp_, dtype))
-            self.params[f"{name}.bn.bias"] = xp_.zeros((cout,), dtype=getattr(xp_, dtype))
-            self.buffers[f"{name}.bn.running_mean"] = xp_.zeros((cout,), dtype=getattr(xp_, dtype))
-            self.buffers[f"{name}.bn.running_var"] = xp_.ones((cout,), dtype=getattr(xp_, dtype))
-        self.params["head.weight"] = backend.normal(rng, (1, w1, 1, 1), math.sqrt(1.0 / w1), xp_, dtype=dtype)
-        self.params["head.bias"] = xp_.zeros((1,), dtype=getattr(xp_, dtype))
+        self.layers = layer_table(widths, self.in_channels)
+        self.params, self.buffers = _initial_parameters(self.layers, widths, backend.host_rng(seed), self.xp, dtype)
         self._set_normalisation(input_mean, input_std)
 
     def _set_normalisation(self, mean, std):
@@ -250,14 +270,14 @@ class TinySiamCD:
                 delta, fc = xp.abs(h[:n, ...] - h[n:, ...]), None
             deltas.append(delta)
             fusion_caches.append(fc)
-        dec = {}
-        d, c = cbr(deltas[3], "dec4")
-        dec["dec4"] = (c, None)
-        for k in (3, 2, 1):
-            up, _ = upsample2x_forward(d)
-            cat, cat_cache = concat_forward([up, deltas[k - 1]])
-            d, c = cbr(cat, f"dec{k}")
-            dec[f"dec{k}"] = (c, cat_cache)
+        dec, d = {}, deltas[3]
+        for name, stage in DECODER:
+            cat_cache = None
+            if stage is not None:
+                up, _ = upsample2x_forward(d)
+                d, cat_cache = concat_forward([up, deltas[stage - 1]])
+            d, c = cbr(d, name)
+            dec[name] = (c, cat_cache)
         logits, head_cache = conv2d_forward(d, self.params["head.weight"], self.params["head.bias"],
                                             layout=self.conv_layout)
         taps = {f"E{k + 1}": (s[:n, ...], s[n:, ...]) for k, s in enumerate(stages)}
@@ -293,12 +313,14 @@ class TinySiamCD:
         if tap_grads.get("d1") is not None:
             dd = dd + tap_grads["d1"]
         ddeltas = [None] * 4
-        for k in (1, 2, 3):
-            cbr_cache, cat_cache = cache.decoder[f"dec{k}"]
-            dcat = self._cbr_backward(dd, cbr_cache, f"dec{k}", grads)
-            dup, ddeltas[k - 1] = concat_backward(dcat, cat_cache)
-            dd = upsample2x_backward(dup)
-        ddeltas[3] = self._cbr_backward(dd, cache.decoder["dec4"][0], "dec4", grads)
+        for name, stage in reversed(DECODER):
+            cbr_cache, cat_cache = cache.decoder[name]
+            dd = self._cbr_backward(dd, cbr_cache, name, grads)
+            if stage is None:
+                ddeltas[3] = dd
+            else:
+                dup, ddeltas[stage - 1] = concat_backward(dd, cat_cache)
+                dd = upsample2x_backward(dup)
         dh, n = None, cache.n
         for k in (4, 3, 2, 1):
             da, db = absdiff_backward(ddeltas[k - 1], cache.fusion[k - 1])
