@@ -50,7 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hicd_core import backend  # noqa: E402
-from hicd_core.data import SETTINGS, FolderDataset, InMemory, Repeat, Subset, load_splits  # noqa: E402
+from hicd_core.data import (  # noqa: E402
+    SETTINGS,
+    FolderDataset,
+    InMemory,
+    Repeat,
+    Subset,
+    load_splits,
+    split_scenes,
+    write_split_lists,
+)
 from hicd_core.errors import HicdError  # noqa: E402
 from hicd_core.experiment import (  # noqa: E402
     PROFILES,
@@ -127,22 +136,6 @@ def named_split(names):
     return None
 
 
-def write_split_lists(names, out, seed, fractions=(0.7, 0.1, 0.2)):
-    """A seeded split of scene names, written as ``out/list/{train,val,test}.txt``; returns the lists."""
-    import numpy as np
-
-    if len(names) < 3:
-        raise HicdError(f"{len(names)} scenes are too few to split into training, validation and test")
-    order = [names[i] for i in np.random.default_rng(seed).permutation(len(names))]
-    n_val = max(1, round(fractions[1] * len(names)))
-    n_test = max(1, round(fractions[2] * len(names)))
-    lists = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-    for part, part_names in lists.items():
-        with atomic_path(Path(out) / "list" / f"{part}.txt") as tmp:
-            tmp.write_text("".join(n + "\n" for n in part_names))
-    return lists
-
-
 def folder_splits(root, prof, *, label_threshold=None, out=None, seed=0):
     """``(train, val, test, description)`` of a real folder: training scenes repeated for random crops."""
     root = Path(root)
@@ -161,7 +154,8 @@ def folder_splits(root, prof, *, label_threshold=None, out=None, seed=0):
             if label_threshold is None:
                 label_threshold = split.get("label_threshold")
         else:
-            parts = write_split_lists(names, out, seed)
+            parts = split_scenes(names, seed=seed)
+            write_split_lists(parts, out, overwrite=True)
             how = f"a seeded split (seed {seed}) written to {Path(out) / 'list'}"
     full = FolderDataset(root, label_threshold=label_threshold)
     index = {n: i for i, n in enumerate(full.names)}

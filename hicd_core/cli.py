@@ -82,6 +82,7 @@ def build_parser():
     _predict_parser(sub)
     _degrade_parser(sub)
     _pack_parser(sub)
+    _split_parser(sub)
     return parser
 
 
@@ -197,6 +198,18 @@ def _pack_parser(sub):
 
 
 
+def _split_parser(sub):
+    s = sub.add_parser("split", help="write train/val/test lists for a dataset folder",
+                       description="Split a dataset folder's samples by scene (seeded) and write list/train.txt, "
+                       "list/val.txt and list/test.txt into it; every later command then uses that split.")
+    s.add_argument("data", help="an A/B/label folder")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fractions", type=_rate, nargs=3, default=[0.7, 0.1, 0.2], metavar=("TRAIN", "VAL", "TEST"))
+    s.add_argument("--scene-pattern", default=None,
+                   help="regex whose first group names a sample's scene (tiles of one scene stay together)")
+    s.add_argument("--force", action="store_true", help="overwrite existing lists")
+
+
 def _dataset(args, *, n_default=128):
     from .data import ArrayDataset, open_dataset, synthetic_pairs
 
@@ -304,7 +317,17 @@ def cmd_pack(args):
     print(json.dumps({"output": args.output, "n": len(ds)}))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "degrade": cmd_degrade, "pack": cmd_pack}
+def cmd_split(args):
+    from .data import FolderDataset, split_scenes, write_split_lists
+
+    names = FolderDataset(args.data).names
+    lists = split_scenes(names, seed=args.seed, fractions=args.fractions, scene_pattern=args.scene_pattern)
+    paths = write_split_lists(lists, args.data, overwrite=args.force)
+    print(json.dumps({part: {"n": len(lists[part]), "list": str(path)} for part, path in paths.items()}))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "degrade": cmd_degrade, "pack": cmd_pack,
+            "split": cmd_split}
 
 
 def main(argv=None) -> int:

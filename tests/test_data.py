@@ -16,6 +16,7 @@ from hicd_core.data import (
     H5Dataset,
     InMemory,
     build_degraded_set,
+    load_splits,
     channel_stats,
     degrade,
     degrade_with_params,
@@ -375,3 +376,36 @@ def test_a_damaged_pack_is_refused_before_hdf5_parses_it(tmp_path):
             H5Dataset(path)
     path.write_bytes(bytes(data))
     assert len(H5Dataset(path)) == 4
+
+
+def test_split_is_seeded_disjoint_and_keeps_the_tiles_of_a_scene_together():
+    from hicd_core.data import split_scenes
+
+    names = [f"scene{s}_{t:04d}" for s in range(10) for t in range(4)]
+    a = split_scenes(names, seed=3, scene_pattern=r"^(scene\d+)_")
+    assert a == split_scenes(list(reversed(names)), seed=3, scene_pattern=r"^(scene\d+)_")  # deterministic
+    assert a != split_scenes(names, seed=4, scene_pattern=r"^(scene\d+)_")
+    assert sorted(sum(a.values(), [])) == sorted(names)
+    scene_of = {part: {n.split("_")[0] for n in part_names} for part, part_names in a.items()}
+    assert not (scene_of["train"] & scene_of["val"] or scene_of["train"] & scene_of["test"]
+                or scene_of["val"] & scene_of["test"])
+    assert [len(scene_of[p]) for p in ("train", "val", "test")] == [7, 1, 2]
+    with pytest.raises(DatasetError, match="too few"):
+        split_scenes(["a_1", "a_2", "b_1"], scene_pattern=r"^(\w)_")
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_scenes(names, fractions=(0.5, 0.1, 0.1))
+
+
+def test_hicd_split_writes_lists_that_training_then_uses(tmp_path, capsys):
+    import json
+
+    from hicd_core.cli import main as cli_main
+
+    root = write_folder(tmp_path / "d", n=6)
+    assert cli_main(["split", str(root), "--seed", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [out[p]["n"] for p in ("train", "val", "test")] == [4, 1, 1]
+    train, val, test = load_splits(root)
+    assert len(train) == 4 and not set(train.names) & (set(val.names) | set(test.names))
+    assert cli_main(["split", str(root)]) == 2 and "exists" in capsys.readouterr().err
+    assert cli_main(["split", str(root), "--force", "--seed", "2"]) == 0

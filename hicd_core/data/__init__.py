@@ -40,6 +40,6 @@ __all__ = [
 ]
 
 from .loader import TrainBatches, iterate_batches  # noqa: E402
-from .splits import Repeat, Subset, load_splits  # noqa: E402
+from .splits import Repeat, Subset, load_splits, split_scenes, write_split_lists  # noqa: E402
 
-__all__ += ["TrainBatches", "iterate_batches", "Subset", "Repeat", "load_splits"]
+__all__ += ["TrainBatches", "iterate_batches", "Subset", "Repeat", "load_splits", "split_scenes", "write_split_lists"]

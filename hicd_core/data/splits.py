@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from ..errors import DatasetError
 from .folder import ArrayDataset, FolderDataset, open_dataset, validate_dataset
 from .synthetic import synthetic_pairs
 
-__all__ = ["load_splits", "Subset", "Repeat"]
+__all__ = ["load_splits", "Subset", "Repeat", "split_scenes", "write_split_lists"]
 
 
 class Subset:
@@ -77,3 +78,49 @@ def load_splits(data=None, *, size=64, n_train=400, n_val=64, n_test=128, seed=0
     n_tr = min(n_tr, n - n_va - 1)
     return (Subset(full, order[:n_tr]), Subset(full, order[n_tr : n_tr + n_va]), Subset(full, order[n_tr + n_va :]))
 
+
+
+def split_scenes(names, *, seed=0, fractions=(0.7, 0.1, 0.2), scene_pattern=None):
+    r"""A seeded split of sample names into ``{"train", "val", "test"}`` lists, by scene.
+
+    ``scene_pattern``: a regular expression whose first group (or whole match) names the
+    scene of a sample (e.g. ``r"^(\w+?_\d+)_"`` for tiles ``test_2_0000_0512`` of scene
+    ``test_2``); tiles of one scene always land in one split. Without it every sample is
+    its own scene. Scenes are shuffled by ``seed``; validation and test get
+    ``round(fraction * scenes)`` scenes each (at least one), training the rest (at least one).
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
+    regex = re.compile(scene_pattern) if scene_pattern else None
+    scenes = {}
+    for name in names:
+        key = name
+        if regex is not None:
+            match = regex.search(name)
+            if match is None:
+                raise DatasetError(f"sample {name!r} does not match the scene pattern {scene_pattern!r}")
+            key = match.group(1) if match.groups() else match.group(0)
+        scenes.setdefault(key, []).append(name)
+    keys = sorted(scenes)
+    if len(keys) < 3:
+        raise DatasetError(f"{len(keys)} scenes are too few to split into training, validation and test")
+    order = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
+    n_test = min(max(1, round(fractions[2] * len(keys))), len(keys) - 2)
+    n_val = min(max(1, round(fractions[1] * len(keys))), len(keys) - n_test - 1)
+    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    return {part: sorted(n for key in part_keys for n in scenes[key]) for part, part_keys in parts.items()}
+
+
+def write_split_lists(lists, folder, *, overwrite=False):
+    """Write ``{"train", "val", "test"}`` name lists as ``folder/list/<part>.txt`` (atomically); returns the paths."""
+    from ..io import atomic_path
+
+    folder = Path(folder)
+    paths = {part: folder / "list" / f"{part}.txt" for part in ("train", "val", "test")}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise DatasetError(f"{existing[0]} exists; remove the old lists or overwrite them on purpose")
+    for part, path in paths.items():
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(name + "\n" for name in lists[part]))
+    return paths
