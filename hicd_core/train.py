@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import backend
@@ -36,6 +36,7 @@ from .optim import SGD, AdamW, make_schedule
 
 __all__ = ["DistillConfig", "TrainConfig", "FitResult", "train_step", "fit", "load_model", "default_windows", "METHODS",
            "DISTILL_METHODS", "distillation_loss"]
+
 
 def default_windows(size: int):
     """Windows of the default taps (E2, E3, E4) and of d1 for a square input of side ``size``.
@@ -411,7 +412,7 @@ def _restore(run: _Run, resume: bool) -> None:
                          "resume it (--resume) or choose another output folder")
     if resume and last_path.exists():
         ck = load_checkpoint(last_path)
-        if ck["config"] != run.cfg.to_dict():
+        if not _same_config(ck["config"], run.cfg.to_dict()):
             raise ValueError(f"{last_path}: the checkpoint was written by a different configuration; "
                              "use another --out folder or the same options")
         run.model.load_state_dict(ck, source=str(last_path))
@@ -496,6 +497,15 @@ def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log
         if on_epoch is not None:
             on_epoch(record)
     return FitResult(run.model, run.history, run.best, out_dir)
+
+
+def _same_config(saved: dict, current: dict) -> bool:
+    """Whether a checkpoint's configuration is the current one; a field the checkpoint does not
+    know (written before the field existed) counts as equal when the current value is its default,
+    so that runs of an older release still resume."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k in current and k not in saved}, **saved}
+    return saved == current
 
 
 def _base_dataset(dataset):

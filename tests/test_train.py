@@ -386,3 +386,13 @@ def test_a_distillation_method_is_added_in_one_place(monkeypatch):
     assert calls and "distill/zero" in terms
     with pytest.raises(ValueError, match="unknown student method 'nope'"):
         DistillConfig(method="nope")
+
+
+def test_a_run_of_an_older_release_resumes_when_new_fields_keep_their_defaults(tmp_path):
+    from hicd_core.train import _same_config
+
+    cfg = TrainConfig(role="teacher", epochs=1, batch_size=8)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("pos_weight", "normalize", "patience")}
+    assert _same_config(old, cfg.to_dict())
+    assert not _same_config(old, TrainConfig(role="teacher", epochs=1, batch_size=8, patience=3).to_dict())
+    assert not _same_config({**old, "lr": 1.0}, cfg.to_dict())
