@@ -64,17 +64,30 @@ def _pil():
     return Image
 
 
+_MODES = ("L", "P", "LA", "RGBA", "RGB", "1")  # 8-bit grayscale or RGB (alpha dropped)
+
+
+def _check_mode(path, mode):
+    if mode not in _MODES:
+        raise DatasetError(f"{path}: unsupported image mode {mode!r} (expected 8-bit RGB or grayscale)")
+
+
+def _check_sizes(a_path, b_path, l_path, a_size, b_size, label_size):
+    """The two dates and the label of a sample must have one size ``(H, W)``."""
+    if b_size != a_size:
+        raise DatasetError(f"{b_path}: size {b_size} differs from {a_path} {a_size}")
+    if label_size != a_size:
+        raise DatasetError(f"{l_path}: size {label_size} differs from {a_path} {a_size}")
+
+
 def read_image(path: Path) -> np.ndarray:
     """An RGB image file as float32 (3, H, W) in [0, 1]; grayscale is repeated to 3 channels."""
     Image = _pil()
     try:
         with Image.open(path) as im:
             im.load()
-            mode = im.mode
-            if mode in ("L", "P", "LA", "RGBA", "RGB", "1"):
-                arr = np.asarray(im.convert("RGB"))
-            else:
-                raise DatasetError(f"{path}: unsupported image mode {mode!r} (expected 8-bit RGB or grayscale)")
+            _check_mode(path, im.mode)
+            arr = np.asarray(im.convert("RGB"))
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
@@ -187,10 +200,7 @@ class FolderDataset:
         a_path, b_path, l_path = self._paths[i]
         t1, t2 = read_image(a_path), read_image(b_path)
         label = read_label(l_path, self.ignore_value, self.label_threshold)
-        if t1.shape != t2.shape:
-            raise DatasetError(f"{b_path}: size {t2.shape[1:]} differs from {a_path} {t1.shape[1:]}")
-        if label.shape != t1.shape[1:]:
-            raise DatasetError(f"{l_path}: size {label.shape} differs from {a_path} {t1.shape[1:]}")
+        _check_sizes(a_path, b_path, l_path, t1.shape[1:], t2.shape[1:], label.shape)
         return t1, t2, label
 
     def validate(self, indices=None, *, progress=False):
@@ -207,20 +217,16 @@ class FolderDataset:
         for i in indices:
             a_path, b_path, l_path = self._paths[i]
             sizes = []
-            for path in (a_path, b_path):
+            for path in (a_path, b_path):  # the header only: mode and size, no decoding
                 try:
                     with Image.open(path) as im:
-                        mode, size = im.mode, im.size
+                        mode, (width, height) = im.mode, im.size
                 except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
                     raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
-                if mode not in ("L", "P", "LA", "RGBA", "RGB", "1"):
-                    raise DatasetError(f"{path}: unsupported image mode {mode!r} (expected 8-bit RGB or grayscale)")
-                sizes.append(size)
-            if sizes[0] != sizes[1]:
-                raise DatasetError(f"{b_path}: size {sizes[1][::-1]} differs from {a_path} {sizes[0][::-1]}")
+                _check_mode(path, mode)
+                sizes.append((height, width))
             label = read_label(l_path, self.ignore_value, self.label_threshold)
-            if label.shape != sizes[0][::-1]:
-                raise DatasetError(f"{l_path}: size {label.shape} differs from {a_path} {sizes[0][::-1]}")
+            _check_sizes(a_path, b_path, l_path, sizes[0], sizes[1], label.shape)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
