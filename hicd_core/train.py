@@ -33,6 +33,7 @@ from .io import atomic_path, load_checkpoint, load_model, remove_stale_temps, ru
 from .metrics import METRIC_KEYS
 from .model import TinySiamCD
 from .optim import SGD, AdamW, make_schedule
+from .progress import Progress
 
 __all__ = ["DistillConfig", "TrainConfig", "FitResult", "train_step", "fit", "load_model", "default_windows", "METHODS",
            "DISTILL_METHODS", "distillation_loss"]
@@ -294,30 +295,6 @@ def _make_optimizer(cfg, params):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or sgd")
 
 
-class _Progress:
-    """tqdm when it is installed and wanted, otherwise nothing; shows loss terms and pairs/s."""
-
-    def __init__(self, total, desc, enabled):
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-    def update(self, n, postfix=None):
-        if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None, resume=False,
         progress=True, log_every=10, on_epoch=None) -> FitResult:
     """Train a teacher or a student; write ``last.h5``, ``best.h5`` and ``log.jsonl`` into ``out_dir``.
@@ -428,7 +405,7 @@ def _restore(run: _Run, resume: bool) -> None:
 def _train_epoch(run: _Run, progress, log_every):
     """One pass over the training batches; returns the summed loss terms, the step count and the seconds."""
     cfg, xp, student = run.cfg, run.xp, run.cfg.role == "student"
-    bar = _Progress(len(run.batches), f"{cfg.role} epoch {run.epoch + 1}/{cfg.epochs}", progress)
+    bar = Progress(len(run.batches), f"{cfg.role} epoch {run.epoch + 1}/{cfg.epochs}", progress)
     sums, count, started = {}, 0, time.perf_counter()
     for x1, x2_hq, x2_lq, label in run.batches.epoch():
         x1_d, hq_d, label_d = (backend.from_host(a, xp) for a in (x1, x2_hq, label))

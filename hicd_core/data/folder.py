@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..io import atomic_path
+from ..progress import Progress
 from .degradations import degrade
 
 __all__ = [
@@ -213,7 +214,7 @@ class FolderDataset:
         """
         Image = _pil()
         indices = range(len(self)) if indices is None else indices
-        bar = _bar(len(indices), f"checking {self.root}", progress)
+        bar = Progress(len(indices), f"checking {self.root}", progress)
         for i in indices:
             a_path, b_path, l_path = self._paths[i]
             sizes = []
@@ -227,21 +228,9 @@ class FolderDataset:
                 sizes.append((height, width))
             label = read_label(l_path, self.ignore_value, self.label_threshold)
             _check_sizes(a_path, b_path, l_path, sizes[0], sizes[1], label.shape)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+        bar.close()
         return len(indices)
-
-
-def _bar(total, desc, enabled):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
 
 
 def validate_dataset(dataset, *, progress=False):
