@@ -1,6 +1,9 @@
 """Image-quality degradations and the quality-difference settings of SPEC section 5.
 
-Images are float32 ``(3, H, W)`` in [0, 1]. Each primitive is a pure function of
+Images are float32 ``(C, H, W)`` in [0, 1]: RGB (C = 3) or any number of bands.
+Every primitive acts band by band, with one draw of parameters for all bands;
+JPEG codes an RGB image in YCbCr (as an encoder does) and any other band count one
+band at a time, each as a grayscale JPEG with the luma table. Each primitive is a pure function of
 (image, parameters); each *setting* is a pure function of (image, setting,
 seed): ``degrade(image, setting, seed)`` draws its parameters from
 ``numpy.random.default_rng(seed)``, so the same seed gives the same low-quality
@@ -53,8 +56,8 @@ _CHAIN = ("blur", "resize", "noise", "jpeg")
 
 def _check_image(image, name="image"):
     image = np.asarray(image)
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"{name} must have shape (3, H, W), got {image.shape}")
+    if image.ndim != 3 or image.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (C, H, W) (C bands, 3 for RGB), got {image.shape}")
     return image.astype(np.float32, copy=False)
 
 
@@ -150,25 +153,32 @@ def jpeg(image, quality: int, engine: str = "dct"):
         return _jpeg_pillow(pixels, quality)
     if engine != "dct":
         raise ValueError(f"unknown jpeg engine {engine!r}; choose 'dct' or 'pillow'")
-    C, H, W = pixels.shape
+    if pixels.shape[0] != 3:  # multispectral: every band coded alone, as a grayscale JPEG would be
+        return _clip(np.round(np.clip(_dct_quantise(pixels - 128.0, [_Q_LUMA] * len(pixels), quality) + 128.0,
+                                      0, 255)) / 255.0)
     r, g, b = pixels
     ycc = np.stack([
         0.299 * r + 0.587 * g + 0.114 * b,
         -0.168736 * r - 0.331264 * g + 0.5 * b + 128.0,
         0.5 * r - 0.418688 * g - 0.081312 * b + 128.0,
     ]) - 128.0
-    Hp, Wp = math.ceil(H / 8) * 8, math.ceil(W / 8) * 8
-    ycc = np.pad(ycc, ((0, 0), (0, Hp - H), (0, Wp - W)), mode="edge")
-    blocks = ycc.reshape(3, Hp // 8, 8, Wp // 8, 8).transpose(0, 1, 3, 2, 4)
-    coef = fft.dctn(blocks, type=2, axes=(-2, -1), norm="ortho")
-    tables = np.stack([_quality_table(_Q_LUMA, quality), *[_quality_table(_Q_CHROMA, quality)] * 2])
-    tables = tables[:, None, None]
-    coef = np.round(coef / tables) * tables
-    rec = fft.idctn(coef, type=2, axes=(-2, -1), norm="ortho")
-    rec = rec.transpose(0, 1, 3, 2, 4).reshape(3, Hp, Wp)[:, :H, :W] + 128.0
+    rec = _dct_quantise(ycc, [_Q_LUMA, _Q_CHROMA, _Q_CHROMA], quality) + 128.0
     y, cb, cr = rec[0], rec[1] - 128.0, rec[2] - 128.0
     rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb])
     return _clip(np.round(np.clip(rgb, 0, 255)) / 255.0)
+
+
+def _dct_quantise(planes, bases, quality):
+    """8x8 block DCT of each plane (edge-padded), quantised with its IJG table at ``quality``, inverted."""
+    C, H, W = planes.shape
+    Hp, Wp = math.ceil(H / 8) * 8, math.ceil(W / 8) * 8
+    planes = np.pad(planes, ((0, 0), (0, Hp - H), (0, Wp - W)), mode="edge")
+    blocks = planes.reshape(C, Hp // 8, 8, Wp // 8, 8).transpose(0, 1, 3, 2, 4)
+    coef = fft.dctn(blocks, type=2, axes=(-2, -1), norm="ortho")
+    tables = np.stack([_quality_table(base, quality) for base in bases])[:, None, None]
+    coef = np.round(coef / tables) * tables
+    rec = fft.idctn(coef, type=2, axes=(-2, -1), norm="ortho")
+    return rec.transpose(0, 1, 3, 2, 4).reshape(C, Hp, Wp)[:, :H, :W]
 
 
 def _jpeg_pillow(pixels, quality):
@@ -178,10 +188,16 @@ def _jpeg_pillow(pixels, quality):
         raise ImportError("jpeg(engine='pillow') needs Pillow: pip install hicd[io]") from None
     import io as _io
 
-    buf = _io.BytesIO()
-    Image.fromarray(pixels.transpose(1, 2, 0).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    out = np.asarray(Image.open(buf).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    def code(array, mode):
+        buf = _io.BytesIO()
+        Image.fromarray(array.astype(np.uint8), mode=None).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        return np.asarray(Image.open(buf).convert(mode), dtype=np.float32)
+
+    if pixels.shape[0] == 3:
+        out = code(pixels.transpose(1, 2, 0), "RGB").transpose(2, 0, 1) / 255.0
+    else:  # multispectral: one grayscale JPEG per band
+        out = np.stack([code(band, "L") for band in pixels]) / 255.0
     return _clip(out)
 
 
@@ -260,7 +276,7 @@ def degrade_with_params(image, setting: str, seed):
 
 
 def degrade(image, setting: str, seed):
-    """Degrade one ``(3, H, W)`` float32 image in [0, 1] by a named setting; same shape and dtype.
+    """Degrade one ``(C, H, W)`` float32 image in [0, 1] by a named setting; same shape and dtype.
 
     A pure function of ``(image, setting, seed)``; see the module docstring for
     the settings and their parameter ranges.
