@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import backend
 from .functional import sigmoid
 from .data.loader import iterate_batches
 from .metrics import ConfusionMatrix
 
-__all__ = ["evaluate", "predict_probability"]
+__all__ = ["evaluate", "predict_probability", "stream_probability"]
 
 
 def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None):
@@ -88,6 +90,78 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32):
             acc[y : y + tile, x : x + tile] += logits * weight_tile
             norm[y : y + tile, x : x + tile] += weight_tile
     return sigmoid(acc[:H, :W] / norm[:H, :W])
+
+
+def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
+    """``predict_probability`` read and returned by rows, in memory bounded by the tile.
+
+    Yields ``(row0, rows)``: host float32 probabilities ``rows`` of shape ``(n, W)``
+    for scene rows ``row0 .. row0 + n``, top to bottom, each row exactly once. The
+    windows, padding and blending are those of ``predict_probability`` (the two agree
+    to float32 rounding); only the rows a later window can still touch are held, two
+    ``tile x W`` float buffers, and each window is read from its source when needed.
+
+    Parameters
+    ----------
+    model : TinySiamCD
+    t1, t2 : sources with ``count, height, width`` and ``read(y0, y1, x0, x1) -> (C, h, w)``
+        (``raster.ArraySource``, ``raster.RasterSource``), or ``(C, H, W)`` arrays.
+    tile, overlap : as in ``predict_probability``.
+    progress : bool
+        A tqdm bar over the windows (when tqdm is installed).
+    """
+    from .progress import Progress
+    from .raster import ArraySource
+
+    xp = model.xp
+    if tile % 8 or tile < 8:
+        raise ValueError(f"tile must be a positive multiple of 8, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, tile), got {overlap}")
+    t1 = t1 if hasattr(t1, "read") else ArraySource(backend.to_host(t1), name="t1")
+    t2 = t2 if hasattr(t2, "read") else ArraySource(backend.to_host(t2), name="t2")
+    for name, src in (("t1", t1), ("t2", t2)):
+        if src.count != model.in_channels:
+            raise ValueError(f"{getattr(src, 'name', name)}: {src.count} band(s), but the model takes "
+                             f"{model.in_channels} input channel(s) (choose bands with --bands)")
+    if (t1.height, t1.width) != (t2.height, t2.width):
+        raise ValueError(f"t1 and t2 differ in size: {t1.height}x{t1.width} and {t2.height}x{t2.width}")
+    H, W = t1.height, t1.width
+    Hp, Wp = max(tile, math.ceil(H / 8) * 8), max(tile, math.ceil(W / 8) * 8)
+    ramp = _ramp(tile, overlap, xp=xp, dtype=model.dtype)
+    weight_tile = ramp[:, None] * ramp[None, :]
+    stride = tile - overlap
+    ys, xs = _starts(Hp, tile, stride), _starts(Wp, tile, stride)
+    bar = Progress(len(ys) * len(xs), "predicting", progress)
+    lo = 0  # scene row of the buffers' first row
+    acc = xp.zeros((0, Wp), dtype=model.dtype)
+    norm = xp.zeros((0, Wp), dtype=model.dtype)
+    try:
+        for k, y in enumerate(ys):
+            grow = y + tile - lo - acc.shape[0]
+            if grow > 0:
+                acc = xp.concat([acc, xp.zeros((grow, Wp), dtype=model.dtype)])
+                norm = xp.concat([norm, xp.zeros((grow, Wp), dtype=model.dtype)])
+            for x in xs:
+                pair = xp.stack([_read_window(src, y, x, tile, H, W, xp=xp, dtype=model.dtype) for src in (t1, t2)])
+                logits = model.predict_logits(pair[0:1, ...], pair[1:2, ...])[0, 0, ...]
+                acc[y - lo : y - lo + tile, x : x + tile] += logits * weight_tile
+                norm[y - lo : y - lo + tile, x : x + tile] += weight_tile
+                bar.update(1)
+            done = min(ys[k + 1] if k + 1 < len(ys) else Hp, H)  # rows no later window touches
+            if done > lo:
+                n = done - lo
+                yield lo, backend.to_host(sigmoid(acc[:n, :W] / norm[:n, :W]))
+                acc, norm, lo = acc[n:], norm[n:], done
+    finally:
+        bar.close()
+
+
+def _read_window(src, y, x, tile, H, W, *, xp, dtype):
+    """The ``tile x tile`` window at ``(y, x)``, its part beyond the scene filled by replicating the border."""
+    window = backend.from_host(np.ascontiguousarray(src.read(y, min(y + tile, H), x, min(x + tile, W))), xp,
+                               dtype=dtype)
+    return _pad_edge(window, tile, tile, xp=xp)
 
 
 def _ramp(tile, overlap, *, xp, dtype):
