@@ -223,7 +223,10 @@ class TrainConfig:
     change pixel; ``patience`` stops training once validation F1 has not improved
     for that many epochs (``epochs`` is then the maximum budget; the learning-rate
     schedule spans the whole budget); ``eval_tile`` predicts validation scenes
-    larger than it tile by tile.
+    larger than it tile by tile. ``bands`` records the 1-based image bands the data
+    were read with (multispectral TIFFs; None: all); ``hicd predict`` and ``hicd eval``
+    read the same bands by default. The model's input channels are those of the
+    training images.
     """
 
     role: str = "teacher"
@@ -244,6 +247,7 @@ class TrainConfig:
     change_crop_rate: float = 0.0
     patience: int | None = None
     eval_tile: int | None = None
+    bands: tuple | None = None
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
     student_init: str = "teacher"
@@ -254,6 +258,8 @@ class TrainConfig:
         if isinstance(self.distill, dict):
             self.distill = DistillConfig(**self.distill)
         self.widths = tuple(self.widths)
+        if self.bands is not None:
+            self.bands = tuple(int(b) for b in self.bands)
         if self.role not in ("teacher", "student"):
             raise ValueError(f"role must be 'teacher' or 'student', got {self.role!r}")
         if self.role == "student" and self.setting is None:
@@ -274,6 +280,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"] = list(self.widths)
+        d["bands"] = None if self.bands is None else list(self.bands)
         d["distill"]["taps"] = list(self.distill.taps)
         d["distill"]["windows"] = list(self.distill.windows)
         return d
@@ -366,8 +373,12 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher) -> _Run:
     if needs_teacher and teacher is None:
         raise ValueError("this student configuration needs a trained teacher")
     from_teacher = needs_teacher and cfg.student_init == "teacher"
+    in_channels = _band_count(train_set)
+    if teacher is not None and teacher.in_channels != in_channels:
+        raise ValueError(f"the teacher takes {teacher.in_channels} input band(s) but the training images have "
+                         f"{in_channels}")
     mean, std = _normalisation(cfg, train_set, teacher if from_teacher else None)
-    model = TinySiamCD(cfg.widths, xp=xp, seed=cfg.seed, input_mean=mean, input_std=std)
+    model = TinySiamCD(cfg.widths, in_channels, xp=xp, seed=cfg.seed, input_mean=mean, input_std=std)
     if from_teacher:
         model.load_state_dict(teacher.state_dict(), source="teacher")
     rng = backend.host_rng(cfg.seed)
@@ -489,6 +500,13 @@ def _base_dataset(dataset):
     """The distinct samples behind ``Repeat`` (statistics need each scene once)."""
     inner = getattr(dataset, "dataset", None)
     return _base_dataset(inner) if inner is not None and hasattr(dataset, "times") else dataset
+
+
+def _band_count(train_set) -> int:
+    """Input bands of the model: those of the first training sample (a dataset checks that all agree)."""
+    if len(train_set) == 0:
+        raise ValueError("the training set is empty")
+    return int(train_set[0][0].shape[0])
 
 
 def _normalisation(cfg, train_set, teacher):

@@ -2,9 +2,9 @@
 
 Folder layout::
 
-    root/A/<name>.png       t1 images (PNG, JPG or TIFF; RGB, 8 bits per channel)
-    root/B/<name>.png       t2 images, same names and sizes
-    root/label/<name>.png   change labels: 0/255 or 0/1 (1 or 255 = change)
+    root/A/<name>.png       t1 images (PNG, JPG: RGB, 8 bits per channel; GeoTIFF: any bands)
+    root/B/<name>.png       t2 images, same names, sizes and band counts
+    root/label/<name>.png   change labels: 0/255 or 0/1 (1 or 255 = change), single band
     root/list/train.txt     optional: one name per line (with or without extension)
 
 Labels are returned as uint8 {0, 1}; with ``ignore_value`` set (BANDON marks
@@ -13,10 +13,13 @@ unlabelled pixels with 255), labels are read as 0 = no change, 1 = change and
 that the losses and metrics can exclude it. Grayscale images are converted to RGB
 by repeating the channel (documented conversion); RGBA drops alpha; any other
 mode, a missing counterpart, mismatched sizes or unexpected label values raise
-``DatasetError`` naming the file.
+``DatasetError`` naming the file. TIFFs (``.tif``/``.tiff``) are read through
+rasterio when it is installed (the ``geo`` extra): every band as stored, integer
+types scaled by their maximum (``hicd_core.raster``), a chosen subset with
+``bands``; without rasterio, Pillow reads 8-bit RGB TIFFs as before.
 
-Samples follow ``synthetic_pairs``' conventions: ``t1, t2`` float32 (3, H, W) in
-[0, 1], ``label`` uint8 (H, W).
+Samples follow ``synthetic_pairs``' conventions: ``t1, t2`` float32 (C, H, W) (C = 3 for
+RGB) in [0, 1], ``label`` uint8 (H, W).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..io import atomic_path
 from ..progress import Progress
+from ..raster import GEOTIFF_SUFFIXES, select_bands
 from .degradations import degrade
 
 __all__ = [
@@ -81,8 +85,35 @@ def _check_sizes(a_path, b_path, l_path, a_size, b_size, label_size):
         raise DatasetError(f"{l_path}: size {label_size} differs from {a_path} {a_size}")
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An RGB image file as float32 (3, H, W) in [0, 1]; grayscale is repeated to 3 channels."""
+def _rasterio_reads(path) -> bool:
+    """True for a TIFF when rasterio is installed: it is then read band by band, as stored."""
+    if Path(path).suffix.lower() not in GEOTIFF_SUFFIXES:
+        return False
+    try:
+        import rasterio  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _tiff_hint(path):
+    if Path(path).suffix.lower() in GEOTIFF_SUFFIXES:
+        return "; multi-band or non-8-bit TIFFs need rasterio: pip install 'hicd[geo]'"
+    return ""
+
+
+def read_image(path: Path, bands=None) -> np.ndarray:
+    """An image file as float32 ``(C, H, W)``: RGB in [0, 1], or a TIFF's bands.
+
+    PNG, JPEG, BMP (and TIFF without rasterio) are read with Pillow as RGB;
+    grayscale is repeated to 3 channels. TIFFs, when rasterio is installed, are read
+    band by band as stored (integers scaled by their type's maximum, see
+    ``hicd_core.raster``). ``bands``: 1-based band indices to keep, in order.
+    """
+    if _rasterio_reads(path):
+        from ..raster import read_raster
+
+        return read_raster(path, bands)
     Image = _pil()
     try:
         with Image.open(path) as im:
@@ -92,8 +123,25 @@ def read_image(path: Path) -> np.ndarray:
     except DatasetError:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
-        raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+        raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc}){_tiff_hint(path)}") from None
+    image = np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    return select_bands(image, bands, name=str(path))
+
+
+def _image_header(path, Image):
+    """``(bands, (H, W))`` of an image file without decoding it (bands as ``read_image`` returns them)."""
+    if _rasterio_reads(path):
+        from ..raster import raster_shape
+
+        count, height, width = raster_shape(path)
+        return count, (height, width)
+    try:
+        with Image.open(path) as im:
+            mode, (width, height) = im.mode, im.size
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
+        raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc}){_tiff_hint(path)}") from None
+    _check_mode(path, mode)
+    return 3, (height, width)
 
 
 def read_label(path: Path, ignore_value: int | None = None, threshold: int | None = None) -> np.ndarray:
@@ -103,13 +151,18 @@ def read_label(path: Path, ignore_value: int | None = None, threshold: int | Non
     anti-aliased grey pixels, e.g. 128); without it, values other than 0/1 or 0/255
     raise ``DatasetError``.
     """
-    Image = _pil()
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im)
-    except Exception as exc:  # noqa: BLE001
-        raise DatasetError(f"{path}: cannot read label ({type(exc).__name__}: {exc})") from None
+    if _rasterio_reads(path):
+        from ..raster import read_raster_label
+
+        arr = read_raster_label(path)
+    else:
+        Image = _pil()
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im)
+        except Exception as exc:  # noqa: BLE001
+            raise DatasetError(f"{path}: cannot read label ({type(exc).__name__}: {exc})") from None
     if arr.ndim == 3:
         if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(arr.shape[2], 3))):
             raise DatasetError(f"{path}: label has {arr.shape[2]} differing channels; expected a single-channel mask")
@@ -151,6 +204,10 @@ class FolderDataset:
         Label value marking unlabelled pixels (passed through, see module docs).
     label_threshold : int, optional
         Binarise labels as ``value >= label_threshold`` (masks with grey pixels).
+    bands : sequence of int, optional
+        1-based bands of the images to use, in this order (multispectral TIFFs, read
+        through rasterio; e.g. ``(4, 3, 2, 8)``); all bands by default. Every sample
+        must give the same number of bands.
 
     ``len(ds)`` and ``ds[i] -> (t1, t2, label)``; ``ds.names`` lists the files.
     Missing counterparts are reported when the dataset is opened; sizes and label
@@ -158,8 +215,13 @@ class FolderDataset:
     """
 
     def __init__(self, root, split: str | None = None, *, ignore_value: int | None = None,
-                 label_threshold: int | None = None):
+                 label_threshold: int | None = None, bands=None):
         self.root = Path(root)
+        if bands is not None:
+            bands = tuple(int(b) for b in bands)
+            if not bands or min(bands) < 1:
+                raise DatasetError(f"bands are 1-based band indices, got {list(bands)}")
+        self.bands = bands
         self.ignore_value = ignore_value
         if label_threshold is not None and not 1 <= int(label_threshold) <= 255:
             raise DatasetError(f"label threshold must be in 1..255, got {label_threshold}")
@@ -199,7 +261,8 @@ class FolderDataset:
 
     def __getitem__(self, i):
         a_path, b_path, l_path = self._paths[i]
-        t1, t2 = read_image(a_path), read_image(b_path)
+        t1, t2 = read_image(a_path, self.bands), read_image(b_path, self.bands)
+        _check_bands(a_path, b_path, len(t1), len(t2))
         label = read_label(l_path, self.ignore_value, self.label_threshold)
         _check_sizes(a_path, b_path, l_path, t1.shape[1:], t2.shape[1:], label.shape)
         return t1, t2, label
@@ -215,22 +278,32 @@ class FolderDataset:
         Image = _pil()
         indices = range(len(self)) if indices is None else indices
         bar = Progress(len(indices), f"checking {self.root}", progress)
+        first = None  # (path, band count) of the first sample: every sample must match it
         for i in indices:
             a_path, b_path, l_path = self._paths[i]
-            sizes = []
-            for path in (a_path, b_path):  # the header only: mode and size, no decoding
-                try:
-                    with Image.open(path) as im:
-                        mode, (width, height) = im.mode, im.size
-                except Exception as exc:  # noqa: BLE001 - Pillow raises many types for unreadable files
-                    raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
-                _check_mode(path, mode)
-                sizes.append((height, width))
+            (a_count, a_size), (b_count, b_size) = (_image_header(path, Image) for path in (a_path, b_path))
+            if self.bands is not None:
+                for path, count in ((a_path, a_count), (b_path, b_count)):
+                    if max(self.bands) > count:
+                        raise DatasetError(f"{path}: band {max(self.bands)} requested but the image has "
+                                           f"{count} band(s) (1-based)")
+                a_count = b_count = len(self.bands)
+            _check_bands(a_path, b_path, a_count, b_count)
+            if first is None:
+                first = (a_path, a_count)
+            elif a_count != first[1]:
+                raise DatasetError(f"{a_path}: {a_count} band(s), but {first[0]} has {first[1]}; every sample "
+                                   "of a dataset needs the same bands")
             label = read_label(l_path, self.ignore_value, self.label_threshold)
-            _check_sizes(a_path, b_path, l_path, sizes[0], sizes[1], label.shape)
+            _check_sizes(a_path, b_path, l_path, a_size, b_size, label.shape)
             bar.update(1)
         bar.close()
         return len(indices)
+
+
+def _check_bands(a_path, b_path, a_count, b_count):
+    if a_count != b_count:
+        raise DatasetError(f"{b_path}: {b_count} band(s), but {a_path} has {a_count}")
 
 
 def validate_dataset(dataset, *, progress=False):
@@ -439,13 +512,16 @@ class H5Dataset:
         self._file.close()
 
 
-def open_dataset(path, split=None, *, ignore_value=None, label_threshold=None):
+def open_dataset(path, split=None, *, ignore_value=None, label_threshold=None, bands=None):
     """A ``FolderDataset`` for a folder, an ``H5Dataset`` for a ``.h5``/``.hdf5`` file."""
     path = Path(path)
     if path.is_file():
+        if bands is not None:
+            raise DatasetError(f"{path}: band selection applies to image folders; an HDF5 pack holds the "
+                               "bands it was packed with")
         return H5Dataset(path)
     if path.is_dir():
-        return FolderDataset(path, split, ignore_value=ignore_value, label_threshold=label_threshold)
+        return FolderDataset(path, split, ignore_value=ignore_value, label_threshold=label_threshold, bands=bands)
     raise DatasetError(f"{path}: no such dataset folder or file")
 
 

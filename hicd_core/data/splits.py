@@ -53,7 +53,7 @@ class Repeat:
 
 
 def load_splits(data=None, *, size=64, n_train=400, n_val=64, n_test=128, seed=0, fractions=(0.7, 0.1, 0.2),
-                ignore_value=None, label_threshold=None):
+                ignore_value=None, label_threshold=None, bands=None):
     """``(train, val, test)`` datasets.
 
     ``data=None``: the built-in synthetic scenes, three disjoint scene seeds
@@ -66,9 +66,9 @@ def load_splits(data=None, *, size=64, n_train=400, n_val=64, n_test=128, seed=0
         return tuple(ArrayDataset(*synthetic_pairs(n, size, seed + 1000 * k)) for k, n in enumerate((n_train, n_val, n_test)))
     path = Path(data)
     if path.is_dir() and all((path / "list" / f"{s}.txt").is_file() for s in ("train", "val", "test")):
-        return tuple(FolderDataset(path, s, ignore_value=ignore_value, label_threshold=label_threshold)
+        return tuple(FolderDataset(path, s, ignore_value=ignore_value, label_threshold=label_threshold, bands=bands)
                      for s in ("train", "val", "test"))
-    full = open_dataset(path, ignore_value=ignore_value, label_threshold=label_threshold)
+    full = open_dataset(path, ignore_value=ignore_value, label_threshold=label_threshold, bands=bands)
     n = len(full)
     if n < 3:
         raise DatasetError(f"{path}: {n} samples are too few to split into train, validation and test")
