@@ -31,6 +31,7 @@ setup(
         "progress": ["tqdm>=4.60"],
         "torch": ["torch>=2.1"],
         "jax": ["jax>=0.4.30"],
+        "geo": ["rasterio>=1.3"],
         "test": [
             "pytest>=7",
             "hypothesis>=6.80",

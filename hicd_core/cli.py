@@ -61,6 +61,16 @@ def _png_path(text):
     return text
 
 
+def _map_path(text):
+    if Path(text).suffix.lower() not in (".png", ".tif", ".tiff"):
+        raise argparse.ArgumentTypeError(f"{text}: change maps are written as GeoTIFF (.tif) or PNG (.png)")
+    return text
+
+
+BANDS_HELP = ("1-based image bands to use, in the model's order (multispectral GeoTIFFs, e.g. 4 3 2 8; "
+              "default: all bands)")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors as one line naming the option (``--help`` still shows the full usage)."""
 
@@ -122,6 +132,7 @@ def _train_parser(sub):
     t.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     t.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
+    t.add_argument("--bands", type=_positive_int, nargs="+", default=None, help=BANDS_HELP)
     t.add_argument("--distill-weight", type=_non_negative, default=1.0, help="weight of the whole distillation loss")
     t.add_argument("--w-self", type=_non_negative, default=None, help="HiCD self-correlation weight")
     t.add_argument("--w-cross", type=_non_negative, default=None, help="HiCD cross-correlation weight")
@@ -154,21 +165,35 @@ def _eval_parser(sub):
     e.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     e.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
+    e.add_argument("--bands", type=_positive_int, nargs="+", default=None,
+                   help="1-based image bands (default: those the checkpoint was trained on)")
     _add_backend(e)
 
 
 def _predict_parser(sub):
     p = sub.add_parser("predict", help="change map of one image pair of any size",
-                       description="Predict the change map of T1 -> T2 with tiled sliding-window inference.")
-    p.add_argument("t1")
-    p.add_argument("t2")
-    p.add_argument("-o", "--output", type=_png_path, required=True, help="binary change map (PNG, 0/255)")
+                       description="Predict the change map of T1 -> T2 with tiled sliding-window inference, "
+                       "reading and writing window by window (memory bounded by the tile, not the scene). "
+                       "GeoTIFF inputs give GeoTIFF outputs on the same grid (CRS, transform), nodata kept.")
+    p.add_argument("t1", help="t1 image: GeoTIFF (any bands), PNG or JPEG")
+    p.add_argument("t2", help="t2 image on t1's grid (or see --align)")
+    p.add_argument("-o", "--output", type=_map_path, required=True,
+                   help="change mask: .tif (uint8 GeoTIFF, 0/1, nodata 255) or .png (0/255)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--prob", type=_png_path, default=None, help="also write the probability map (8-bit PNG)")
-    p.add_argument("--overlay", type=_png_path, default=None, help="also write T2 with the changes drawn in red (PNG)")
+    p.add_argument("--prob", "--probability", dest="prob", type=_map_path, default=None,
+                   help="also write the change probability: .tif (float32 GeoTIFF, nodata NaN) or .png (8-bit)")
+    p.add_argument("--overlay", type=_png_path, default=None,
+                   help="also write T2 with the changes drawn in red (PNG; RGB inputs read whole)")
     p.add_argument("--threshold", type=_probability, default=0.5, help="change where the probability is >= this")
     p.add_argument("--tile", type=_multiple_of_8, default=256)
-    p.add_argument("--overlap", type=_checked(int, lambda v: v >= 0, "a non-negative integer"), default=32)
+    p.add_argument("--overlap", type=_checked(int, lambda v: v >= 0, "a non-negative integer"), default=None,
+                   help="pixels shared by neighbouring tiles, blended (default: 32, at most a quarter of the tile)")
+    p.add_argument("--bands", type=_positive_int, nargs="+", default=None,
+                   help="1-based bands of both images, in the model's order (default: those the checkpoint "
+                   "was trained on, else all)")
+    p.add_argument("--align", action="store_true",
+                   help="resample t2 onto t1's grid (CRS, transform, size; bilinear) instead of refusing a mismatch")
+    p.add_argument("--no-progress", action="store_true")
     _add_backend(p)
 
 
@@ -220,8 +245,8 @@ def _dataset(args, *, n_default=128):
         from .data import FolderDataset
 
         return FolderDataset(path, args.split, ignore_value=getattr(args, "ignore_index", None),
-                             label_threshold=getattr(args, "label_threshold", None))
-    return open_dataset(path)
+                             label_threshold=getattr(args, "label_threshold", None), bands=getattr(args, "bands", None))
+    return open_dataset(path, bands=getattr(args, "bands", None))
 
 
 def cmd_train(args):
@@ -232,12 +257,12 @@ def cmd_train(args):
     xp = backend.namespace(args.backend)
     train_set, val_set, _ = load_splits(args.data, size=args.size, n_train=args.n_train, n_val=args.n_val,
                                         n_test=1, seed=args.seed, ignore_value=args.ignore_index,
-                                        label_threshold=args.label_threshold)
+                                        label_threshold=args.label_threshold, bands=args.bands)
     cfg = TrainConfig(role=args.role, setting=args.setting, epochs=args.epochs, batch_size=args.batch_size,
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize=args.normalize, change_crop_rate=args.change_crop_rate,
-                      patience=args.patience, eval_tile=args.eval_tile, seed=args.seed,
+                      patience=args.patience, eval_tile=args.eval_tile, bands=args.bands, seed=args.seed,
                       student_init=args.student_init)
     teacher = None
     if args.role == "student":
@@ -267,7 +292,9 @@ def cmd_eval(args):
     from .train import load_model
 
     xp = backend.namespace(args.backend)
-    model, _ = load_model(args.checkpoint, xp=xp)
+    model, ck = load_model(args.checkpoint, xp=xp)
+    if args.bands is None:
+        args.bands = _trained_bands(ck)
     data = _dataset(args)
     if args.setting is not None:
         data = DegradedView(data, args.setting, args.seed)
@@ -275,25 +302,102 @@ def cmd_eval(args):
     print(json.dumps({"checkpoint": args.checkpoint, "setting": args.setting, "n": len(data), **metrics}))
 
 
+def _trained_bands(ck):
+    """The bands a checkpoint's training data were read with (None: all, or not recorded)."""
+    bands = (ck.get("config") or {}).get("bands")
+    return None if bands is None else [int(b) for b in bands]
+
+
 def cmd_predict(args):
-    from .data.folder import change_overlay, read_image, to_uint8, write_png
-    from .infer import predict_probability
+    from .raster import ArraySource, check_same_grid, gdal_environment, is_geotiff, open_source
     from .train import load_model
 
+    if args.overlap is None:
+        args.overlap = min(32, args.tile // 4)
+    if args.overlap >= args.tile:
+        raise ValueError(f"--overlap {args.overlap} must be smaller than --tile {args.tile}")
     xp = backend.namespace(args.backend)
-    t1, t2 = read_image(Path(args.t1)), read_image(Path(args.t2))
-    if t1.shape != t2.shape:
-        raise ValueError(f"{args.t2}: size {t2.shape[1:]} differs from {args.t1} {t1.shape[1:]}")
-    model, _ = load_model(args.checkpoint, xp=xp)
-    prob = backend.to_host(predict_probability(model, t1, t2, tile=args.tile, overlap=args.overlap))
-    change = prob >= args.threshold
-    write_png(to_uint8(change), args.output)
-    if args.prob:
-        write_png(to_uint8(prob), args.prob)
+    model, ck = load_model(args.checkpoint, xp=xp)
+    bands = args.bands if args.bands is not None else _trained_bands(ck)
+    if args.align and not (is_geotiff(args.t1) and is_geotiff(args.t2)):
+        raise ValueError("--align resamples one GeoTIFF onto another's grid; both inputs must be GeoTIFFs")
+    with gdal_environment(args.t1, args.t2, args.output, args.prob), open_source(args.t1, bands) as t1, \
+            open_source(args.t2, bands, align_to=t1 if args.align else None) as t2:
+        for src in (t1, t2):
+            if src.count != model.in_channels:
+                raise ValueError(f"{src.name}: {src.count} band(s) but {args.checkpoint} takes "
+                                 f"{model.in_channels} (choose them with --bands)")
+        check_same_grid(t1, t2)
+        if args.overlay and not isinstance(t2, ArraySource):
+            raise ValueError("--overlay draws on an RGB image read whole (PNG/JPEG t2); a GeoTIFF output opens "
+                             "on top of the images in a GIS instead")
+        changed, valid_pixels = _write_maps(model, t1, t2, args)
+    print(json.dumps({"output": args.output, "height": t1.height, "width": t1.width,
+                      "changed_fraction": round(changed / max(valid_pixels, 1), 6),
+                      **({"nodata_pixels": t1.height * t1.width - valid_pixels} if t1.has_nodata or t2.has_nodata
+                         else {})}))
+
+
+def _write_maps(model, t1, t2, args):
+    """Stream the probability rows into the requested outputs; returns (changed pixels, valid pixels)."""
+    import contextlib
+
+    import numpy as np
+
+    from .data.folder import change_overlay, to_uint8, write_png
+    from .infer import stream_probability
+    from .raster import MASK_NODATA, RasterSink, is_geotiff
+
+    H, W = t1.height, t1.width
+    with contextlib.ExitStack() as stack:
+        sinks, whole = {}, {}  # GeoTIFF outputs written by rows; PNG outputs gathered whole (they fit in memory)
+        for key, path in (("mask", args.output), ("probability", args.prob)):
+            if path is None:
+                continue
+            if is_geotiff(path):
+                sinks[key] = stack.enter_context(RasterSink(path, t1, key))
+            else:
+                whole[key] = np.zeros((H, W), np.float32 if key == "probability" else bool)
+        if args.overlay:
+            whole.setdefault("mask", np.zeros((H, W), bool))
+        changed = valid_pixels = 0
+        for row0, prob in stream_probability(model, t1, t2, tile=args.tile, overlap=args.overlap,
+                                             progress=not args.no_progress):
+            rows = slice(row0, row0 + len(prob))
+            valid = _valid_rows(t1, t2, row0, row0 + len(prob), W)
+            change = prob >= args.threshold
+            if valid is not None:
+                change &= valid
+            changed += int(change.sum())
+            valid_pixels += int(valid.sum()) if valid is not None else change.size
+            if "mask" in sinks:
+                mask = change.astype(np.uint8)
+                if valid is not None:
+                    mask[~valid] = MASK_NODATA
+                sinks["mask"].write(row0, mask)
+            if "probability" in sinks:
+                sinks["probability"].write(row0, prob if valid is None else np.where(valid, prob, np.nan))
+            if "mask" in whole:
+                whole["mask"][rows] = change
+            if "probability" in whole:
+                whole["probability"][rows] = prob if valid is None else np.where(valid, prob, 0.0)
+        for sink in sinks.values():
+            sink.commit()
+    if "mask" in whole and not is_geotiff(args.output):
+        write_png(to_uint8(whole["mask"]), args.output)
+    if "probability" in whole:
+        write_png(to_uint8(whole["probability"]), args.prob)
     if args.overlay:
-        write_png(change_overlay(t2, change), args.overlay)
-    print(json.dumps({"output": args.output, "height": int(prob.shape[0]), "width": int(prob.shape[1]),
-                      "changed_fraction": round(float(change.mean()), 6)}))
+        write_png(change_overlay(t2.image, whole["mask"]), args.overlay)
+    return changed, valid_pixels
+
+
+def _valid_rows(t1, t2, y0, y1, W):
+    """Pixels of rows ``y0..y1`` that hold data in both inputs (None: every pixel does)."""
+    masks = [m for m in (t1.valid(y0, y1, 0, W), t2.valid(y0, y1, 0, W)) if m is not None]
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else masks[0] & masks[1]
 
 
 def cmd_degrade(args):

@@ -95,7 +95,7 @@ def test_random_settings_depend_on_seed():
 def test_unknown_setting():
     with pytest.raises(ValueError, match="unknown quality setting 'x3'"):
         degrade(image(), "x3", 0)
-    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         degrade(np.zeros((64, 64)), "single", 0)
 
 
