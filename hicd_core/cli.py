@@ -101,7 +101,9 @@ def _train_parser(sub):
 
     t = sub.add_parser("train", help="train a teacher (HQ/HQ) or a student (HQ/LQ)",
                        description="Train a teacher on high-quality pairs or a student on high/low-quality pairs. "
-                       "Writes last.h5, best.h5 (by validation F1) and log.jsonl into --out; --resume continues.")
+                       "Writes last.h5, best.h5 (by validation F1) and log.jsonl into --out; --resume continues. "
+                       "Under 'mpiexec -n K' it trains one model on K processes (data parallel; --batch-size is "
+                       "the global batch, a multiple of K).")
     t.add_argument("--role", choices=["teacher", "student"], default="teacher")
     t.add_argument("--data", default=None, help="LEVIR-CD style folder or HDF5 pack (default: built-in synthetic)")
     t.add_argument("--size", type=_multiple_of_8, default=64, help="synthetic scene size (default 64)")
@@ -279,11 +281,31 @@ def cmd_train(args):
             raise ValueError("--teacher CHECKPOINT is required for this student")
         if args.teacher is not None:
             teacher, _ = load_model(args.teacher, xp=xp)
-    result = fit(cfg, train_set, val_set, args.out, xp=xp, teacher=teacher, resume=args.resume,
-                 progress=not args.no_progress,
-                 on_epoch=lambda r: print(f"epoch {r['epoch']}: loss {r['train']['loss']:.4f}, "
-                                          f"val F1 {r['val']['f1']:.2f}, {r['pairs_per_s']:.1f} pairs/s"))
-    print(json.dumps({"best": result.best, "out": str(result.out_dir)}))
+    comm = _world_communicator()
+    rank0 = comm is None or comm.rank == 0
+    try:
+        result = fit(cfg, train_set, val_set, args.out, xp=xp, teacher=teacher, resume=args.resume,
+                     progress=not args.no_progress and rank0, comm=comm,
+                     on_epoch=lambda r: rank0 and print(f"epoch {r['epoch']}: loss {r['train']['loss']:.4f}, "
+                                                        f"val F1 {r['val']['f1']:.2f}, {r['pairs_per_s']:.1f} pairs/s",
+                                                        flush=True))
+    except Exception as exc:
+        if comm is None:
+            raise
+        # one rank failing must not leave the others waiting in a collective: stop the whole job
+        print(f"hicd: error: rank {comm.rank}/{comm.size}: {exc}", file=sys.stderr, flush=True)
+        comm.abort(2)
+        raise
+    if rank0:
+        print(json.dumps({"best": result.best, "out": str(result.out_dir),
+                          **({"world_size": comm.size, "transport": comm.transport} if comm else {})}))
+
+
+def _world_communicator():
+    """An MPI communicator when launched by ``mpiexec -n K`` with K > 1, else None (mpi4py not imported)."""
+    from .parallel import MPIComm, launched_by_mpi
+
+    return MPIComm() if launched_by_mpi() > 1 else None
 
 
 def cmd_eval(args):

@@ -41,6 +41,8 @@ __all__ = [
     "global_correlation",
     "global_correlation_forward",
     "global_correlation_backward",
+    "global_vectors",
+    "global_vectors_backward",
     "window_features",
     "window_features_backward",
     "gram",
@@ -288,6 +290,28 @@ class GlobalCache(NamedTuple):
     shape: tuple  # (B, C, H, W)
 
 
+def global_vectors(f, eps=1e-6):
+    """The normalised pooled vectors ``ghat (B, C)`` of a batch, the factor of ``GC = ghat ghat^T``.
+
+    ``g[b] = mean_hw f[b]``, ``ghat[b] = g[b] / max(||g[b]||, eps)``; each row depends on
+    its own image only, so data-parallel ranks compute theirs and gather them
+    (``hicd_loss(..., comm=)``). Returns ``(ghat, cache)``.
+    """
+    xp = array_namespace(f)
+    shape = check_feature(f, "f")
+    g = xp.mean(f, axis=(2, 3))
+    ghat, inv_norm = _normalize(g, eps, xp=xp)
+    return ghat, GlobalCache(ghat, inv_norm, shape)
+
+
+def global_vectors_backward(dghat, cache: GlobalCache):
+    """Gradient of ``global_vectors``: ``dghat (B, C) -> df (B, C, H, W)``."""
+    xp = array_namespace(dghat)
+    B, C, H, W = cache.shape
+    dg = _normalize_backward(dghat, cache.ghat, cache.inv_norm, xp=xp) * (1.0 / (H * W))
+    return xp.reshape(dg, (B, C, 1, 1)) * xp.ones((1, 1, H, W), dtype=dg.dtype, device=device(dg))
+
+
 def global_correlation_forward(f, eps=1e-6):
     """Global (batch) correlation and its cache.
 
@@ -307,20 +331,13 @@ def global_correlation_forward(f, eps=1e-6):
     ``dghat = (dR + dR^T) ghat``, ``dg`` by the normalisation's Jacobian, and
     ``df[b, c, h, w] = dg[b, c] / (H W)``.
     """
-    xp = array_namespace(f)
-    shape = check_feature(f, "f")
-    g = xp.mean(f, axis=(2, 3))
-    ghat, inv_norm = _normalize(g, eps, xp=xp)
-    return gram(ghat), GlobalCache(ghat, inv_norm, shape)
+    ghat, cache = global_vectors(f, eps)
+    return gram(ghat), cache
 
 
 def global_correlation_backward(dR, cache: GlobalCache):
     """Gradient of the global correlation: (B, B) -> (B, C, H, W)."""
-    xp = array_namespace(dR)
-    B, C, H, W = cache.shape
-    dghat = gram_backward(dR, cache.ghat)
-    dg = _normalize_backward(dghat, cache.ghat, cache.inv_norm, xp=xp) * (1.0 / (H * W))
-    return xp.reshape(dg, (B, C, 1, 1)) * xp.ones((1, 1, H, W), dtype=dg.dtype, device=device(dg))
+    return global_vectors_backward(gram_backward(dR, cache.ghat), cache)
 
 
 def global_correlation(f, eps=1e-6):

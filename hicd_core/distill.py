@@ -24,8 +24,8 @@ from .correlation import (
     check_feature,
     check_pair,
     check_window,
-    global_correlation_backward,
-    global_correlation_forward,
+    global_vectors,
+    global_vectors_backward,
     gram,
     gram_backward,
     window_features,
@@ -293,6 +293,7 @@ def hicd_loss(
     tau: float = 0.5,
     eps: float = 1e-6,
     check_finite="auto",
+    comm=None,
 ):
     """The HiCD loss (SPEC section 2) and its gradients for every student feature.
 
@@ -316,6 +317,14 @@ def hicd_loss(
         traced value (``jax.jit`` / ``grad`` / ``vmap``, ``torch.compile``,
         ``torch.func.vmap``), where no host sync is possible; there the caller checks
         the returned loss. False: never.
+    comm : communicator, optional
+        Data-parallel training (``hicd_core.parallel``): each rank passes its shard of
+        the global batch (all shards one shape). The global-correlation terms then see
+        the whole global batch: the pooled vectors of every rank are gathered, in the
+        order of the single-process batch, and each rank gets the gradient for its own
+        rows, multiplied by the number of ranks, because the parameter gradients are
+        averaged over ranks (docs/MATH.md, section 9). The window terms are per image
+        and need nothing. None: this process's batch is the whole batch.
 
     Returns
     -------
@@ -360,10 +369,8 @@ def hicd_loss(
     for l, ((s1, s2), (t1, t2), window) in enumerate(zip(student_sem, teacher_sem, windows)):
         g1, g2 = _window_terms(f"sem{l}", (s1, s2), (t1, t2), window, w_self, w_cross, eps, dist, terms)
         if w_global:
-            N = s1.shape[0]
-            dcat = _global_term(f"sem{l}.global", xp.concat([s1, s2], axis=0), xp.concat([t1, t2], axis=0),
-                                w_global, eps, dist, terms)
-            g1, g2 = _add(g1, dcat[:N, ...]), _add(g2, dcat[N:, ...])
+            d1, d2 = _global_term(f"sem{l}.global", (s1, s2), (t1, t2), w_global, eps, dist, terms, comm, xp)
+            g1, g2 = _add(g1, d1), _add(g2, d2)
         grads_sem.append((_or_zeros(g1, s1, xp), _or_zeros(g2, s2, xp)))
 
     grad_chg = None
@@ -375,7 +382,8 @@ def hicd_loss(
         (grad_chg,) = _window_terms("chg", (student_chg,), (teacher_chg,), change_window, w_self, 0.0, eps, dist,
                                     terms)
         if w_global:
-            grad_chg = _add(grad_chg, _global_term("chg.global", student_chg, teacher_chg, w_global, eps, dist, terms))
+            (d,) = _global_term("chg.global", (student_chg,), (teacher_chg,), w_global, eps, dist, terms, comm, xp)
+            grad_chg = _add(grad_chg, d)
         grad_chg = _or_zeros(grad_chg, student_chg, xp)
 
     like = student_sem[0][0] if student_sem else student_chg
@@ -418,13 +426,36 @@ def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist
     return [window_features_backward(d, cache) for d, (_, cache) in zip(dX, X)]
 
 
-def _global_term(name, student, teacher, w_global, eps, dist, terms):
-    """The weighted global-correlation term between two batches; returns the student's gradient."""
-    r_s, cache = global_correlation_forward(student, eps)
-    r_t = global_correlation_forward(teacher, eps)[0]
-    d, dr = dist(r_s, r_t)
+def _global_term(name, students, teachers, w_global, eps, dist, terms, comm, xp):
+    """The weighted global-correlation term of a batch made of ``students`` (its parts in order:
+    ``(s1, s2)`` of a stage, ``(c,)`` of the change features); returns each part's gradient.
+
+    ``GC`` of the concatenated parts is the Gram matrix of their pooled vectors stacked in
+    that order; with ``comm`` the vectors of every rank are gathered first (part by part, ranks
+    in order, the row order of the single-process batch) and this rank keeps the rows of its own
+    gradient, times the number of ranks (docs/MATH.md, section 9).
+    """
+    own = [global_vectors(f, eps) for f in students]
+    vectors_t = [global_vectors(f, eps)[0] for f in teachers]
+    if comm is not None:
+        gather = lambda v: comm.allgather(v)  # noqa: E731  (ranks stacked along axis 0, in rank order)
+        all_s, all_t = [gather(v) for v, _ in own], [gather(v) for v in vectors_t]
+    else:
+        all_s, all_t = [v for v, _ in own], vectors_t
+    G_s, G_t = xp.concat(all_s, axis=0), xp.concat(all_t, axis=0)
+    d, dR = dist(gram(G_s), gram(G_t))
     terms[name] = d * w_global
-    return global_correlation_backward(dr * w_global, cache)
+    dG = gram_backward(dR * w_global, G_s)
+    grads, start = [], 0
+    for (v, cache), gathered in zip(own, all_s):
+        n = v.shape[0]
+        if comm is None:
+            rows = dG[start : start + n, ...]
+        else:
+            rows = dG[start + comm.rank * n : start + (comm.rank + 1) * n, ...] * float(comm.size)
+        grads.append(global_vectors_backward(rows, cache))
+        start += gathered.shape[0]
+    return grads
 
 
 def feature_mse_loss(student_feats: Sequence, teacher_feats: Sequence, *, check_finite="auto"):

@@ -249,6 +249,7 @@ class BatchNormCache(NamedTuple):
     inv_std: object  # (1, C, 1, 1); xhat = centred * inv_std
     gamma: object  # (C,)
     training: bool
+    sync: object = None  # the communicator of a synchronised BatchNorm (its backward sums over ranks too)
 
 
 def channel_sum(x, *, xp):
@@ -264,7 +265,7 @@ def channel_sum(x, *, xp):
     return xp.sum(xp.reshape(per_image, (N, C)), axis=0)
 
 
-def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, momentum=0.1, eps=1e-5):
+def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, sync=None):
     """Batch normalisation over (N, H, W) per channel.
 
     Parameters
@@ -279,6 +280,12 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         ``running = (1 - momentum) running + momentum batch`` (the running variance
         takes the unbiased batch variance), ``eps`` inside the square root; as in
         common frameworks.
+    sync : communicator, optional
+        Synchronised BatchNorm over data-parallel ranks (``hicd_core.parallel``): the
+        batch statistics are those of the global batch (every rank's shard, all of one
+        shape), from per-channel sums added over ranks (``sync.allreduce_sum``), and
+        the backward sums over ranks as well (docs/MATH.md, section 9). None: this
+        process's batch alone.
 
     Returns
     -------
@@ -303,12 +310,13 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
             raise ValueError(f"batchnorm2d: {name} must have shape ({C},), got {tuple(a.shape)}")
     shape = (1, C, 1, 1)
     if training:
-        m = x.shape[0] * x.shape[2] * x.shape[3]
+        m = x.shape[0] * x.shape[2] * x.shape[3] * (1 if sync is None else sync.size)
         if m < 2:
             raise ValueError(f"batchnorm2d in training needs more than one value per channel, got input {tuple(x.shape)}")
-        mean = channel_sum(x, xp=xp) * (1.0 / m)
+        total = lambda a: channel_sum(a, xp=xp) if sync is None else sync.allreduce_sum(channel_sum(a, xp=xp))  # noqa: E731
+        mean = total(x) * (1.0 / m)
         centred = x - xp.reshape(mean, shape)
-        var = channel_sum(centred * centred, xp=xp) * (1.0 / m)
+        var = total(centred * centred) * (1.0 / m)
         inv_std = 1.0 / xp.sqrt(var + eps)
         new_mean = running_mean * (1.0 - momentum) + mean * momentum
         new_var = running_var * (1.0 - momentum) + var * (momentum * m / (m - 1))
@@ -318,7 +326,8 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         new_mean, new_var = running_mean, running_var
     # y = gamma xhat + beta with xhat = centred inv_std, folded into one scale per channel
     y = centred * xp.reshape(gamma * inv_std, shape) + xp.reshape(beta, shape)
-    return y, BatchNormCache(centred, xp.reshape(inv_std, shape), gamma, training), new_mean, new_var
+    return y, BatchNormCache(centred, xp.reshape(inv_std, shape), gamma, training, sync if training else None), \
+        new_mean, new_var
 
 
 def batchnorm2d_backward(dy, cache: BatchNormCache):
@@ -328,6 +337,11 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
     ``dgamma = inv_std sum(dy centred)``, ``dbeta = sum(dy)`` and
     ``dx = gamma inv_std (dy - dbeta / m - xhat dgamma / m)``, evaluated as
     ``dy a + centred b + c`` with per-channel ``a, b, c`` (fewer full passes).
+
+    Synchronised (``cache.sync``): ``dx`` takes the sums of ``dy`` and ``dy centred``
+    over every rank's shard and ``m`` of the global batch (one all-reduce of both),
+    while the returned ``dgamma`` and ``dbeta`` are this rank's parts, which the
+    optimiser's gradient all-reduce adds up like every other parameter's.
     """
     xp = array_namespace(dy)
     C = dy.shape[1]
@@ -339,8 +353,12 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
     if not cache.training:
         return dy * xp.reshape(a, shape), dgamma, dbeta
     m = dy.shape[0] * dy.shape[2] * dy.shape[3]
-    b = -a * inv_std * dgamma * (1.0 / m)
-    c = -a * dbeta * (1.0 / m)
+    sum_dy, sum_dgamma = dbeta, dgamma
+    if cache.sync is not None:
+        both = cache.sync.allreduce_sum(xp.concat([dbeta, dgamma]))
+        sum_dy, sum_dgamma, m = both[:C], both[C:], m * cache.sync.size
+    b = -a * inv_std * sum_dgamma * (1.0 / m)
+    c = -a * sum_dy * (1.0 / m)
     dx = dy * xp.reshape(a, shape) + cache.centred * xp.reshape(b, shape) + xp.reshape(c, shape)
     return dx, dgamma, dbeta
 
@@ -375,7 +393,7 @@ class CBRCache(NamedTuple):
 
 
 def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stride=1, training, momentum=0.1,
-                eps=1e-5, layout="auto"):
+                eps=1e-5, layout="auto", sync=None):
     """``CBR`` of SPEC section 4: 3x3 convolution (padding 1, with bias) -> BatchNorm2d -> ReLU.
 
     Returns
@@ -387,7 +405,7 @@ def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stri
     """
     y, conv_cache = conv2d_forward(x, weight, bias, stride=stride, padding=1, layout=layout)
     y, bn_cache, mean, var = batchnorm2d_forward(y, gamma, beta, running_mean, running_var, training=training,
-                                                 momentum=momentum, eps=eps)
+                                                 momentum=momentum, eps=eps, sync=sync)
     y, relu_cache = relu_forward(y)
     return y, CBRCache(conv_cache, bn_cache, relu_cache), mean, var
 

@@ -14,16 +14,19 @@ from .metrics import ConfusionMatrix
 __all__ = ["evaluate", "predict_probability", "stream_probability"]
 
 
-def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None):
+def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None, comm=None):
     """Change metrics of ``model`` (evaluation mode) over a whole dataset, from one confusion matrix.
 
     Images whose sides are not multiples of 8, or larger than ``tile`` when given,
     are predicted tile by tile (``predict_probability``, overlap ``min(32, tile / 4)``).
-    Samples of different sizes are batched separately.
+    Samples of different sizes are batched separately. ``comm``: data-parallel ranks
+    each predict every ``comm.size``-th sample and add their confusion counts (one
+    all-reduce), so every rank returns the metrics of the whole dataset.
     """
     xp = model.xp
     cm = ConfusionMatrix()
-    for t1, t2, label in iterate_batches(dataset, batch_size):
+    indices = None if comm is None else range(comm.rank, len(dataset), comm.size)
+    for t1, t2, label in iterate_batches(dataset, batch_size, indices):
         H, W = label.shape[-2:]
         if H % 8 or W % 8 or (tile is not None and max(H, W) > tile):
             side = tile or 256
@@ -35,6 +38,9 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
         # sigmoid(z) >= threshold  <=>  z >= logit(threshold)
         cut = math.log(threshold / (1.0 - threshold))
         cm.update(logits[:, 0, ...] >= cut, backend.from_host(label, xp), ignore_index)
+    if comm is not None:
+        counts = comm.allreduce_host(np.array([cm.tp, cm.fp, cm.fn, cm.tn], dtype=np.int64))
+        cm.tp, cm.fp, cm.fn, cm.tn = (int(v) for v in counts)
     return cm.compute()
 
 

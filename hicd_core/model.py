@@ -202,9 +202,9 @@ class TinySiamCD:
         return (p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], p[f"{name}.bn.weight"], p[f"{name}.bn.bias"],
                 b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"])
 
-    def _cbr_forward(self, x, name, training):
+    def _cbr_forward(self, x, name, training, sync=None):
         y, cache, mean, var = cbr_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], training=training,
-                                          momentum=BN_MOMENTUM, eps=BN_EPS, layout=self.conv_layout)
+                                          momentum=BN_MOMENTUM, eps=BN_EPS, layout=self.conv_layout, sync=sync)
         if training:  # the model's one piece of state besides the parameters
             self.buffers[f"{name}.bn.running_mean"], self.buffers[f"{name}.bn.running_var"] = mean, var
         return y, cache
@@ -221,7 +221,7 @@ class TinySiamCD:
 
     # ------------------------------------------------------------------ forward / backward
 
-    def forward(self, x1, x2, *, training=True, keep_cache=True):
+    def forward(self, x1, x2, *, training=True, keep_cache=True, sync=None):
         """Logits and distillation taps for a batch of pairs.
 
         Parameters
@@ -234,6 +234,9 @@ class TinySiamCD:
             ``backward`` is kept and None is returned in its place; each BatchNorm is
             folded into the convolution before it, which saves its passes over the
             activations (equal to the unfolded network up to rounding).
+        sync : communicator, optional
+            Synchronised BatchNorm across data-parallel ranks in training
+            (``functional.batchnorm2d_forward``); ``backward`` follows it.
 
         Returns
         -------
@@ -254,7 +257,7 @@ class TinySiamCD:
             raise ValueError(f"input height and width must be multiples of 8, got {tuple(x1.shape)}")
         n = x1.shape[0]
         if keep_cache:
-            cbr = lambda h, name: self._cbr_forward(h, name, training)  # noqa: E731
+            cbr = lambda h, name: self._cbr_forward(h, name, training, sync)  # noqa: E731
         else:
             cbr = self._cbr_folded
         h = self.normalise(xp.concat([x1, x2], axis=0))

@@ -15,11 +15,14 @@ The loop (epochs, validation, checkpoints, resume) is built on top of this.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
 
 from . import backend
 from .backend import all_finite
@@ -33,6 +36,7 @@ from .io import atomic_path, load_checkpoint, load_model, remove_stale_temps, ru
 from .metrics import METRIC_KEYS
 from .model import TinySiamCD
 from .optim import SGD, AdamW, make_schedule
+from .parallel import average_gradients, shard
 from .progress import Progress
 
 __all__ = ["DistillConfig", "TrainConfig", "FitResult", "train_step", "fit", "load_model", "default_windows", "METHODS",
@@ -87,13 +91,13 @@ class DistillConfig:
             raise ValueError(f"{len(self.taps)} taps but {len(self.windows)} windows")
 
 
-def _hicd_method(cfg: DistillConfig, taps, teacher_taps):
+def _hicd_method(cfg: DistillConfig, taps, teacher_taps, comm=None):
     """HiCD (SPEC 2) on the semantic taps and, with ``use_change``, on ``d1``."""
     loss, grads = hicd_loss(
         [taps[t] for t in cfg.taps], [teacher_taps[t] for t in cfg.taps],
         taps["d1"] if cfg.use_change else None, teacher_taps["d1"] if cfg.use_change else None,
         windows=cfg.windows, change_window=cfg.change_window, w_self=cfg.w_self, w_cross=cfg.w_cross,
-        w_global=cfg.w_global, kind=cfg.kind, tau=cfg.tau, check_finite=False,
+        w_global=cfg.w_global, kind=cfg.kind, tau=cfg.tau, check_finite=False, comm=comm,
     )
     tap_grads = {t: (g1 * cfg.weight, g2 * cfg.weight) for t, (g1, g2) in zip(cfg.taps, grads["sem"])}
     if grads["chg"] is not None:
@@ -101,8 +105,9 @@ def _hicd_method(cfg: DistillConfig, taps, teacher_taps):
     return loss * cfg.weight, grads["terms"], tap_grads
 
 
-def _feature_mse_method(cfg: DistillConfig, taps, teacher_taps):
-    """Plain feature matching (FitNets) on both phases of each semantic tap, plus ``d1``."""
+def _feature_mse_method(cfg: DistillConfig, taps, teacher_taps, comm=None):  # noqa: ARG001
+    """Plain feature matching (FitNets) on both phases of each semantic tap, plus ``d1`` (per image: no
+    communication; the mean over ranks of the shards' means is the global batch's mean)."""
     names = [(t, i) for t in cfg.taps for i in (0, 1)]
     student = [taps[t][i] for t, i in names]
     teacher = [teacher_taps[t][i] for t, i in names]
@@ -126,21 +131,23 @@ DISTILL_METHODS = {"hicd": _hicd_method, "feature-mse": _feature_mse_method}
 METHODS = ("baseline", *DISTILL_METHODS)
 
 
-def distillation_loss(cfg: DistillConfig, taps, teacher_taps):
+def distillation_loss(cfg: DistillConfig, taps, teacher_taps, comm=None):
     """The distillation loss of ``cfg.method`` between a student's and a teacher's taps.
 
-    Returns ``(loss, terms, tap_grads)``: the 0-d loss and its named terms, both already
+    ``comm``: the data-parallel communicator (``hicd_core.parallel``), for losses with
+    batch-wide terms. Returns ``(loss, terms, tap_grads)``: the 0-d loss and its named terms, both already
     scaled by ``cfg.weight``'s part (``loss`` includes it), and the gradients for the
     student's taps in the form ``TinySiamCD.backward`` takes.
     """
     if cfg.method not in DISTILL_METHODS:
         raise ValueError(f"method {cfg.method!r} has no distillation loss; choose one of {tuple(DISTILL_METHODS)}")
-    return DISTILL_METHODS[cfg.method](cfg, taps, teacher_taps)
+    # a method takes comm= only when it has batch-wide terms (and a run has several ranks)
+    return DISTILL_METHODS[cfg.method](cfg, taps, teacher_taps, **({} if comm is None else {"comm": comm}))
 
 
 def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teacher_x2=None,
                distill: DistillConfig | None = None, dice_weight=0.0, ignore_index=None, pos_weight=None,
-               check_finite=True):
+               check_finite=True, comm=None):
     """One optimisation step; returns a dict of 0-d loss arrays (no host sync besides the finiteness check).
 
     Parameters
@@ -165,13 +172,21 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
     check_finite : bool
         Raise ``NonFiniteError`` naming the term or the parameter if the loss or
         any gradient is NaN/inf (one device sync per step).
+    comm : communicator, optional
+        Data-parallel training (``hicd_core.parallel``): the arrays are this rank's
+        shard of the global batch; BatchNorm is synchronised, HiCD's global terms
+        gather the global batch, and the gradients are averaged over ranks (one
+        all-reduce) before the update, so every rank takes the same step. The BCE
+        (without ignored pixels) and the distillation losses then equal the
+        single-process ones on the global batch; soft Dice and BCE with ignored pixels
+        are computed per shard and averaged.
 
     Returns
     -------
     dict name -> 0-d array: ``loss`` (total), ``bce``, optionally ``dice``, ``distill``
     and the distillation terms.
     """
-    logits, taps, cache = model.forward(x1, x2, training=True)
+    logits, taps, cache = model.forward(x1, x2, training=True, sync=comm)
     loss, dlogits = bce_with_logits(logits, label, ignore_index=ignore_index, pos_weight=pos_weight)
     terms = {"bce": loss}
     if dice_weight:
@@ -184,12 +199,14 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
         if teacher is None:
             raise ValueError(f"student method {distill.method!r} needs a teacher")
         _, teacher_taps, _ = teacher.forward(x1, x2 if teacher_x2 is None else teacher_x2, training=False, keep_cache=False)
-        d_loss, d_terms, tap_grads = distillation_loss(distill, taps, teacher_taps)
+        d_loss, d_terms, tap_grads = distillation_loss(distill, taps, teacher_taps, comm)
         terms["distill"] = d_loss
         terms.update({f"distill/{k}": v for k, v in d_terms.items()})
         loss = loss + d_loss
     terms["loss"] = loss
     grads = model.backward(dlogits, cache, tap_grads)
+    if comm is not None:
+        grads = average_gradients(grads, comm)
     if check_finite and not all_finite(loss, *grads.values()):
         bad = [k for k, v in terms.items() if not all_finite(v)]
         if bad:
@@ -303,7 +320,7 @@ def _make_optimizer(cfg, params):
 
 
 def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None, resume=False,
-        progress=True, log_every=10, on_epoch=None) -> FitResult:
+        progress=True, log_every=10, on_epoch=None, comm=None) -> FitResult:
     """Train a teacher or a student; write ``last.h5``, ``best.h5`` and ``log.jsonl`` into ``out_dir``.
 
     Parameters
@@ -320,6 +337,14 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
         must match the checkpoint's.
     progress : bool
         Show a tqdm progress bar (loss terms, pairs/s) when tqdm is installed.
+    comm : communicator, optional
+        Data-parallel training on ``comm.size`` ranks (``hicd_core.parallel.MPIComm``;
+        every rank calls ``fit`` with the same arguments). ``cfg.batch_size`` is the
+        global batch: every rank draws it from the same seeded stream (so the data
+        order does not depend on the number of ranks) and trains on its shard
+        (``train_step(..., comm=)``); validation counts are added over ranks; rank 0
+        alone writes the log and the checkpoints, whose config records ``world_size``.
+        A run resumes with any number of ranks.
 
     The folder is locked while the run writes into it (``io.run_lock``: a second run
     into the same folder fails at once), and temporary files left there by killed
@@ -330,10 +355,14 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
     FitResult with the trained model (last epoch), the history (one dict per
     epoch, as in ``log.jsonl``) and the best validation metrics.
     """
-    with run_lock(out_dir):
-        remove_stale_temps(out_dir)
+    writer = comm is None or comm.rank == 0
+    if comm is not None:
+        shard(cfg.batch_size, comm)  # a batch that does not split evenly fails on every rank, before any file
+    with run_lock(out_dir) if writer else contextlib.nullcontext():
+        if writer:
+            remove_stale_temps(out_dir)
         return _fit(cfg, train_set, val_set, Path(out_dir), xp=xp, teacher=teacher, resume=resume, progress=progress,
-                    log_every=log_every, on_epoch=on_epoch)
+                    log_every=log_every, on_epoch=on_epoch, comm=comm)
 
 
 @dataclass
@@ -350,11 +379,17 @@ class _Run:
     val_view: object
     teacher: object
     xp: object
+    comm: object = None
     epoch: int = 0
     step: int = 0
     best: dict = field(default_factory=lambda: {"f1": -1.0})
     history: list = field(default_factory=list)
     stopped: bool = False
+
+    @property
+    def writer(self):
+        """Whether this process writes files (the only one, or rank 0)."""
+        return self.comm is None or self.comm.rank == 0
 
     @property
     def paths(self):
@@ -366,7 +401,7 @@ class _Run:
                               f"(epoch {self.epoch + 1}): {exc}")
 
 
-def _setup(cfg, train_set, val_set, out_dir, xp, teacher) -> _Run:
+def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     """A fresh run: model (from the teacher when asked), optimizer, data stream, schedule."""
     student = cfg.role == "student"
     needs_teacher = student and (cfg.student_init == "teacher" or cfg.distill.method != "baseline")
@@ -389,7 +424,7 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher) -> _Run:
                              **({"warmup_steps": cfg.warmup_steps} if cfg.schedule == "cosine" else {}))
     val_view = DegradedView(val_set, cfg.setting, cfg.val_seed) if student else val_set
     return _Run(cfg, out_dir, model, _make_optimizer(cfg, model.params), rng, batches, schedule, val_view,
-                teacher, xp)
+                teacher, xp, comm)
 
 
 def _restore(run: _Run, resume: bool) -> None:
@@ -410,7 +445,8 @@ def _restore(run: _Run, resume: bool) -> None:
         run.stopped = bool(ck["extra"].get("stopped", False))
         run.history = _read_log(log_path)[:run.epoch]
         run.step = run.epoch * len(run.batches)
-    _write_log(log_path, run.history)
+    if run.writer:
+        _write_log(log_path, run.history)
 
 
 def _train_epoch(run: _Run, progress, log_every):
@@ -418,13 +454,15 @@ def _train_epoch(run: _Run, progress, log_every):
     cfg, xp, student = run.cfg, run.xp, run.cfg.role == "student"
     bar = Progress(len(run.batches), f"{cfg.role} epoch {run.epoch + 1}/{cfg.epochs}", progress)
     sums, count, started = {}, 0, time.perf_counter()
+    part = shard(cfg.batch_size, run.comm)  # every rank draws the global batch, then keeps its shard
     for x1, x2_hq, x2_lq, label in run.batches.epoch():
-        x1_d, hq_d, label_d = (backend.from_host(a, xp) for a in (x1, x2_hq, label))
-        x2_d = backend.from_host(x2_lq, xp) if student else hq_d
+        x1_d, hq_d, label_d = (backend.from_host(a[part], xp) for a in (x1, x2_hq, label))
+        x2_d = backend.from_host(x2_lq[part], xp) if student else hq_d
         try:
             terms = train_step(run.model, run.optimizer, x1_d, x2_d, label_d, lr=run.schedule(run.step),
                                teacher=run.teacher, teacher_x2=hq_d, distill=cfg.distill if student else None,
-                               dice_weight=cfg.dice_weight, ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight)
+                               dice_weight=cfg.dice_weight, ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight,
+                               comm=run.comm)
         except NonFiniteError as exc:
             raise run.non_finite(exc, "at") from None
         for k, v in terms.items():
@@ -438,6 +476,10 @@ def _train_epoch(run: _Run, progress, log_every):
             postfix["pairs/s"] = f"{count * cfg.batch_size / elapsed:.1f}"
         bar.update(1, postfix)
     bar.close()
+    if run.comm is not None:  # the log shows the mean over ranks
+        names = sorted(sums)
+        total = run.comm.allreduce_host(np.array([float(sums[k]) for k in names], dtype=np.float64))
+        sums = {k: v / run.comm.size for k, v in zip(names, total.tolist())}
     return sums, count, time.perf_counter() - started
 
 
@@ -446,11 +488,13 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
     cfg = run.cfg
     last_path, best_path, log_path = run.paths
     metrics = evaluate(run.model, run.val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
-                       tile=cfg.eval_tile)
+                       tile=cfg.eval_tile, comm=run.comm)
     record = {"epoch": run.epoch + 1, "step": run.step, "lr": run.schedule(run.step - 1),
               "train": {k: float(v) / count for k, v in sums.items()},
               "val": {k: metrics[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
               "pairs_per_s": round(count * cfg.batch_size / seconds, 2)}
+    if run.comm is not None:
+        record["world_size"], record["transport"] = run.comm.size, run.comm.transport
     run.history.append(record)
     improved = metrics["f1"] > run.best["f1"]
     if improved:
@@ -459,22 +503,26 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
     if run.stopped:
         record["stopped"] = True
     extra = {"epoch": run.epoch + 1, "best": run.best, "stopped": run.stopped}
+    config = dict(cfg.to_dict(), world_size=1 if run.comm is None else run.comm.size)
     state = dict(model=run.model, optimizer=run.optimizer, step=run.step, rng_state=run.rng.bit_generator.state,
-                 config=cfg.to_dict(), extra=extra)
-    try:
-        if improved:
-            save_checkpoint(best_path, **state)
-        save_checkpoint(last_path, **state)
-    except NonFiniteError as exc:
-        raise run.non_finite(exc, "after") from None
-    _write_log(log_path, run.history)
+                 config=config, extra=extra)
+    if run.writer:
+        try:
+            if improved:
+                save_checkpoint(best_path, **state)
+            save_checkpoint(last_path, **state)
+        except NonFiniteError as exc:
+            raise run.non_finite(exc, "after") from None
+        _write_log(log_path, run.history)
     run.epoch += 1
     return record
 
 
-def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log_every, on_epoch):
+def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log_every, on_epoch, comm):
     """``fit`` inside the run folder's lock: set up, restore, check the data, then epoch after epoch."""
-    run = _setup(cfg, train_set, val_set, out_dir, xp if xp is not None else backend.namespace("numpy"), teacher)
+    run = _setup(cfg, train_set, val_set, out_dir, xp if xp is not None else backend.namespace("numpy"), teacher,
+                 comm)
+    progress = progress and run.writer
     _restore(run, resume)
     if run.epoch < cfg.epochs and not run.stopped:  # bad samples fail now, naming the file, not in epoch 2
         validate_dataset(_base_dataset(train_set), progress=progress)
@@ -492,6 +540,7 @@ def _same_config(saved: dict, current: dict) -> bool:
     know (written before the field existed) counts as equal when the current value is its default,
     so that runs of an older release still resume."""
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    saved = {k: v for k, v in saved.items() if k != "world_size"}  # a run resumes on any number of ranks
     saved = {**{k: v for k, v in defaults.items() if k in current and k not in saved}, **saved}
     return saved == current
 
