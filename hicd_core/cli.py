@@ -281,6 +281,8 @@ def cmd_train(args):
             raise ValueError("--teacher CHECKPOINT is required for this student")
         if args.teacher is not None:
             teacher, _ = load_model(args.teacher, xp=xp)
+    from .parallel import CommunicationError
+
     comm = _world_communicator()
     rank0 = comm is None or comm.rank == 0
     try:
@@ -293,7 +295,8 @@ def cmd_train(args):
         if comm is None:
             raise
         # one rank failing must not leave the others waiting in a collective: stop the whole job
-        print(f"hicd: error: rank {comm.rank}/{comm.size}: {exc}", file=sys.stderr, flush=True)
+        where = "" if isinstance(exc, CommunicationError) else f"rank {comm.rank}/{comm.size}: "  # it names the rank
+        print(f"hicd: error: {where}{exc}", file=sys.stderr, flush=True)
         comm.abort(2)
         raise
     if rank0:
