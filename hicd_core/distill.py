@@ -323,7 +323,7 @@ def hicd_loss(
         the whole global batch: the pooled vectors of every rank are gathered, in the
         order of the single-process batch, and each rank gets the gradient for its own
         rows, multiplied by the number of ranks, because the parameter gradients are
-        averaged over ranks (docs/MATH.md, section 9). The window terms are per image
+        averaged over ranks (docs/MATH.md, section 8). The window terms are per image
         and need nothing. None: this process's batch is the whole batch.
 
     Returns
@@ -433,7 +433,7 @@ def _global_term(name, students, teachers, w_global, eps, dist, terms, comm, xp)
     ``GC`` of the concatenated parts is the Gram matrix of their pooled vectors stacked in
     that order; with ``comm`` the vectors of every rank are gathered first (part by part, ranks
     in order, the row order of the single-process batch) and this rank keeps the rows of its own
-    gradient, times the number of ranks (docs/MATH.md, section 9).
+    gradient, times the number of ranks (docs/MATH.md, section 8).
     """
     own = [global_vectors(f, eps) for f in students]
     vectors_t = [global_vectors(f, eps)[0] for f in teachers]

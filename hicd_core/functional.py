@@ -284,7 +284,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         Synchronised BatchNorm over data-parallel ranks (``hicd_core.parallel``): the
         batch statistics are those of the global batch (every rank's shard, all of one
         shape), from per-channel sums added over ranks (``sync.allreduce_sum``), and
-        the backward sums over ranks as well (docs/MATH.md, section 9). None: this
+        the backward sums over ranks as well (docs/MATH.md, section 8). None: this
         process's batch alone.
 
     Returns

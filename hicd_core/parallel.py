@@ -1,7 +1,7 @@
 """Data-parallel training over MPI: the communicator that ``fit``, BatchNorm and ``hicd_loss`` share.
 
 ``mpiexec -n K hicd train ...`` (or ``fit(..., comm=MPIComm())``) trains one model on
-K ranks. What each collective is for (derivations in docs/MATH.md, section 9):
+K ranks. What each collective is for (derivations in docs/MATH.md, section 8):
 
 - ``allreduce_sum`` of the flattened gradient buffer, once per step (``average_gradients``);
   of per-channel sums in synchronised BatchNorm (forward statistics, backward sums);

@@ -111,7 +111,7 @@ def gradcheck(comm, h=1e-6):
 def _config(epochs):
     # SGD: AdamW turns the rounding noise in the (gradient-free) convolution biases before each
     # BatchNorm into steps of size lr, and through the running statistics into different outputs,
-    # between any two runs whose sums are ordered differently (docs/MATH.md, section 9)
+    # between any two runs whose sums are ordered differently (docs/MATH.md, section 8)
     return TrainConfig(role="teacher", epochs=epochs, batch_size=4, widths=WIDTHS, optimizer="sgd", lr=0.02,
                        warmup_steps=2)
 
