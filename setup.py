@@ -32,6 +32,8 @@ setup(
         "torch": ["torch>=2.1"],
         "jax": ["jax>=0.4.30"],
         "geo": ["rasterio>=1.3"],
+        # mpi4py's wheels run on the MPI of the mpich wheel; with a system MPI, install mpi4py alone
+        "mpi": ["mpi4py>=4.0", "mpich; sys_platform != 'win32'"],
         "test": [
             "pytest>=7",
             "hypothesis>=6.80",

@@ -76,14 +76,17 @@ class MPIComm:
         """Wait for a non-blocking collective, at most ``timeout`` seconds."""
         if request.Test():
             return
-        deadline = time.monotonic() + self.timeout
-        pause = 1e-5
+        start = time.monotonic()
+        spin_until, deadline = start + 2e-3, start + self.timeout
+        pause = 0.0  # yield only for the first 2 ms (ranks in lockstep arrive together), then back off to 1 ms
         while not request.Test():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise CommunicationError(f"rank {self.rank}/{self.size}: no answer from the other ranks within "
                                          f"{self.timeout:g} s during {what} (did a rank die or stop?)")
+            if now > spin_until:
+                pause = min(max(pause * 2, 1e-5), 1e-3)
             time.sleep(pause)
-            pause = min(pause * 2, 1e-2)
 
     def allreduce_host(self, values):
         """Elementwise sum over ranks of a NumPy array (float64 or int64 kept as given)."""

@@ -54,9 +54,9 @@ def test_stream_refuses_a_band_count_the_model_does_not_take():
         next(stream_probability(model, a, a, tile=16, overlap=0))
 
 
-def test_the_core_imports_without_loading_rasterio():
-    code = ("import sys, hicd_core, hicd_core.train, hicd_core.infer, hicd_core.cli, hicd_core.raster; "
-            "print('rasterio' in sys.modules)")
+def test_the_core_imports_without_loading_rasterio_or_mpi4py():
+    code = ("import sys, hicd_core, hicd_core.train, hicd_core.infer, hicd_core.cli, hicd_core.raster, "
+            "hicd_core.parallel; print('rasterio' in sys.modules or 'mpi4py' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
 

@@ -19,7 +19,9 @@ import pytest
 from hicd_core.io import load_checkpoint
 
 pytest.importorskip("mpi4py")
-MPIEXEC = shutil.which("mpiexec")
+# the mpich wheel puts mpiexec beside the interpreter, which need not be on PATH
+_BESIDE = Path(sys.executable).parent / "mpiexec"
+MPIEXEC = str(_BESIDE) if _BESIDE.exists() else shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH")
 
 ROOT = Path(__file__).resolve().parents[1]
