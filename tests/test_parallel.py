@@ -82,3 +82,18 @@ def test_a_rank_that_dies_or_hangs_ends_the_job_and_the_checkpoint_stays_intact(
         assert "no answer from the other ranks within 5 s" in run.stderr
     ck = load_checkpoint(tmp_path / "run" / "last.h5")  # checked against its digests while loading
     assert ck["extra"]["epoch"] >= 1 and ck["config"]["world_size"] == 2
+
+
+def test_the_command_under_mpiexec_trains_one_model_and_prints_once(tmp_path):
+    run = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "hicd_core.cli", "train", "--epochs", "1",
+                          "--size", "32", "--n-train", "8", "--n-val", "4", "--batch-size", "4", "--no-progress",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["world_size"] == 2
+    bad = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "hicd_core.cli", "train", "--epochs", "1",
+                          "--size", "32", "--n-train", "8", "--n-val", "4", "--batch-size", "3", "--no-progress",
+                          "--out", str(tmp_path / "odd")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode != 0 and "does not split evenly over 2 ranks" in bad.stderr
