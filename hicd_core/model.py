@@ -41,7 +41,8 @@ from .functional import (
     upsample2x_forward,
 )
 
-__all__ = ["TinySiamCD", "DEFAULT_WIDTHS", "TAP_NAMES", "DECODER", "layer_table"]
+__all__ = ["TinySiamCD", "ModelState", "InputNormalisation", "DEFAULT_WIDTHS", "TAP_NAMES", "DECODER",
+           "layer_table"]
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
 TAP_NAMES = ("E1", "E2", "E3", "E4", "d1")
@@ -86,6 +87,32 @@ def _initial_parameters(layers, widths, rng, xp, dtype):
     return params, buffers
 
 
+class InputNormalisation:
+    """``(x - mean) / std`` per input channel, or the identity when ``mean`` and ``std`` are None."""
+
+    def __init__(self, mean, std, channels, xp, dtype):
+        if (mean is None) != (std is None):
+            raise ValueError("give both input_mean and input_std, or neither")
+        self.mean = self.std = self._shift = self._scale = None
+        if mean is None:
+            return
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"input_mean and input_std need {channels} values each (one per input "
+                             f"channel), got {len(mean)} and {len(std)}")
+        if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+            raise ValueError(f"input_mean must be finite and input_std positive and finite, got {mean} and {std}")
+        self.mean, self.std = mean, std
+        shape, kind = (1, channels, 1, 1), getattr(xp, dtype)
+        self._shift = xp.reshape(xp.asarray(mean, dtype=kind), shape)
+        self._scale = xp.reshape(xp.asarray([1.0 / v for v in std], dtype=kind), shape)
+
+    def __call__(self, x):
+        if self._shift is None:
+            return x
+        return (x - self._shift) * self._scale
+
+
 class ForwardCache(NamedTuple):
     n: int  # pairs in the batch
     encoder: list  # per stage: (cache of block .0, cache of block .1)
@@ -94,7 +121,36 @@ class ForwardCache(NamedTuple):
     head: object
 
 
-class TinySiamCD:
+class ModelState:
+    """What a model holds besides its computation: ``params`` and ``buffers`` (dicts of arrays of
+    ``dtype`` in namespace ``xp``), host copies of them, and checked loading."""
+
+    params: dict
+    buffers: dict
+    dtype: str
+    xp: object
+
+    def state_dict(self) -> dict:
+        """Host (NumPy) copies: ``{"params": {...}, "buffers": {...}}``."""
+        return {
+            "params": {k: backend.to_host(v).copy() for k, v in self.params.items()},
+            "buffers": {k: backend.to_host(v).copy() for k, v in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: dict, *, source: str = "state") -> None:
+        """Load host arrays after checking every key, shape and dtype (``io.check_state``); nothing is
+        changed on error."""
+        check_state(state, {"params": self.params, "buffers": self.buffers}, self.dtype, source)
+        new = {(group, name): backend.from_host(state[group][name], self.xp, dtype=self.dtype)
+               for group in ("params", "buffers") for name in getattr(self, group)}
+        for (group, name), arr in new.items():
+            getattr(self, group)[name] = arr
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(p.shape) for p in self.params.values())
+
+
+class TinySiamCD(ModelState):
     """Siamese change-detection CNN with hand-derived backward.
 
     Parameters
@@ -142,24 +198,15 @@ class TinySiamCD:
         self.conv_layout = conv_layout
         self.layers = layer_table(widths, self.in_channels)
         self.params, self.buffers = _initial_parameters(self.layers, widths, backend.host_rng(seed), self.xp, dtype)
-        self._set_normalisation(input_mean, input_std)
+        self.input_norm = InputNormalisation(input_mean, input_std, self.in_channels, self.xp, dtype)
 
-    def _set_normalisation(self, mean, std):
-        if (mean is None) != (std is None):
-            raise ValueError("give both input_mean and input_std, or neither")
-        self.input_mean = self.input_std = self._shift = self._scale = None
-        if mean is None:
-            return
-        mean, std = [float(v) for v in mean], [float(v) for v in std]
-        if len(mean) != self.in_channels or len(std) != self.in_channels:
-            raise ValueError(f"input_mean and input_std need {self.in_channels} values each (one per input "
-                             f"channel), got {len(mean)} and {len(std)}")
-        if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(v) and v > 0 for v in std):
-            raise ValueError(f"input_mean must be finite and input_std positive and finite, got {mean} and {std}")
-        self.input_mean, self.input_std = mean, std
-        shape = (1, self.in_channels, 1, 1)
-        self._shift = self.xp.reshape(self.xp.asarray(mean, dtype=getattr(self.xp, self.dtype)), shape)
-        self._scale = self.xp.reshape(self.xp.asarray([1.0 / v for v in std], dtype=getattr(self.xp, self.dtype)), shape)
+    @property
+    def input_mean(self):
+        return self.input_norm.mean
+
+    @property
+    def input_std(self):
+        return self.input_norm.std
 
     # ------------------------------------------------------------------ config and state
 
@@ -171,28 +218,7 @@ class TinySiamCD:
 
     def normalise(self, x):
         """``(x - input_mean) / input_std`` per channel (x unchanged without normalisation)."""
-        if self._shift is None:
-            return x
-        return (x - self._shift) * self._scale
-
-    def state_dict(self) -> dict:
-        """Host (NumPy) copies: ``{"params": {...}, "buffers": {...}}``."""
-        return {
-            "params": {k: backend.to_host(v).copy() for k, v in self.params.items()},
-            "buffers": {k: backend.to_host(v).copy() for k, v in self.buffers.items()},
-        }
-
-    def load_state_dict(self, state: dict, *, source: str = "state") -> None:
-        """Load host arrays after checking every key, shape and dtype (``io.check_state``); nothing is
-        changed on error."""
-        check_state(state, {"params": self.params, "buffers": self.buffers}, self.dtype, source)
-        new = {(group, name): backend.from_host(state[group][name], self.xp, dtype=self.dtype)
-               for group in ("params", "buffers") for name in getattr(self, group)}
-        for (group, name), arr in new.items():
-            getattr(self, group)[name] = arr
-
-    def num_parameters(self) -> int:
-        return sum(math.prod(p.shape) for p in self.params.values())
+        return self.input_norm(x)
 
     # ------------------------------------------------------------------ blocks
 
@@ -249,38 +275,15 @@ class TinySiamCD:
         xp = array_namespace(x1, x2)
         if training and not keep_cache:
             raise ValueError("keep_cache=False is for evaluation only (training=False): training needs the cache")
-        if tuple(x1.shape) != tuple(x2.shape):
-            raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
-        if x1.ndim != 4 or x1.shape[1] != self.in_channels:
-            raise ValueError(f"inputs must have shape (N, {self.in_channels}, H, W), got {tuple(x1.shape)}")
-        if x1.shape[2] % 8 or x1.shape[3] % 8:
-            raise ValueError(f"input height and width must be multiples of 8, got {tuple(x1.shape)}")
+        _check_inputs(x1, x2, self.in_channels)
         n = x1.shape[0]
         if keep_cache:
             cbr = lambda h, name: self._cbr_forward(h, name, training, sync)  # noqa: E731
         else:
             cbr = self._cbr_folded
-        h = self.normalise(xp.concat([x1, x2], axis=0))
-        stages, enc_caches, fusion_caches, deltas = [], [], [], []
-        for k in range(1, 5):
-            h, ca = cbr(h, f"enc{k}.0")
-            h, cb = cbr(h, f"enc{k}.1")
-            enc_caches.append((ca, cb))
-            stages.append(h)
-            if keep_cache:
-                delta, fc = absdiff_forward(h[:n, ...], h[n:, ...])
-            else:
-                delta, fc = xp.abs(h[:n, ...] - h[n:, ...]), None
-            deltas.append(delta)
-            fusion_caches.append(fc)
-        dec, d = {}, deltas[3]
-        for name, stage in DECODER:
-            cat_cache = None
-            if stage is not None:
-                up, _ = upsample2x_forward(d)
-                d, cat_cache = concat_forward([up, deltas[stage - 1]])
-            d, c = cbr(d, name)
-            dec[name] = (c, cat_cache)
+        stages, enc_caches, deltas, fusion_caches = _encoder_forward(cbr, self.normalise(xp.concat([x1, x2], axis=0)),
+                                                                     n, keep_cache, xp=xp)
+        d, dec = _decoder_forward(cbr, deltas)
         logits, head_cache = conv2d_forward(d, self.params["head.weight"], self.params["head.bias"],
                                             layout=self.conv_layout)
         taps = {f"E{k + 1}": (s[:n, ...], s[n:, ...]) for k, s in enumerate(stages)}
@@ -315,35 +318,93 @@ class TinySiamCD:
         dd, grads["head.weight"], grads["head.bias"] = conv2d_backward(dlogits, cache.head)
         if tap_grads.get("d1") is not None:
             dd = dd + tap_grads["d1"]
-        ddeltas = [None] * 4
-        for name, stage in reversed(DECODER):
-            cbr_cache, cat_cache = cache.decoder[name]
-            dd = self._cbr_backward(dd, cbr_cache, name, grads)
-            if stage is None:
-                ddeltas[3] = dd
-            else:
-                dup, ddeltas[stage - 1] = concat_backward(dd, cat_cache)
-                dd = upsample2x_backward(dup)
-        dh, n = None, cache.n
-        for k in (4, 3, 2, 1):
-            da, db = absdiff_backward(ddeltas[k - 1], cache.fusion[k - 1])
-            g1, g2 = tap_grads.get(f"E{k}") or (None, None)
-            if g1 is not None:
-                da = da + g1
-            if g2 is not None:
-                db = db + g2
-            if dh is None:
-                dstage = xp.concat([da, db], axis=0)
-            else:  # dh is this backward pass's own fresh array: add both phases in place
-                dh[:n, ...] += da
-                dh[n:, ...] += db
-                dstage = dh
-            ca, cb = cache.encoder[k - 1]
-            dh = self._cbr_backward(dstage, cb, f"enc{k}.1", grads)
-            # the images need no gradient: the first convolution skips its input gradient
-            dh = self._cbr_backward(dh, ca, f"enc{k}.0", grads, input_grad=k > 1)
+        def cbr_backward_of(dy, cbr_cache, name, input_grad=True):  # a CBR's backward, its gradients into grads
+            return self._cbr_backward(dy, cbr_cache, name, grads, input_grad)
+
+        _encoder_backward(_decoder_backward(dd, cache.decoder, cbr_backward_of), tap_grads, cache, cbr_backward_of,
+                          xp=xp)
         return grads
 
     def predict_logits(self, x1, x2):
         """Evaluation-mode logits (running BatchNorm statistics, folded; no state change)."""
         return self.forward(x1, x2, training=False, keep_cache=False)[0]
+
+
+# --------------------------------------------------------------------------- the walks of forward and backward
+
+
+def _check_inputs(x1, x2, in_channels):
+    if tuple(x1.shape) != tuple(x2.shape):
+        raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if x1.ndim != 4 or x1.shape[1] != in_channels:
+        raise ValueError(f"inputs must have shape (N, {in_channels}, H, W), got {tuple(x1.shape)}")
+    if x1.shape[2] % 8 or x1.shape[3] % 8:
+        raise ValueError(f"input height and width must be multiples of 8, got {tuple(x1.shape)}")
+
+
+def _encoder_forward(cbr, h, n, keep_cache, *, xp):
+    """The shared encoder on the stacked pair ``h = [x1; x2]`` (``n`` pairs); returns each stage's output,
+    the CBR caches, the fusions ``|f1 - f2|`` and their caches (None without ``keep_cache``)."""
+    stages, enc_caches, deltas, fusion_caches = [], [], [], []
+    for k in range(1, 5):
+        h, ca = cbr(h, f"enc{k}.0")
+        h, cb = cbr(h, f"enc{k}.1")
+        enc_caches.append((ca, cb))
+        stages.append(h)
+        if keep_cache:
+            delta, fc = absdiff_forward(h[:n, ...], h[n:, ...])
+        else:
+            delta, fc = xp.abs(h[:n, ...] - h[n:, ...]), None
+        deltas.append(delta)
+        fusion_caches.append(fc)
+    return stages, enc_caches, deltas, fusion_caches
+
+
+def _decoder_forward(cbr, deltas):
+    """The decoder over the fusions ``deltas`` (``DECODER`` order); returns ``d1`` and each layer's caches."""
+    dec, d = {}, deltas[3]
+    for name, stage in DECODER:
+        cat_cache = None
+        if stage is not None:
+            up, _ = upsample2x_forward(d)
+            d, cat_cache = concat_forward([up, deltas[stage - 1]])
+        d, c = cbr(d, name)
+        dec[name] = (c, cat_cache)
+    return d, dec
+
+
+def _decoder_backward(dd, caches, cbr_backward_of):
+    """``DECODER`` in reverse from the gradient of ``d1``; returns the gradient of each stage's fusion."""
+    ddeltas = [None] * 4
+    for name, stage in reversed(DECODER):
+        cbr_cache, cat_cache = caches[name]
+        dd = cbr_backward_of(dd, cbr_cache, name)
+        if stage is None:
+            ddeltas[3] = dd
+        else:
+            dup, ddeltas[stage - 1] = concat_backward(dd, cat_cache)
+            dd = upsample2x_backward(dup)
+    return ddeltas
+
+
+def _encoder_backward(ddeltas, tap_grads, cache, cbr_backward_of, *, xp):
+    """The shared encoder, stage 4 to 1, on the stacked pair: each stage's gradient is its fusion's
+    (plus the taps' gradients) and what flows back from the stage above."""
+    dh, n = None, cache.n
+    for k in (4, 3, 2, 1):
+        da, db = absdiff_backward(ddeltas[k - 1], cache.fusion[k - 1])
+        g1, g2 = tap_grads.get(f"E{k}") or (None, None)
+        if g1 is not None:
+            da = da + g1
+        if g2 is not None:
+            db = db + g2
+        if dh is None:
+            dstage = xp.concat([da, db], axis=0)
+        else:  # dh is this backward pass's own fresh array: add both phases in place
+            dh[:n, ...] += da
+            dh[n:, ...] += db
+            dstage = dh
+        ca, cb = cache.encoder[k - 1]
+        dh = cbr_backward_of(dstage, cb, f"enc{k}.1")
+        # the images need no gradient: the first convolution skips its input gradient
+        dh = cbr_backward_of(dh, ca, f"enc{k}.0", input_grad=k > 1)
