@@ -97,7 +97,7 @@ def flat_backward_one_product(dy, cache, xp, input_grad=True):
     dyflat = CL.flat_padded(xp.permute_dims(dy, (1, 0, 2, 3)), cache.padding, xp=xp)  # (O, N, P)
     dcols = xp.stack([dyflat[:, :, i * Wp + j : i * Wp + j + L] for i in range(k) for j in range(k)], axis=1)
     dcols = xp.reshape(dcols, (-1, N * L))  # (O k k, N L)
-    xg = _contiguous(xp.permute_dims(cache.cols[:, :, q : q + L], (1, 0, 2)), xp=xp)  # (C, N, L)
+    xg = _contiguous(xp.permute_dims(cache.padded[:, :, q : q + L], (1, 0, 2)), xp=xp)  # (C, N, L)
     g = xp.matmul(dcols, xp.matrix_transpose(xp.reshape(xg, (C, N * L))))  # (O k k, C)
     dweight = CL.unflipped_weight_grad(g, cache.weight.shape, xp=xp)
     if not input_grad:
@@ -169,7 +169,7 @@ def main(argv=None):
             row[f"conv_bwd_{layout}"] = t(lambda: F.conv2d_backward(dy, other_cache, input_grad=need_dx))
             if layout == "flat":
                 form = "stride 2, dx by phases" if stride == 2 else "product first" if CL.flat_product_first(cin, cout) else "im2col"
-                row["flat_form"] = f"flat, {form}" if other_cache.layout == "flat" else other_cache.layout
+                row["flat_form"] = f"flat, {form}" if other_cache.layout in ("flat", "phases") else other_cache.layout
                 if stride == 1 and other_cache.layout == "flat":
                     dx, dw, _ = F.conv2d_backward(dy, other_cache, input_grad=need_dx)
                     dx1, dw1 = flat_backward_one_product(dy, other_cache, xp, input_grad=need_dx)

@@ -7,24 +7,54 @@ other layouts of ``functional.CONV_LAYOUTS`` (derivations in docs/MATH.md 7.1 an
 
 * "merged": the batch folded into the pixel axis, one large product per gradient (CuPy's
   default);
-* "flat", stride 1 ("same" convolutions): windows taken from the padded image with its rows
-  flattened, both gradients from one im2col of ``dy`` (NumPy's default);
-* "flat", stride 2 (3x3, even sizes): the batched forward and weight gradient, the input
+* "flat" ("same" convolutions, stride 1): windows taken from the padded image with its rows
+  flattened, both gradients from one im2col of ``dy``;
+* "phases" (3x3, stride 2, even sizes): the batched forward and weight gradient, the input
   gradient by output phases instead of a col2im.
 
-Each ``*_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp) -> (y, cols)`` keeps in
-``cols`` what its ``*_backward(dy, cache, input_grad, dbias, *, xp)`` needs;
-``functional.conv2d_forward`` wraps it in the ``ConvCache`` that records the layout.
+NumPy's default asks for "flat" and gets "flat" or "phases" by shape (``functional._layout``).
+Each ``*_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp) -> (y, cache)`` returns its
+own cache type (``MergedCache``, ``FlatCache``, ``PhasesCache``, each naming its ``layout``),
+which is what its ``*_backward(dy, cache, input_grad, dbias, *, xp)`` takes.
 """
 
 from __future__ import annotations
 
-from .backend import device, is_cupy_namespace
-from .functional import ConvCache, col2im, _contiguous, im2col, _weight_grad
+from typing import NamedTuple
 
-__all__ = ["FORWARD", "BACKWARD", "merged_forward", "merged_backward", "flat_forward", "flat_backward",
-           "FLAT_BLOCK_BYTES", "flat_padded", "flat_grid", "flipped_taps", "unflipped_weight_grad",
-           "flat_product_first"]
+from .backend import device, is_cupy_namespace
+from .functional import _batched_forward, _contiguous, _weight_grad, col2im, im2col
+
+__all__ = ["FORWARD", "BACKWARD", "MergedCache", "FlatCache", "PhasesCache", "merged_forward", "merged_backward",
+           "flat_forward", "flat_backward", "phases_forward", "phases_backward", "FLAT_BLOCK_BYTES", "flat_padded",
+           "flat_grid", "flipped_taps", "unflipped_weight_grad", "flat_product_first"]
+
+
+class MergedCache(NamedTuple):
+    cols: object  # (C kh kw, N Ho Wo): the batch in the pixel axis
+    weight: object  # (O, C, kh, kw)
+    x_shape: tuple
+    stride: int
+    padding: int
+    has_bias: bool
+    layout = "merged"
+
+
+class FlatCache(NamedTuple):
+    padded: object  # the padded input with its rows flattened, (N, C, (H + 2p + 1) (W + p) + p)
+    weight: object  # (O, C, k, k)
+    x_shape: tuple
+    padding: int
+    has_bias: bool
+    layout = "flat"
+
+
+class PhasesCache(NamedTuple):
+    cols: object  # (N, C 9, Ho Wo), as the batched layout's
+    weight: object  # (O, C, 3, 3)
+    x_shape: tuple
+    has_bias: bool
+    layout = "phases"
 
 #: "flat" works through the batch in blocks of images whose largest temporary (an im2col
 #: matrix or a stack of per-offset products) is about this many bytes, at least one image
@@ -41,10 +71,11 @@ def merged_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
     y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)  # (O, N Ho Wo)
     if bias is not None:
         y = y + xp.reshape(bias, (O, 1))
-    return _contiguous(xp.permute_dims(xp.reshape(y, (O, N, Ho, Wo)), (1, 0, 2, 3)), xp=xp), cols
+    y = _contiguous(xp.permute_dims(xp.reshape(y, (O, N, Ho, Wo)), (1, 0, 2, 3)), xp=xp)
+    return y, MergedCache(cols, weight, tuple(x.shape), stride, padding, bias is not None)
 
 
-def merged_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
+def merged_backward(dy, cache: MergedCache, input_grad, dbias, *, xp):
     """``dW = dy^T cols^T`` and ``dx = col2im(W^T dy)`` with the batch in the pixel axis."""
     N, O, Ho, Wo = dy.shape
     _, C, kh, kw = cache.weight.shape
@@ -60,15 +91,19 @@ def merged_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
 
 def flat_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
     """A "same" convolution on the flattened padded image, which is all its backward pass keeps of ``x``."""
-    cols = flat_padded(x, padding, xp=xp)
-    return _flat_conv(cols, weight, bias, Ho, Wo, x.shape[3] + padding, xp=xp), cols
+    padded = flat_padded(x, padding, xp=xp)
+    y = _flat_conv(padded, weight, bias, Ho, Wo, x.shape[3] + padding, xp=xp)
+    return y, FlatCache(padded, weight, tuple(x.shape), padding, bias is not None)
 
 
-def flat_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
-    """Stride 1: both gradients from one im2col of ``dy``; stride 2 (3x3, even sizes): the batched
-    weight gradient and the input gradient by output phases."""
-    if cache.stride == 1:
-        return _flat_conv_backward(dy, cache, input_grad, dbias, xp=xp)
+def phases_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
+    """The batched forward pass (its cols serve the weight gradient); the backward is where it differs."""
+    y, cols = _batched_forward(x, weight, bias, stride, padding, Ho, Wo, xp=xp)
+    return y, PhasesCache(cols, weight, tuple(x.shape), bias is not None)
+
+
+def phases_backward(dy, cache: PhasesCache, input_grad, dbias, *, xp):
+    """The batched weight gradient, and the input gradient by output phases (``_halving_input_grad``)."""
     N, O, Ho, Wo = dy.shape
     dweight = _weight_grad(xp.reshape(dy, (N, O, Ho * Wo)), cache.cols, cache.weight.shape, xp=xp)
     if not input_grad:
@@ -77,8 +112,6 @@ def flat_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     return _halving_input_grad(dy, cache.weight, H, W, xp=xp), dweight, dbias
 
 
-FORWARD = {"merged": merged_forward, "flat": flat_forward}
-BACKWARD = {"merged": merged_backward, "flat": flat_backward}
 
 
 def flat_padded(x, padding, *, xp):
@@ -181,7 +214,7 @@ def _flat_unpad_into(out, s, e, prod, Wp, bias, *, xp):
     out[s:e, ...] = xp.reshape(prod, (e - s, O, Ho, Wp))[..., :Wo]
 
 
-def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
+def flat_backward(dy, cache: FlatCache, input_grad, dbias, *, xp):
     """``conv2d_backward`` of the "flat" layout (docs/KERNELS.md).
 
     ``dy`` is padded and flattened like ``x``. Its im2col ``dcols`` (``O k k`` rows) gives
@@ -200,10 +233,11 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
         dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
         dweight = None
         for s, e in _blocks(N, C * k * k * L * itemsize, xp=xp):
-            part = _weight_grad(dyg[s:e, ...], _flat_im2col(cache.cols[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape, xp=xp)
+            part = _weight_grad(dyg[s:e, ...], _flat_im2col(cache.padded[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape,
+                                xp=xp)
             dweight = part if dweight is None else dweight + part
         return None, dweight, dbias
-    xg = cache.cols[:, :, q : q + L]  # x on the padded-width grid
+    xg = cache.padded[:, :, q : q + L]  # x on the padded-width grid
     wt = flipped_taps(cache.weight, xp=xp)
     blocks = _blocks(N, O * k * k * L * itemsize, xp=xp)
     g, dx = None, None
@@ -220,7 +254,7 @@ def _flat_conv_backward(dy, cache: ConvCache, input_grad, dbias, *, xp):
     return dx, unflipped_weight_grad(g, cache.weight.shape, xp=xp), dbias
 
 
-def flat_grid(cache: ConvCache):
+def flat_grid(cache: FlatCache):
     """``(Wp, L, q)`` of a stride-1 "flat" convolution: the padded row width, the length of the
     output on the padded-width grid (``Ho Wp``), and where ``x[0, 0]`` sits in the flattened
     padded image (``p Wp + p``)."""
@@ -280,3 +314,8 @@ def _halving_input_grad(dy, weight, H, W, *, xp):
             part = xp.matmul(wm, dcols[:, first * O : first * O + wm.shape[1], :])  # (e - s, C, L)
             dx[s:e, :, a::2, b::2] = xp.reshape(part, (e - s, C, Ho, Wq))[..., :Wo]
     return dx
+
+
+# the dispatch of functional.conv2d_forward / conv2d_backward by algorithm name
+FORWARD = {"merged": merged_forward, "flat": flat_forward, "phases": phases_forward}
+BACKWARD = {"merged": merged_backward, "flat": flat_backward, "phases": phases_backward}

@@ -53,27 +53,34 @@ __all__ = [
 #: only that padded image for the backward pass, whose weight and input gradients share
 #: one im2col of ``dy``, and they work a few images at a time so that each block's copies
 #: are still in the CPU cache when its products read them; 3x3 stride-2 convolutions of
-#: even-sized inputs compute their input gradient by output phases instead of a col2im.
+#: even-sized inputs run the "phases" algorithm instead: the batched forward, the input
+#: gradient by output phases instead of a col2im. Any other shape runs "batched".
 #: "auto": merged on CuPy, flat elsewhere (docs/PERFORMANCE.md has the measurements).
+#: A convolution's cache says which algorithm ran (``cache.layout``: "batched", "merged",
+#: "flat" or "phases").
 CONV_LAYOUTS = ("auto", "batched", "merged", "flat")
 
+
 class ConvCache(NamedTuple):
-    cols: object  # batched: (N, C*kh*kw, Ho*Wo); merged: (C*kh*kw, N*Ho*Wo); 1x1 batched: (N, C, H*W);
-    #               flat, stride 1: the padded, flattened input (N, C, (H+2p+1)*(W+p)+p); flat, stride 2: as batched
+    """What the plain ("batched") convolution's backward needs; the fast layouts of
+    ``conv_layouts`` have cache types of their own, each with its ``layout`` name."""
+
+    cols: object  # (N, C*kh*kw, Ho*Wo); a 1x1 convolution's input itself, (N, C, H*W)
     weight: object  # (O, C, kh, kw)
     x_shape: tuple
     stride: int
     padding: int
     has_bias: bool
-    layout: str  # "batched", "merged" or "flat"
+    layout = "batched"  # the algorithm that ran (a class attribute, not a field)
 
 
 def _layout(xp, kh, kw, stride, padding, H, W, layout="auto"):
     """The layout one convolution takes: ``layout`` resolved for this namespace and shape.
 
-    "flat" fits "same" convolutions and 3x3, stride-2, padding-1 convolutions of even-sized
-    inputs (their forward pass is the batched one, their input gradient works by phases);
-    other convolutions fall back to "batched".
+    The returned name is the algorithm that runs (each has its own cache type). Asking for
+    "flat" asks for NumPy's fast family: the "flat" algorithm for "same" convolutions, "phases"
+    for 3x3, stride-2, padding-1 convolutions of even-sized inputs (the batched forward pass,
+    the input gradient by output phases), "batched" for any other.
     """
     if layout not in CONV_LAYOUTS:
         raise ValueError(f"conv layout must be one of {CONV_LAYOUTS}, got {layout!r}")
@@ -81,8 +88,8 @@ def _layout(xp, kh, kw, stride, padding, H, W, layout="auto"):
         layout = "merged" if is_cupy_namespace(xp) else "flat"
     same = stride == 1 and kh == kw == 2 * padding + 1 and kh > 1
     halving = stride == 2 and kh == kw == 3 and padding == 1 and H % 2 == 0 and W % 2 == 0
-    if layout == "flat" and not (same or halving):
-        layout = "batched"
+    if layout == "flat":  # NumPy's fast family: its algorithm for this shape, or the plain one
+        layout = "flat" if same else "phases" if halving else "batched"
     return layout
 
 
@@ -181,13 +188,12 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0, layout="auto"):
     if Ho < 1 or Wo < 1:
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
     layout = _layout(xp, kh, kw, stride, padding, H, W, layout)
-    if layout == "batched" or (layout == "flat" and stride == 2):  # stride-2 "flat" differs in its backward only
-        y, cols = _batched_forward(x, weight, bias, stride, padding, Ho, Wo, xp=xp)
-    else:  # the fast forms of the same product (hicd_core/conv_layouts.py)
+    if layout != "batched":  # the fast forms of the same product (hicd_core/conv_layouts.py)
         from . import conv_layouts
 
-        y, cols = conv_layouts.FORWARD[layout](x, weight, bias, stride, padding, Ho, Wo, xp=xp)
-    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None, layout)
+        return conv_layouts.FORWARD[layout](x, weight, bias, stride, padding, Ho, Wo, xp=xp)
+    y, cols = _batched_forward(x, weight, bias, stride, padding, Ho, Wo, xp=xp)
+    return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None)
 
 
 def _batched_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):

@@ -286,7 +286,7 @@ def test_flat_halving_conv_matches_reference(xp, monkeypatch, size):
     x, w, b = rng.standard_normal((3, 4, H, W)), rng.standard_normal((5, 4, 3, 3)), rng.standard_normal(5)
     monkeypatch.setattr(CL, "FLAT_BLOCK_BYTES", 1)  # one image per block
     cache = check_conv_against_reference(xp, rng, x, w, b, 2, 1, "flat")
-    assert cache.layout == ("flat" if H % 2 == 0 and W % 2 == 0 else "batched")
+    assert cache.layout == ("phases" if H % 2 == 0 and W % 2 == 0 else "batched")
 
 
 def test_conv_input_grad_false_skips_dx(conv_layout):
