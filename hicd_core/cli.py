@@ -215,7 +215,7 @@ def _degrade_parser(sub):
 def _pack_parser(sub):
     k = sub.add_parser("pack", help="pack a dataset folder into one HDF5 file",
                        description="Pack a LEVIR-CD style folder (all images one size) into a chunked uint8 "
-                       "HDF5 file for fast random-crop training.")
+                       "HDF5 file for fast random-crop training (8 bits per band: keep 16-bit GeoTIFFs as a folder).")
     k.add_argument("data")
     k.add_argument("-o", "--output", required=True)
     k.add_argument("--split", default=None)

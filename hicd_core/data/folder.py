@@ -376,7 +376,9 @@ def pack_dataset(dataset, path, *, names=None, attrs=None) -> Path:
 
     ``dataset`` is anything with ``len`` and ``[i] -> (t1, t2, label)`` of one size
     (a ``FolderDataset``, an ``H5Dataset``, or a tuple of arrays as returned by
-    ``synthetic_pairs``). Images are stored as uint8 (``round(255 x)``). The disk
+    ``synthetic_pairs``). Images are stored as uint8 (``round(255 x)``), any number of
+    bands: 8 bits per band, so 16-bit rasters lose precision (up to 1/510 of their range);
+    train on their folder instead. The disk
     space is reserved before HDF5 writes (a full disk is an ``OSError``, the target
     untouched), and the SHA-256 of the file goes into its 512-byte user block
     (``hicd-dataset v2 sha256=<hex>``), which ``H5Dataset`` checks before parsing.
