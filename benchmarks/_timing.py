@@ -53,3 +53,22 @@ def interleaved_ms(fns, syncs, repeats, block=5):
                 if i:
                     out.append((time.perf_counter() - start) * 1e3)
     return [(statistics.median(t[:repeats]), t[:repeats]) for t in times]
+
+
+def host_fields():
+    """What a CPU figure depends on: the core count, the machine, the load and the BLAS threads."""
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
+
+
+def emit(row, out=None):
+    """Print one JSON line and, with ``out``, append it to that file."""
+    import json
+
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,6 +29,9 @@ from hicd_core.model import TinySiamCD  # noqa: E402
 from hicd_core.optim import AdamW  # noqa: E402
 from hicd_core.parallel import MPIComm, average_gradients, launched_by_mpi, shard  # noqa: E402
 from hicd_core.train import DistillConfig, default_windows, train_step  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import emit, host_fields  # noqa: E402
 
 # links for the paper estimate, bytes per second per GPU, as vendors quote them (bus bandwidth)
 LINKS = {"8 GPUs in one node (NVLink 4, ~450 GB/s per GPU per direction)": 450e9,
@@ -107,13 +109,9 @@ def main(argv=None):
            "pairs_per_s": round(args.batch / step, 2),
            "allreduce_ms_median": round(statistics.median(reduce_times) * 1e3, 2) if reduce_times else 0.0,
            "gradient_mb": round(model.num_parameters() * 4 / 2**20, 2),
-           "transport": "none" if comm is None else comm.transport, "cpus": os.cpu_count(),
-           "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "load_avg_1min": round(os.getloadavg()[0], 2)}
+           "transport": "none" if comm is None else comm.transport, **host_fields()}
     if comm is None or comm.rank == 0:
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     return 0
 
 

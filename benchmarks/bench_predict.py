@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _timing import emit, host_fields  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
@@ -101,13 +101,8 @@ def main(argv=None):
                    "seconds": round(stats["seconds"], 2),
                    "pixels_per_s": round(args.size * args.size / stats["seconds"]),
                    "peak_rss_mb": round(stats["peak_rss_mb"], 1), "output_mb": round(out.stat().st_size / 2**20, 1),
-                   "input_written_s": round(written, 1), "cpus": os.cpu_count(), "machine": platform.machine(),
-                   "load_avg_1min": round(os.getloadavg()[0], 2),
-                   "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset")}
-            print(json.dumps(row), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                   "input_written_s": round(written, 1), **host_fields()}
+            emit(row, args.out)
     return 0
 
 
