@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -87,13 +88,7 @@ def _check_sizes(a_path, b_path, l_path, a_size, b_size, label_size):
 
 def _rasterio_reads(path) -> bool:
     """True for a TIFF when rasterio is installed: it is then read band by band, as stored."""
-    if Path(path).suffix.lower() not in GEOTIFF_SUFFIXES:
-        return False
-    try:
-        import rasterio  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return Path(path).suffix.lower() in GEOTIFF_SUFFIXES and importlib.util.find_spec("rasterio") is not None
 
 
 def _tiff_hint(path):
