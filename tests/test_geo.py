@@ -304,3 +304,16 @@ def test_the_readme_geotiff_pair_predicts(tmp_path, checkpoint, capsys):
                      "--checkpoint", str(checkpoint), "--no-progress"]) == 0
     with rasterio.open(tmp_path / "geo" / "change.tif") as out, rasterio.open(paths["t1"]) as t1:
         assert out.transform == t1.transform and out.crs == t1.crs
+
+
+@needs_rasterio
+def test_a_degraded_multispectral_set_is_written_as_geotiffs_and_read_back_exactly(tmp_path, capsys):
+    from hicd_core.data import FolderDataset
+
+    data = _band_folder(tmp_path / "data", 4, n=2)
+    assert cli_main(["degrade", "--data", str(data), "--setting", "multi", "-o", str(tmp_path / "lq")]) == 0
+    source, degraded = FolderDataset(data), FolderDataset(tmp_path / "lq")
+    t1, t2, label = degraded[1]
+    np.testing.assert_array_equal(t1, source[1][0])  # t1 is untouched, and float32 GeoTIFFs keep it exactly
+    assert t2.shape == (4, 32, 32) and not np.array_equal(t2, source[1][1])
+    np.testing.assert_array_equal(label, source[1][2])

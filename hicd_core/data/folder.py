@@ -633,16 +633,25 @@ def change_overlay(t2, change, colour=(255, 0, 0), alpha=0.5) -> np.ndarray:
 
 
 def write_dataset_folder(dataset, out) -> Path:
-    """Write a dataset as a LEVIR-CD style folder (A/, B/, label/ PNGs, labels 0/255)."""
+    """Write a dataset as a LEVIR-CD style folder (A/, B/, label/; labels 0/255).
+
+    RGB images become 8-bit PNGs; images with another band count become float32 GeoTIFFs
+    (their values exactly, read back as stored; needs rasterio), with PNG labels.
+    """
     out = Path(out)
     names = getattr(dataset, "names", None) or [f"{i:06d}" for i in range(len(dataset))]
     for i in range(len(dataset)):
         t1, t2, label = dataset[i]
-        name = f"{names[i]}.png"
-        write_png(to_uint8(t1), out / "A" / name)
-        write_png(to_uint8(t2), out / "B" / name)
+        for sub, image in (("A", t1), ("B", t2)):
+            if image.shape[0] == 3:
+                write_png(to_uint8(image), out / sub / f"{names[i]}.png")
+            else:
+                from ..raster import write_raster
+
+                write_raster(out / sub / f"{names[i]}.tif", np.asarray(image, dtype=np.float32))
         label = np.asarray(label)
-        write_png(np.where(label == 1, 255, label).astype(np.uint8) if label.max() <= 1 else label, out / "label" / name)
+        write_png(np.where(label == 1, 255, label).astype(np.uint8) if label.max() <= 1 else label,
+                  out / "label" / f"{names[i]}.png")
     return out
 
 
