@@ -334,7 +334,8 @@ def _trained_bands(ck):
 
 
 def cmd_predict(args):
-    from .raster import ArraySource, check_same_grid, gdal_environment, is_geotiff, open_source
+    from .infer import stream_probability
+    from .raster import ArraySource, check_same_grid, gdal_environment, is_geotiff, open_source, write_change_maps
     from .train import load_model
 
     if args.overlap is None:
@@ -356,73 +357,13 @@ def cmd_predict(args):
         if args.overlay and not isinstance(t2, ArraySource):
             raise ValueError("--overlay draws on an RGB image read whole (PNG/JPEG t2); a GeoTIFF output opens "
                              "on top of the images in a GIS instead")
-        changed, valid_pixels = _write_maps(model, t1, t2, args)
+        rows = stream_probability(model, t1, t2, tile=args.tile, overlap=args.overlap, progress=not args.no_progress)
+        changed, valid_pixels = write_change_maps(rows, t1, t2, mask=args.output, probability=args.prob,
+                                                  overlay=args.overlay, threshold=args.threshold)
     print(json.dumps({"output": args.output, "height": t1.height, "width": t1.width,
                       "changed_fraction": round(changed / max(valid_pixels, 1), 6),
                       **({"nodata_pixels": t1.height * t1.width - valid_pixels} if t1.has_nodata or t2.has_nodata
                          else {})}))
-
-
-def _write_maps(model, t1, t2, args):
-    """Stream the probability rows into the requested outputs; returns (changed pixels, valid pixels)."""
-    import contextlib
-
-    import numpy as np
-
-    from .data.folder import change_overlay, to_uint8, write_png
-    from .infer import stream_probability
-    from .raster import MASK_NODATA, RasterSink, is_geotiff
-
-    H, W = t1.height, t1.width
-    with contextlib.ExitStack() as stack:
-        sinks, whole = {}, {}  # GeoTIFF outputs written by rows; PNG outputs gathered whole (they fit in memory)
-        for key, path in (("mask", args.output), ("probability", args.prob)):
-            if path is None:
-                continue
-            if is_geotiff(path):
-                sinks[key] = stack.enter_context(RasterSink(path, t1, key))
-            else:
-                whole[key] = np.zeros((H, W), np.float32 if key == "probability" else bool)
-        if args.overlay:
-            whole.setdefault("mask", np.zeros((H, W), bool))
-        changed = valid_pixels = 0
-        for row0, prob in stream_probability(model, t1, t2, tile=args.tile, overlap=args.overlap,
-                                             progress=not args.no_progress):
-            rows = slice(row0, row0 + len(prob))
-            valid = _valid_rows(t1, t2, row0, row0 + len(prob), W)
-            change = prob >= args.threshold
-            if valid is not None:
-                change &= valid
-            changed += int(change.sum())
-            valid_pixels += int(valid.sum()) if valid is not None else change.size
-            if "mask" in sinks:
-                mask = change.astype(np.uint8)
-                if valid is not None:
-                    mask[~valid] = MASK_NODATA
-                sinks["mask"].write(row0, mask)
-            if "probability" in sinks:
-                sinks["probability"].write(row0, prob if valid is None else np.where(valid, prob, np.nan))
-            if "mask" in whole:
-                whole["mask"][rows] = change
-            if "probability" in whole:
-                whole["probability"][rows] = prob if valid is None else np.where(valid, prob, 0.0)
-        for sink in sinks.values():
-            sink.commit()
-    if "mask" in whole and not is_geotiff(args.output):
-        write_png(to_uint8(whole["mask"]), args.output)
-    if "probability" in whole:
-        write_png(to_uint8(whole["probability"]), args.prob)
-    if args.overlay:
-        write_png(change_overlay(t2.image, whole["mask"]), args.overlay)
-    return changed, valid_pixels
-
-
-def _valid_rows(t1, t2, y0, y1, W):
-    """Pixels of rows ``y0..y1`` that hold data in both inputs (None: every pixel does)."""
-    masks = [m for m in (t1.valid(y0, y1, 0, W), t2.valid(y0, y1, 0, W)) if m is not None]
-    if not masks:
-        return None
-    return masks[0] if len(masks) == 1 else masks[0] & masks[1]
 
 
 def cmd_degrade(args):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import backend
 from .functional import sigmoid
 from .data.loader import iterate_batches
@@ -39,7 +37,7 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
         cut = math.log(threshold / (1.0 - threshold))
         cm.update(logits[:, 0, ...] >= cut, backend.from_host(label, xp), ignore_index)
     if comm is not None:
-        counts = comm.allreduce_host(np.array([cm.tp, cm.fp, cm.fn, cm.tn], dtype=np.int64))
+        counts = comm.allreduce_host([cm.tp, cm.fp, cm.fn, cm.tn])
         cm.tp, cm.fp, cm.fn, cm.tn = (int(v) for v in counts)
     return cm.compute()
 
@@ -165,8 +163,7 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
 
 def _read_window(src, y, x, tile, H, W, *, xp, dtype):
     """The ``tile x tile`` window at ``(y, x)``, its part beyond the scene filled by replicating the border."""
-    window = backend.from_host(np.ascontiguousarray(src.read(y, min(y + tile, H), x, min(x + tile, W))), xp,
-                               dtype=dtype)
+    window = backend.from_host(src.read(y, min(y + tile, H), x, min(x + tile, W)), xp, dtype=dtype)
     return _pad_edge(window, tile, tile, xp=xp)
 
 

@@ -89,7 +89,8 @@ class MPIComm:
             time.sleep(pause)
 
     def allreduce_host(self, values):
-        """Elementwise sum over ranks of a NumPy array (float64 or int64 kept as given)."""
+        """Elementwise sum over ranks of host numbers (a NumPy array or a list: ints as int64,
+        floats as float64); a NumPy array."""
         send = np.ascontiguousarray(values)
         out = np.empty_like(send)
         self._wait(self.comm.Iallreduce(send, out, op=self.MPI.SUM), "an all-reduce")

@@ -53,6 +53,7 @@ __all__ = [
     "select_bands",
     "write_raster",
     "gdal_environment",
+    "write_change_maps",
 ]
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
@@ -372,3 +373,67 @@ def write_raster(path, array, *, crs=None, transform=None, nodata=None):
         with rasterio.open(tmp, "w", **profile) as ds:
             ds.write(array)
     return Path(path)
+
+
+def write_change_maps(rows, t1, t2, *, mask, probability=None, overlay=None, threshold=0.5):
+    """Write the outputs of ``hicd predict`` from streamed probability rows; ``(changed, valid)`` pixel counts.
+
+    ``rows``: ``(row0, probabilities (n, W))`` from ``infer.stream_probability``; ``t1``,
+    ``t2``: its sources (their ``valid`` masks give the nodata pixels). ``mask`` and
+    ``probability`` are paths: a GeoTIFF is written row by row (``RasterSink``; nodata
+    ``MASK_NODATA`` / NaN), a PNG is gathered whole (0/255 mask, 8-bit probability, nodata as
+    no change / 0) and written at the end; ``overlay`` draws the change on ``t2`` (an
+    ``ArraySource``) as a PNG. Change is ``probability >= threshold`` on valid pixels.
+    """
+    import contextlib
+
+    from .data.folder import change_overlay, to_uint8, write_png
+
+    H, W = t1.height, t1.width
+    with contextlib.ExitStack() as stack:
+        sinks, whole = {}, {}  # GeoTIFF outputs written by rows; PNG outputs gathered whole (they fit in memory)
+        for key, path in (("mask", mask), ("probability", probability)):
+            if path is None:
+                continue
+            if is_geotiff(path):
+                sinks[key] = stack.enter_context(RasterSink(path, t1, key))
+            else:
+                whole[key] = np.zeros((H, W), np.float32 if key == "probability" else bool)
+        if overlay:
+            whole.setdefault("mask", np.zeros((H, W), bool))
+        changed = valid_pixels = 0
+        for row0, prob in rows:
+            valid = _valid_rows(t1, t2, row0, row0 + len(prob), W)
+            change = prob >= threshold
+            if valid is not None:
+                change &= valid
+            changed += int(change.sum())
+            valid_pixels += int(valid.sum()) if valid is not None else change.size
+            if "mask" in sinks:
+                out = change.astype(np.uint8)
+                if valid is not None:
+                    out[~valid] = MASK_NODATA
+                sinks["mask"].write(row0, out)
+            if "probability" in sinks:
+                sinks["probability"].write(row0, prob if valid is None else np.where(valid, prob, np.nan))
+            if "mask" in whole:
+                whole["mask"][row0 : row0 + len(prob)] = change
+            if "probability" in whole:
+                whole["probability"][row0 : row0 + len(prob)] = prob if valid is None else np.where(valid, prob, 0.0)
+        for sink in sinks.values():
+            sink.commit()
+    if "mask" in whole and not is_geotiff(mask):
+        write_png(to_uint8(whole["mask"]), mask)
+    if "probability" in whole:
+        write_png(to_uint8(whole["probability"]), probability)
+    if overlay:
+        write_png(change_overlay(t2.image, whole["mask"]), overlay)
+    return changed, valid_pixels
+
+
+def _valid_rows(t1, t2, y0, y1, W):
+    """Pixels of rows ``y0..y1`` that hold data in both inputs (None: every pixel does)."""
+    masks = [m for m in (t1.valid(y0, y1, 0, W), t2.valid(y0, y1, 0, W)) if m is not None]
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else masks[0] & masks[1]

@@ -22,8 +22,6 @@ import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
-
 from . import backend
 from .backend import all_finite
 from .data.folder import DegradedView, channel_stats, validate_dataset
@@ -478,7 +476,7 @@ def _train_epoch(run: _Run, progress, log_every):
     bar.close()
     if run.comm is not None:  # the log shows the mean over ranks
         names = sorted(sums)
-        total = run.comm.allreduce_host(np.array([float(sums[k]) for k in names], dtype=np.float64))
+        total = run.comm.allreduce_host([float(sums[k]) for k in names])
         sums = {k: v / run.comm.size for k, v in zip(names, total.tolist())}
     return sums, count, time.perf_counter() - started
 
