@@ -29,13 +29,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _timing import emit, host_fields  # noqa: E402
 
+# VmHWM: the child's own peak since exec (ru_maxrss would include the parent's resident memory at
+# the fork, which Linux keeps across execve)
 CHILD = """
-import json, resource, sys, time
+import json, re, sys, time
 from hicd_core.cli import main
 start = time.perf_counter()
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "seconds": time.perf_counter() - start,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_kb / 1024}))
 """
 
 
