@@ -93,15 +93,22 @@ def _to_float(raw):
     return out
 
 
+def _checked_bands(bands, count, name):
+    """``bands`` as 1-based ints within ``count`` (all bands for None), or a one-line error naming ``name``."""
+    if bands is None:
+        return list(range(1, count + 1))
+    bands = [int(b) for b in bands]
+    bad = [b for b in bands if not 1 <= b <= count]
+    if bad:
+        raise DatasetError(f"{name}: band {bad[0]} requested but the image has {count} band(s) (1-based)")
+    return bands
+
+
 def select_bands(image, bands, *, name="image"):
     """Bands ``bands`` (1-based, GDAL's numbering) of a ``(C, H, W)`` array; all of them for None."""
     if bands is None:
         return image
-    bands = [int(b) for b in bands]
-    bad = [b for b in bands if not 1 <= b <= image.shape[0]]
-    if bad:
-        raise DatasetError(f"{name}: band {bad[0]} requested but the image has {image.shape[0]} band(s) (1-based)")
-    return np.ascontiguousarray(image[[b - 1 for b in bands]])
+    return np.ascontiguousarray(image[[b - 1 for b in _checked_bands(bands, image.shape[0], name)]])
 
 
 def _open(path):
@@ -114,20 +121,10 @@ def _open(path):
         raise DatasetError(f"{path}: cannot read raster ({exc})") from None
 
 
-def _bands_of(path, src, bands):
-    if bands is None:
-        return list(range(1, src.count + 1))
-    bands = [int(b) for b in bands]
-    bad = [b for b in bands if not 1 <= b <= src.count]
-    if bad:
-        raise DatasetError(f"{path}: band {bad[0]} requested but the raster has {src.count} band(s) (1-based)")
-    return bands
-
-
 def read_raster(path, bands=None) -> np.ndarray:
     """A whole raster as float32 ``(C, H, W)`` (integer types scaled to [0, 1], see the module docs)."""
     with _open(path) as src:
-        return _to_float(src.read(_bands_of(path, src, bands)))
+        return _to_float(src.read(_checked_bands(bands, src.count, path)))
 
 
 def read_raster_label(path) -> np.ndarray:
@@ -194,7 +191,7 @@ class RasterSource:
         self._src = _open(path)
         self._vrt = None
         try:
-            self._bands = _bands_of(path, self._src, bands)
+            self._bands = _checked_bands(bands, self._src.count, path)
             ds = self._src
             if align_to is not None:
                 from rasterio.enums import Resampling
