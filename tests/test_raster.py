@@ -1,4 +1,4 @@
-"""Geodata: streamed prediction, GeoTIFF in and out, multispectral training and prediction."""
+"""raster.py and streamed prediction: GeoTIFF in and out, bounded memory, multispectral training and prediction."""
 
 from __future__ import annotations
 
