@@ -81,6 +81,18 @@ def namespace(name: str):
         raise ImportError(f"hicd: backend {name!r} is not available: {exc}{hint}") from None
 
 
+def use_local_device(xp, local_rank: int):
+    """On CuPy, make GPU ``local_rank mod (GPUs on this node)`` current for this process (data-parallel
+    ranks of one node each take their own GPU); returns its index, or None on a host namespace."""
+    if not is_cupy_namespace(xp):
+        return None
+    import cupy
+
+    index = int(local_rank) % cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(index).use()
+    return index
+
+
 def available_backends() -> list[str]:
     """Names of the backends that import here; ``cupy`` only when a GPU is usable."""
     names = []

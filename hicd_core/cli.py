@@ -254,9 +254,13 @@ def _dataset(args, *, n_default=128):
 def cmd_train(args):
     from .data import load_splits
     from .experiment import student_config
+    from .parallel import CommunicationError
     from .train import TrainConfig, fit, load_model
 
     xp = backend.namespace(args.backend)
+    comm = _world_communicator()
+    if comm is not None:  # before any array is made: each rank of a node on its own GPU (CuPy)
+        backend.use_local_device(xp, comm.local_rank)
     train_set, val_set, _ = load_splits(args.data, size=args.size, n_train=args.n_train, n_val=args.n_val,
                                         n_test=1, seed=args.seed, ignore_value=args.ignore_index,
                                         label_threshold=args.label_threshold, bands=args.bands)
@@ -281,9 +285,6 @@ def cmd_train(args):
             raise ValueError("--teacher CHECKPOINT is required for this student")
         if args.teacher is not None:
             teacher, _ = load_model(args.teacher, xp=xp)
-    from .parallel import CommunicationError
-
-    comm = _world_communicator()
     rank0 = comm is None or comm.rank == 0
     try:
         result = fit(cfg, train_set, val_set, args.out, xp=xp, teacher=teacher, resume=args.resume,

@@ -51,7 +51,7 @@ def launched_by_mpi() -> int:
 class MPIComm:
     """An MPI communicator for data-parallel training (default: ``MPI.COMM_WORLD``).
 
-    ``rank``, ``size``; ``allreduce_sum(x)`` (elementwise sum over ranks, same shape and
+    ``rank``, ``size``, ``local_rank`` (among the ranks of this node); ``allreduce_sum(x)`` (elementwise sum over ranks, same shape and
     namespace), ``allgather(x)`` (the ranks' arrays stacked along axis 0, in rank
     order), ``allreduce_host(values)`` (a NumPy array summed over ranks), ``bcast``
     (a Python object from rank 0), ``barrier()`` and ``abort(code)``.
@@ -66,6 +66,8 @@ class MPIComm:
         self.MPI = MPI
         self.comm = mpi_comm if mpi_comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        # the rank among the processes of this node (which GPU a rank takes: backend.use_local_device)
+        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
         self.timeout = float(timeout if timeout is not None else os.environ.get("HICD_MPI_TIMEOUT", 300))
         self.transport = "mpi-host"
 
