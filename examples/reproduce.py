@@ -37,6 +37,7 @@ Studies (``--data`` and ``--protocol`` choose one):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -532,11 +533,14 @@ def main(argv=None):
                 machine=machine_description(args.backend))
 
     def record(r, seconds):
-        rows.append(r)
-        meta["seconds"]["|".join(str(k) for k in row_key(r))] = round(seconds, 1)
-        write_json(results, rows)
-        write_json(meta_path, meta)
-        write_report(rows, meta, args.settings, report, plot, **report_args)
+        # several sweeps may add rows to one study at once: merge with what is on disk, under a lock
+        with _study_lock(results):
+            rows[:] = [x for x in load_rows(results) if row_key(x) != row_key(r)] + [r]
+            on_disk = json.loads(meta_path.read_text())["seconds"] if meta_path.exists() else {}
+            meta["seconds"] = {**on_disk, **meta["seconds"], "|".join(str(k) for k in row_key(r)): round(seconds, 1)}
+            write_json(results, rows)
+            write_json(meta_path, meta)
+            write_report(rows, meta, args.settings, report, plot, **report_args)
         print(f"{r['setting']:14s} seed {r['seed']}  {label(r['method'], r['init']):40s} F1 {r['f1']:6.2f}  "
               f"IoU {r['iou']:6.2f}" + (f"  best epoch {r['best_epoch']}/{r['epochs_run']}" if "best_epoch" in r else ""),
               flush=True)
@@ -581,6 +585,20 @@ def main(argv=None):
                 record(_measure(student, test_lq, prof, args, setting, LABELS[variant], seed, init, _summary(folder)),
                        time.perf_counter() - t)
     return rows
+
+
+@contextlib.contextmanager
+def _study_lock(results):
+    """An exclusive lock (``fcntl.flock``) on ``<results>.lock`` while a row is merged in and written."""
+    import fcntl
+
+    lock_path = Path(results).with_name(Path(results).name + ".lock")
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _summary(folder):
