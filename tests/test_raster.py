@@ -320,3 +320,19 @@ def test_a_degraded_multispectral_set_is_written_as_geotiffs_and_read_back_exact
     np.testing.assert_array_equal(t1, source[1][0])  # t1 is untouched, and float32 GeoTIFFs keep it exactly
     assert t2.shape == (4, 32, 32) and not np.array_equal(t2, source[1][1])
     np.testing.assert_array_equal(label, source[1][2])
+
+
+@needs_rasterio
+def test_a_failed_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
+    from hicd_core.raster import RasterSink
+
+    like = ArraySource(np.zeros((1, 40, 30), np.float32))
+    target = tmp_path / "change.tif"
+    with RasterSink(target, like, "mask") as sink:  # a complete write
+        sink.write(0, np.ones((40, 30), np.uint8))
+        sink.commit()
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError, match="half way"), RasterSink(target, like, "mask") as sink:
+        sink.write(0, np.zeros((20, 30), np.uint8))
+        raise RuntimeError("half way")
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["change.tif"]
