@@ -57,7 +57,7 @@ _ignore_value = _checked(int, lambda v: 2 <= v <= 255,
 
 def _png_path(text):
     if Path(text).suffix.lower() != ".png":
-        raise argparse.ArgumentTypeError(f"{text}: only PNG output is written (name it .png)")
+        raise argparse.ArgumentTypeError(f"{text}: this output is written as PNG (name it .png)")
     return text
 
 

@@ -55,7 +55,7 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32):
     Parameters
     ----------
     model : TinySiamCD
-    t1, t2 : host or backend arrays (3, H, W) in [0, 1]
+    t1, t2 : host or backend arrays (C, H, W), C the model's input channels (3 for RGB in [0, 1])
     tile : int
         Side of the square windows (a multiple of 8); smaller images are padded.
     overlap : int
