@@ -319,7 +319,10 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         m = x.shape[0] * x.shape[2] * x.shape[3] * (1 if sync is None else sync.size)
         if m < 2:
             raise ValueError(f"batchnorm2d in training needs more than one value per channel, got input {tuple(x.shape)}")
-        total = lambda a: channel_sum(a, xp=xp) if sync is None else sync.allreduce_sum(channel_sum(a, xp=xp))  # noqa: E731
+        def total(a):  # per-channel sums of this batch, or of the global batch across ranks
+            sums = channel_sum(a, xp=xp)
+            return sums if sync is None else sync.allreduce_sum(sums)
+
         mean = total(x) * (1.0 / m)
         centred = x - xp.reshape(mean, shape)
         var = total(centred * centred) * (1.0 / m)

@@ -32,7 +32,8 @@ from .errors import HicdError
 
 __all__ = ["MPIComm", "CommunicationError", "launched_by_mpi", "average_gradients", "shard"]
 
-_LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE", "SLURM_NTASKS")
+# the world size as MPICH / Hydra, Open MPI, Intel MPI and PMIx launchers announce it
+_LAUNCHER_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "PMIX_SIZE")
 
 
 class CommunicationError(HicdError):
@@ -41,7 +42,7 @@ class CommunicationError(HicdError):
 
 def launched_by_mpi() -> int:
     """The world size announced by an MPI launcher's environment (``mpiexec -n K``), or 1."""
-    for name in _LAUNCHER_VARIABLES[:4]:
+    for name in _LAUNCHER_VARIABLES:
         value = os.environ.get(name)
         if value and value.isdigit() and int(value) > 1:
             return int(value)
@@ -51,10 +52,12 @@ def launched_by_mpi() -> int:
 class MPIComm:
     """An MPI communicator for data-parallel training (default: ``MPI.COMM_WORLD``).
 
-    ``rank``, ``size``, ``local_rank`` (among the ranks of this node); ``allreduce_sum(x)`` (elementwise sum over ranks, same shape and
-    namespace), ``allgather(x)`` (the ranks' arrays stacked along axis 0, in rank
-    order), ``allreduce_host(values)`` (a NumPy array summed over ranks), ``bcast``
-    (a Python object from rank 0), ``barrier()`` and ``abort(code)``.
+    ``rank``, ``size``, ``local_rank`` (among the ranks of this node); ``allreduce_sum(x)``
+    (elementwise sum over ranks, same shape and namespace), ``allgather(x)`` (the ranks'
+    arrays stacked along axis 0, in rank order), ``allreduce_host(values)`` (host numbers
+    summed over ranks), ``bcast`` (a Python object from rank 0), ``barrier()`` and
+    ``abort(code)``. ``timeout``: seconds any collective may wait (default
+    ``HICD_MPI_TIMEOUT`` or 300).
     """
 
     def __init__(self, mpi_comm=None, *, timeout=None):
@@ -68,7 +71,13 @@ class MPIComm:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         # the rank among the processes of this node (which GPU a rank takes: backend.use_local_device)
         self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-        self.timeout = float(timeout if timeout is not None else os.environ.get("HICD_MPI_TIMEOUT", 300))
+        raw = timeout if timeout is not None else os.environ.get("HICD_MPI_TIMEOUT", 300)
+        try:
+            self.timeout = float(raw)
+        except ValueError:
+            raise ValueError(f"HICD_MPI_TIMEOUT must be a number of seconds, got {raw!r}") from None
+        if not self.timeout > 0:
+            raise ValueError(f"the collective timeout must be positive, got {raw!r}")
         self.transport = "mpi-host"
 
     def __repr__(self):
