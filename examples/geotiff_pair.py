@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hicd_core.data import FolderDataset  # noqa: E402
 from hicd_core.errors import HicdError  # noqa: E402
-from hicd_core.raster import write_raster  # noqa: E402
+from hicd_core.data.raster import write_raster  # noqa: E402
 
 CRS = "EPSG:32634"
 

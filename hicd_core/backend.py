@@ -174,6 +174,17 @@ def to_host(x) -> np.ndarray:
     return np.from_dlpack(x) if hasattr(x, "__dlpack__") else np.asarray(x)
 
 
+def contiguous_host(x) -> np.ndarray:
+    """``x`` (an array of any supported namespace, or host numbers) as a C-contiguous NumPy array:
+    a buffer that MPI can send (``hicd_core.parallel``)."""
+    return np.ascontiguousarray(to_host(x))
+
+
+def host_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised NumPy array, e.g. the receive buffer of a collective."""
+    return np.empty(shape, dtype=dtype)
+
+
 def from_host(a, xp, *, dtype=None, device=None):
     """Move a host (NumPy) array into namespace ``xp`` (a copy on GPU backends).
 

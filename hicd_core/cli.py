@@ -336,7 +336,7 @@ def _trained_bands(ck):
 
 def cmd_predict(args):
     from .infer import stream_probability
-    from .raster import ArraySource, check_same_grid, gdal_environment, is_geotiff, open_source, write_change_maps
+    from .data.raster import ArraySource, check_same_grid, gdal_environment, is_geotiff, open_source, write_change_maps
     from .train import load_model
 
     if args.overlap is None:

@@ -109,13 +109,13 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
     ----------
     model : TinySiamCD
     t1, t2 : sources with ``count, height, width`` and ``read(y0, y1, x0, x1) -> (C, h, w)``
-        (``raster.ArraySource``, ``raster.RasterSource``), or ``(C, H, W)`` arrays.
+        (``data.raster.ArraySource``, ``data.raster.RasterSource``), or ``(C, H, W)`` arrays.
     tile, overlap : as in ``predict_probability``.
     progress : bool
         A tqdm bar over the windows (when tqdm is installed).
     """
     from .progress import Progress
-    from .raster import ArraySource
+    from .data.raster import ArraySource
 
     xp = model.xp
     if tile % 8 or tile < 8:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
-
 from . import backend
 from .errors import HicdError
 
@@ -102,22 +100,22 @@ class MPIComm:
     def allreduce_host(self, values):
         """Elementwise sum over ranks of host numbers (a NumPy array or a list: ints as int64,
         floats as float64); a NumPy array."""
-        send = np.ascontiguousarray(values)
-        out = np.empty_like(send)
+        send = backend.contiguous_host(values)
+        out = backend.host_empty(send.shape, send.dtype)
         self._wait(self.comm.Iallreduce(send, out, op=self.MPI.SUM), "an all-reduce")
         return out
 
     def allreduce_sum(self, x):
         """Elementwise sum over ranks of ``x`` (any backend), in ``x``'s namespace and dtype."""
         xp = backend.array_namespace(x)
-        out = self.allreduce_host(np.asarray(backend.to_host(x)))
+        out = self.allreduce_host(x)
         return backend.from_host(out, xp, device=backend.device(x))
 
     def allgather(self, x):
         """Every rank's ``x`` (one shape on all ranks) stacked along axis 0, in rank order."""
         xp = backend.array_namespace(x)
-        send = np.ascontiguousarray(backend.to_host(x))
-        out = np.empty((self.size, *send.shape), dtype=send.dtype)
+        send = backend.contiguous_host(x)
+        out = backend.host_empty((self.size, *send.shape), send.dtype)
         self._wait(self.comm.Iallgather(send, out), "an all-gather")
         out = out.reshape((self.size * send.shape[0], *send.shape[1:])) if send.ndim else out
         return backend.from_host(out, xp, device=backend.device(x))

@@ -14,10 +14,8 @@ from hicd_core import backend
 from tests.conftest import to_np, to_xp
 
 PACKAGE = Path(hicd_core.__file__).parent
-# Host-side modules that may use NumPy directly (SPEC/STYLE: backend, io, data/), and two more
-# that only move host data: raster.py (files read and written by windows) and parallel.py (the
-# host buffers that MPI sends).
-HOST_SIDE = {"backend.py", "io.py", "raster.py", "parallel.py"}
+# Host-side modules that may use NumPy directly (SPEC/STYLE: backend, io, data/).
+HOST_SIDE = {"backend.py", "io.py"}
 ARRAY_LIBS = {"numpy", "cupy", "cupyx", "array_api_strict", "torch", "jax", "jaxlib"}
 # The optional adapters import their own framework and nothing else may (hicd_core never loads them).
 ADAPTERS = {"torch.py": {"torch"}, "jax.py": {"jax"}}

@@ -15,7 +15,7 @@ from hicd_core.cli import main as cli_main
 from hicd_core.infer import predict_probability, stream_probability
 from hicd_core.io import save_checkpoint
 from hicd_core.model import TinySiamCD
-from hicd_core.raster import ArraySource
+from hicd_core.data.raster import ArraySource
 
 from .conftest import SZTAKI
 
@@ -55,7 +55,7 @@ def test_stream_refuses_a_band_count_the_model_does_not_take():
 
 
 def test_the_core_imports_without_loading_rasterio_or_mpi4py():
-    code = ("import sys, hicd_core, hicd_core.train, hicd_core.infer, hicd_core.cli, hicd_core.raster, "
+    code = ("import sys, hicd_core, hicd_core.train, hicd_core.infer, hicd_core.cli, hicd_core.data.raster, "
             "hicd_core.parallel; print('rasterio' in sys.modules or 'mpi4py' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "False"
@@ -70,7 +70,7 @@ try:
 except ImportError:
     rasterio = None
 else:
-    from hicd_core.raster import RasterSource, read_raster, write_raster
+    from hicd_core.data.raster import RasterSource, read_raster, write_raster
 
     TRANSFORM = Affine(1.5, 0.0, 500000.0, 0.0, -1.5, 5250000.0)
 needs_rasterio = pytest.mark.skipif(rasterio is None, reason="needs rasterio (pip install 'hicd[geo]')")
@@ -324,7 +324,7 @@ def test_a_degraded_multispectral_set_is_written_as_geotiffs_and_read_back_exact
 
 @needs_rasterio
 def test_a_failed_write_leaves_no_file_and_keeps_the_previous_one(tmp_path):
-    from hicd_core.raster import RasterSink
+    from hicd_core.data.raster import RasterSink
 
     like = ArraySource(np.zeros((1, 40, 30), np.float32))
     target = tmp_path / "change.tif"

@@ -15,7 +15,7 @@ by repeating the channel (documented conversion); RGBA drops alpha; any other
 mode, a missing counterpart, mismatched sizes or unexpected label values raise
 ``DatasetError`` naming the file. TIFFs (``.tif``/``.tiff``) are read through
 rasterio when it is installed (the ``geo`` extra): every band as stored, integer
-types scaled by their maximum (``hicd_core.raster``), a chosen subset with
+types scaled by their maximum (``hicd_core.data.raster``), a chosen subset with
 ``bands``; without rasterio, Pillow reads 8-bit RGB TIFFs as before.
 
 Samples follow ``synthetic_pairs``' conventions: ``t1, t2`` float32 (C, H, W) (C = 3 for
@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..io import atomic_path
 from ..progress import Progress
-from ..raster import GEOTIFF_SUFFIXES, select_bands
+from .raster import GEOTIFF_SUFFIXES, select_bands
 from .degradations import degrade
 
 __all__ = [
@@ -103,10 +103,10 @@ def read_image(path: Path, bands=None) -> np.ndarray:
     PNG, JPEG, BMP (and TIFF without rasterio) are read with Pillow as RGB;
     grayscale is repeated to 3 channels. TIFFs, when rasterio is installed, are read
     band by band as stored (integers scaled by their type's maximum, see
-    ``hicd_core.raster``). ``bands``: 1-based band indices to keep, in order.
+    ``hicd_core.data.raster``). ``bands``: 1-based band indices to keep, in order.
     """
     if _rasterio_reads(path):
-        from ..raster import read_raster
+        from .raster import read_raster
 
         return read_raster(path, bands)
     Image = _pil()
@@ -126,7 +126,7 @@ def read_image(path: Path, bands=None) -> np.ndarray:
 def _image_header(path, Image):
     """``(bands, (H, W))`` of an image file without decoding it (bands as ``read_image`` returns them)."""
     if _rasterio_reads(path):
-        from ..raster import raster_shape
+        from .raster import raster_shape
 
         count, height, width = raster_shape(path)
         return count, (height, width)
@@ -147,7 +147,7 @@ def read_label(path: Path, ignore_value: int | None = None, threshold: int | Non
     raise ``DatasetError``.
     """
     if _rasterio_reads(path):
-        from ..raster import read_raster_label
+        from .raster import read_raster_label
 
         arr = read_raster_label(path)
     else:
@@ -646,7 +646,7 @@ def write_dataset_folder(dataset, out) -> Path:
             if image.shape[0] == 3:
                 write_png(to_uint8(image), out / sub / f"{names[i]}.png")
             else:
-                from ..raster import write_raster
+                from .raster import write_raster
 
                 write_raster(out / sub / f"{names[i]}.tif", np.asarray(image, dtype=np.float32))
         label = np.asarray(label)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 __all__ = [
     "GEOTIFF_SUFFIXES",
@@ -248,7 +248,7 @@ def open_source(path, bands=None, *, align_to=None):
         return RasterSource(path, bands, align_to=align_to)
     if align_to is not None:
         raise DatasetError(f"{path}: --align resamples GeoTIFFs onto each other's grid; this is not a GeoTIFF")
-    from .data.folder import read_image
+    from .folder import read_image
 
     return ArraySource(select_bands(read_image(path), bands, name=str(path)), name=path)
 
@@ -350,7 +350,7 @@ def write_raster(path, array, *, crs=None, transform=None, nodata=None):
     and ``nodata`` are written when given.
     """
     rasterio = rasterio_module()
-    from .io import atomic_path
+    from ..io import atomic_path
 
     array = np.asarray(array)
     if array.ndim == 2:
@@ -384,7 +384,7 @@ def write_change_maps(rows, t1, t2, *, mask, probability=None, overlay=None, thr
     """
     import contextlib
 
-    from .data.folder import change_overlay, to_uint8, write_png
+    from .folder import change_overlay, to_uint8, write_png
 
     H, W = t1.height, t1.width
     with contextlib.ExitStack() as stack:
