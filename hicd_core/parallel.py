@@ -53,9 +53,8 @@ class MPIComm:
     ``rank``, ``size``, ``local_rank`` (among the ranks of this node); ``allreduce_sum(x)``
     (elementwise sum over ranks, same shape and namespace), ``allgather(x)`` (the ranks'
     arrays stacked along axis 0, in rank order), ``allreduce_host(values)`` (host numbers
-    summed over ranks), ``bcast`` (a Python object from rank 0), ``barrier()`` and
-    ``abort(code)``. ``timeout``: seconds any collective may wait (default
-    ``HICD_MPI_TIMEOUT`` or 300).
+    summed over ranks), ``barrier()`` and ``abort(code)``. ``timeout``: seconds any
+    collective may wait (default ``HICD_MPI_TIMEOUT`` or 300).
     """
 
     def __init__(self, mpi_comm=None, *, timeout=None):
@@ -119,11 +118,6 @@ class MPIComm:
         self._wait(self.comm.Iallgather(send, out), "an all-gather")
         out = out.reshape((self.size * send.shape[0], *send.shape[1:])) if send.ndim else out
         return backend.from_host(out, xp, device=backend.device(x))
-
-    def bcast(self, obj):
-        """A Python object from rank 0 (pickled)."""
-        self._wait(self.comm.Ibarrier(), "a barrier")
-        return self.comm.bcast(obj, root=0)
 
     def barrier(self):
         self._wait(self.comm.Ibarrier(), "a barrier")

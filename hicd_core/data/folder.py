@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..io import atomic_path
 from ..progress import Progress
-from .raster import GEOTIFF_SUFFIXES, select_bands
+from .raster import GEOTIFF_SUFFIXES, checked_bands, select_bands
 from .degradations import degrade
 
 __all__ = [
@@ -277,12 +277,9 @@ class FolderDataset:
         for i in indices:
             a_path, b_path, l_path = self._paths[i]
             (a_count, a_size), (b_count, b_size) = (_image_header(path, Image) for path in (a_path, b_path))
-            if self.bands is not None:
-                for path, count in ((a_path, a_count), (b_path, b_count)):
-                    if max(self.bands) > count:
-                        raise DatasetError(f"{path}: band {max(self.bands)} requested but the image has "
-                                           f"{count} band(s) (1-based)")
-                a_count = b_count = len(self.bands)
+            if self.bands is not None:  # the bands exist in both images (the check read_image makes)
+                a_count, b_count = (len(checked_bands(self.bands, count, path))
+                                    for path, count in ((a_path, a_count), (b_path, b_count)))
             _check_bands(a_path, b_path, a_count, b_count)
             if first is None:
                 first = (a_path, a_count)

@@ -51,6 +51,7 @@ __all__ = [
     "open_source",
     "check_same_grid",
     "select_bands",
+    "checked_bands",
     "write_raster",
     "gdal_environment",
     "write_change_maps",
@@ -93,7 +94,7 @@ def _to_float(raw):
     return out
 
 
-def _checked_bands(bands, count, name):
+def checked_bands(bands, count, name):
     """``bands`` as 1-based ints within ``count`` (all bands for None), or a one-line error naming ``name``."""
     if bands is None:
         return list(range(1, count + 1))
@@ -108,7 +109,7 @@ def select_bands(image, bands, *, name="image"):
     """Bands ``bands`` (1-based, GDAL's numbering) of a ``(C, H, W)`` array; all of them for None."""
     if bands is None:
         return image
-    return np.ascontiguousarray(image[[b - 1 for b in _checked_bands(bands, image.shape[0], name)]])
+    return np.ascontiguousarray(image[[b - 1 for b in checked_bands(bands, image.shape[0], name)]])
 
 
 def _open(path):
@@ -124,7 +125,7 @@ def _open(path):
 def read_raster(path, bands=None) -> np.ndarray:
     """A whole raster as float32 ``(C, H, W)`` (integer types scaled to [0, 1], see the module docs)."""
     with _open(path) as src:
-        return _to_float(src.read(_checked_bands(bands, src.count, path)))
+        return _to_float(src.read(checked_bands(bands, src.count, path)))
 
 
 def read_raster_label(path) -> np.ndarray:
@@ -144,7 +145,20 @@ def raster_shape(path) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------- sources
 
 
-class ArraySource:
+class _Source:
+    """What every source shares: ``close()`` and use in ``with``."""
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ArraySource(_Source):
     """An image in memory, ``(C, H, W)``, read by windows like a raster (no georeferencing, no nodata)."""
 
     crs = transform = None
@@ -163,17 +177,8 @@ class ArraySource:
     def valid(self, y0, y1, x0, x1):
         return None
 
-    def close(self):
-        pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class RasterSource:
+class RasterSource(_Source):
     """A GeoTIFF (any raster GDAL reads) read by windows.
 
     Parameters
@@ -191,7 +196,7 @@ class RasterSource:
         self._src = _open(path)
         self._vrt = None
         try:
-            self._bands = _checked_bands(bands, self._src.count, path)
+            self._bands = checked_bands(bands, self._src.count, path)
             ds = self._src
             if align_to is not None:
                 from rasterio.enums import Resampling
@@ -233,12 +238,6 @@ class RasterSource:
         for ds in (self._vrt, self._src):
             if ds is not None:
                 ds.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def open_source(path, bands=None, *, align_to=None):
