@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import operator
+from functools import partial
 from typing import NamedTuple, Sequence
 
-from .backend import all_finite, array_namespace, as_arrays, device, is_tracing, mutable_namespace
+from .backend import all_finite, array_namespace, as_arrays, device, is_tracing, mutable_namespace, run_independent
 from .correlation import (
     _row_sum,
     check_feature,
@@ -133,15 +134,16 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5, *, bound=None):
         shift = _shift_needed(bound, tau, r_s.dtype, r_s.shape[-1], xp=xp)
         z_s, q, log_sum_s = _softmax_parts(r_s, 1.0 / tau, shift, xp=xp)
         z_t, p, log_sum_t = _softmax_parts(r_t, 1.0 / tau, shift, xp=xp)
-        # sum_j p_j (log p_j - log q_j) = sum_j p_j (z_t - z_s)_j + log_sum_s - log_sum_t, as sum_j p_j = 1
+        # sum_j p_j (log p_j - log q_j) = sum_j p_j (z_t - z_s)_j + log_sum_s - log_sum_t, as sum_j p_j = 1;
+        # the first sum row by row (vecdot: one pass, no product array)
         if mutable_namespace(xp):  # our own arrays: reuse their memory
             z_t -= z_s
-            kl = xp.sum(p * z_t) + xp.sum(log_sum_s - log_sum_t)
             q -= p
             q *= tau / rows
-            return _zero_d(kl * (tau * tau / rows), xp), q
-        kl = xp.sum(p * (z_t - z_s)) + xp.sum(log_sum_s - log_sum_t)
-        return _zero_d(kl * (tau * tau / rows), xp), (q - p) * (tau / rows)
+        else:
+            z_t, q = z_t - z_s, (q - p) * (tau / rows)
+        kl = xp.sum(xp.vecdot(p, z_t)) + xp.sum(log_sum_s - log_sum_t)
+        return _zero_d(kl * (tau * tau / rows), xp), q
     if kind == "mse":
         diff = r_s - r_t
         return _zero_d(xp.sum(diff * diff) * (1.0 / size), xp), diff * (2.0 / size)
@@ -365,29 +367,29 @@ def hicd_loss(
 
     # every correlation here is a Gram product of L2-normalised vectors: |r| <= 1
     dist = lambda r_s, r_t: correlation_distance(r_s, r_t, kind, tau, bound=1.0)  # noqa: E731
-    terms, grads_sem = {}, []
-    for l, ((s1, s2), (t1, t2), window) in enumerate(zip(student_sem, teacher_sem, windows)):
-        g1, g2 = _window_terms(f"sem{l}", (s1, s2), (t1, t2), window, w_self, w_cross, eps, dist, terms)
-        if w_global:
-            d1, d2 = _global_term(f"sem{l}.global", (s1, s2), (t1, t2), w_global, eps, dist, terms, comm, xp)
-            g1, g2 = _add(g1, d1), _add(g2, d2)
-        grads_sem.append((_or_zeros(g1, s1, xp), _or_zeros(g2, s2, xp)))
-
-    grad_chg = None
+    parts = [(f"sem{l}", s, t, w, w_cross) for l, (s, t, w) in enumerate(zip(student_sem, teacher_sem, windows))]
     if student_chg is not None:
         check_feature(student_chg, "student_chg")
         check_feature(teacher_chg, "teacher_chg")
         _check_student_teacher(student_chg, teacher_chg, "change features")
         check_window(student_chg.shape, change_window, "change features")
-        (grad_chg,) = _window_terms("chg", (student_chg,), (teacher_chg,), change_window, w_self, 0.0, eps, dist,
-                                    terms)
+        parts.append(("chg", (student_chg,), (teacher_chg,), change_window, 0.0))
+    # the window terms of the parts are independent of each other (and may run on several host
+    # threads, backend.run_independent); the global terms, which may gather from other ranks,
+    # follow here in order
+    window_terms = run_independent(
+        [partial(_window_terms, name, s, t, w, w_self, w_x, eps, dist) for name, s, t, w, w_x in parts], xp,
+        costs=[_window_cost(s, w) for _, s, _, w, _ in parts])
+    terms, grads = {}, []
+    for (name, students, teachers, _, _), (part_terms, g) in zip(parts, window_terms):
+        terms.update(part_terms)
         if w_global:
-            (d,) = _global_term("chg.global", (student_chg,), (teacher_chg,), w_global, eps, dist, terms, comm, xp)
-            grad_chg = _add(grad_chg, d)
-        grad_chg = _or_zeros(grad_chg, student_chg, xp)
-
+            d = _global_term(f"{name}.global", students, teachers, w_global, eps, dist, terms, comm, xp)
+            g = [_add(a, b) for a, b in zip(g, d)]
+        grads.append(tuple(_or_zeros(a, f, xp) for a, f in zip(g, students)))
+    grad_chg = grads.pop()[0] if student_chg is not None else None
     like = student_sem[0][0] if student_sem else student_chg
-    return _finish(terms, grads_sem, grad_chg, check_finite, xp=xp, like=like)
+    return _finish(terms, grads, grad_chg, check_finite, xp=xp, like=like)
 
 
 def _add(a, b):
@@ -398,15 +400,23 @@ def _or_zeros(g, like, xp):
     return xp.zeros_like(like) if g is None else g
 
 
-def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist, terms):
-    """The window terms of one stage: self-correlation of each phase (averaged over the phases)
-    and, for a pair, their cross-correlation. Each phase is partitioned and normalised once and
-    shared by both terms; its window-space gradients are summed before the one backward through
-    the normalisation. Adds the weighted terms to ``terms``; returns each phase's gradient
-    (None when both weights are 0: nothing is computed).
+def _window_cost(students, window):
+    """The number of correlation entries a part's window terms compute (``run_independent``'s costs)."""
+    N, _, H, W = students[0].shape
+    grams = len(students) + (len(students) == 2)  # self per phase, cross for a pair
+    return grams * N * H * W * (window * window if window is not None else H * W)
+
+
+def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist):
+    """The window terms of one part (a stage's pair, or the change features): self-correlation of
+    each phase (averaged over the phases) and, for a pair, their cross-correlation. Each phase
+    is partitioned and normalised once and shared by both terms; its window-space gradients are
+    summed before the one backward through the normalisation. Returns the weighted terms by name
+    and each phase's gradient (None when both weights are 0: nothing is computed).
     """
+    terms = {}
     if not (w_self or w_cross):
-        return [None] * len(students)
+        return terms, [None] * len(students)
     X = [window_features(f, window, eps) for f in students]  # (features, cache) per phase
     T = [window_features(f, window, eps)[0] for f in teachers]
     dX = [None] * len(X)
@@ -416,14 +426,14 @@ def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist
         for i, ((Xi, _), Ti) in enumerate(zip(X, T)):
             d, dr = dist(gram(Xi), gram(Ti))
             total = _add(total, d)
-            dX[i] = gram_backward(dr * w, Xi)
+            dX[i] = gram_backward(dr, Xi) * w  # the weight on the (M, C) side, the smaller one
         terms[f"{prefix}.self"] = total * w
     if w_cross and len(X) == 2:
         d, dr = dist(gram(X[0][0], X[1][0]), gram(T[0], T[1]))
         terms[f"{prefix}.cross"] = d * w_cross
-        e1, e2 = gram_backward(dr * w_cross, X[0][0], X[1][0])
-        dX = [_add(dX[0], e1), _add(dX[1], e2)]
-    return [window_features_backward(d, cache) for d, (_, cache) in zip(dX, X)]
+        e1, e2 = gram_backward(dr, X[0][0], X[1][0])
+        dX = [_add(dX[0], e1 * w_cross), _add(dX[1], e2 * w_cross)]
+    return terms, [window_features_backward(d, cache) for d, (_, cache) in zip(dX, X)]
 
 
 def _global_term(name, students, teachers, w_global, eps, dist, terms, comm, xp):

@@ -85,3 +85,81 @@ def test_keep_host_memory_applies_on_glibc():
     assert isinstance(applied, bool)
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert applied
+
+
+# --------------------------------------------------------------------------- run_independent
+
+@pytest.fixture
+def threadpoolctl():
+    return pytest.importorskip("threadpoolctl", reason="the cpu extra (threadpoolctl) is not installed")
+
+
+def test_run_independent_keeps_the_order_and_starts_the_costliest_first(monkeypatch, threadpoolctl):
+    import threading
+    import time
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    started, lock = [], threading.Lock()
+
+    def job(i):
+        def run():
+            with lock:
+                started.append(i)
+            time.sleep(0.01)
+            return i * i
+        return run
+
+    out = backend.run_independent([job(i) for i in range(5)], backend.namespace("numpy"), costs=[1, 5, 2, 9, 3])
+    assert out == [0, 1, 4, 9, 16]
+    assert set(started[:2]) == {3, 1}  # the two costliest first, on the two threads
+
+
+def test_run_independent_limits_blas_meanwhile_and_restores_it(monkeypatch, threadpoolctl):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    controller = threadpoolctl.ThreadpoolController()
+    blas = [lib for lib in controller.info() if lib["user_api"] == "blas"]
+    if not blas:
+        pytest.skip("no BLAS library that threadpoolctl can see")
+    before = [lib["num_threads"] for lib in blas]
+    inside = backend.run_independent(
+        [lambda: [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]] * 2,
+        backend.namespace("numpy"))
+    assert inside == [[1] * len(blas)] * 2
+    assert [lib["num_threads"] for lib in threadpoolctl.ThreadpoolController().info()
+            if lib["user_api"] == "blas"] == before
+
+
+def test_run_independent_raises_the_first_failure_after_all_jobs_ran(monkeypatch, threadpoolctl):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    done = []
+
+    def fail(msg):
+        def run():
+            raise ValueError(msg)
+        return run
+
+    with pytest.raises(ValueError, match="first"):
+        backend.run_independent([fail("first"), lambda: done.append(1), fail("second")], backend.namespace("numpy"))
+    assert done == [1]
+
+
+def test_run_independent_runs_nested_jobs_and_other_namespaces_serially(monkeypatch, threadpoolctl):
+    import threading
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    main = threading.get_ident()
+    xp = backend.namespace("numpy")
+    inner = lambda: backend.run_independent([threading.get_ident] * 2, xp)  # noqa: E731
+    for outer_thread, inner_threads in backend.run_independent([lambda: (threading.get_ident(), inner())] * 2, xp):
+        assert inner_threads == [outer_thread, outer_thread]
+    strict = pytest.importorskip("array_api_strict")
+    assert backend.run_independent([threading.get_ident] * 2, strict) == [main, main]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert backend.run_independent([threading.get_ident] * 2, xp) == [main, main]
+
+
+def test_host_threads_follows_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert backend.host_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert backend.host_threads() >= 1
