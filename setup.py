@@ -29,8 +29,6 @@ setup(
         "gpu": ["cupy>=13"],
         "io": ["Pillow>=9"],
         "progress": ["tqdm>=4.60"],
-        # the HiCD loss's independent terms on several host threads (backend.run_independent)
-        "cpu": ["threadpoolctl>=3.1"],
         "torch": ["torch>=2.1"],
         "jax": ["jax>=0.4.30"],
         "geo": ["rasterio>=1.3"],
@@ -42,7 +40,6 @@ setup(
             "array-api-strict>=2.2",
             "Pillow>=9",
             "tqdm>=4.60",
-            "threadpoolctl>=3.1",
         ],
     },
     classifiers=[

@@ -14,12 +14,8 @@ library itself for namespaces that conform already (array-api-strict).
 
 from __future__ import annotations
 
-import functools
 import importlib
-import importlib.util
-import os
 import sys
-import threading
 
 import array_api_compat
 import numpy as np
@@ -40,8 +36,6 @@ __all__ = [
     "normal",
     "device",
     "keep_host_memory",
-    "host_threads",
-    "run_independent",
 ]
 
 _BACKENDS = {
@@ -261,76 +255,3 @@ def keep_host_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 3
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     clamp = lambda v: min(int(v), 2**31 - 1)  # noqa: E731  (an int parameter)
     return bool(mallopt(_M_MMAP_THRESHOLD, clamp(mmap_threshold)) and mallopt(_M_TRIM_THRESHOLD, clamp(trim_threshold)))
-
-
-def host_threads() -> int:
-    """Threads this process may use for array work on the host: ``OMP_NUM_THREADS`` when it is
-    set (the variable BLAS and PyTorch follow too), else the CPUs the process may run on."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-class _HostPool:
-    """The thread pool of ``run_independent`` and a handle on the BLAS libraries, made on first use
-    (and again in a forked child, which inherits the object but not its threads)."""
-
-    def __init__(self):
-        self.pid, self.size, self.executor, self.blas = None, 0, None, None
-        self.inside = threading.local()  # set in the pool's threads: a job's own jobs run serially
-
-    def get(self, size):
-        if self.pid != os.getpid() or self.size != size:
-            from concurrent.futures import ThreadPoolExecutor
-
-            from threadpoolctl import ThreadpoolController
-
-            if self.executor is not None and self.pid == os.getpid():
-                self.executor.shutdown(wait=False)
-            self.executor = ThreadPoolExecutor(size, thread_name_prefix="hicd", initializer=self._mark)
-            self.blas, self.pid, self.size = ThreadpoolController(), os.getpid(), size
-        return self.executor, self.blas
-
-    def _mark(self):
-        self.inside.active = True
-
-
-_POOL = _HostPool()
-
-
-@functools.cache
-def _threadpoolctl_available() -> bool:
-    return importlib.util.find_spec("threadpoolctl") is not None
-
-
-def run_independent(jobs, xp, costs=None):
-    """The results of the zero-argument callables ``jobs``, in order.
-
-    On NumPy, with more than one host thread (``host_threads``) and threadpoolctl installed
-    (the ``cpu`` extra), the jobs run concurrently on a thread pool, BLAS limited to one
-    thread meanwhile: NumPy releases the GIL inside its kernels, so independent array work
-    fills the cores that one-at-a-time elementwise kernels leave idle, and two BLAS thread
-    pools competing for the same cores would be slower than none. Jobs start in decreasing
-    ``costs`` (any numbers; default: in order), so the largest do not start last. Elsewhere
-    (CuPy, which queues everything on one stream; torch and JAX; inside a job; one thread)
-    they run one after another. Either way each job computes the same values; a job must not
-    communicate with other processes (the order in which jobs run is not fixed). The first
-    exception of a job (in job order) is raised once every job has finished.
-    """
-    jobs = list(jobs)
-    if (len(jobs) < 2 or not is_numpy_namespace(xp) or getattr(_POOL.inside, "active", False)
-            or host_threads() < 2 or not _threadpoolctl_available()):
-        return [job() for job in jobs]
-    threads = host_threads()
-    from concurrent.futures import wait
-
-    order = sorted(range(len(jobs)), key=lambda i: -costs[i]) if costs is not None else range(len(jobs))
-    executor, blas = _POOL.get(threads)
-    with blas.limit(limits=1, user_api="blas"):
-        futures = {i: executor.submit(jobs[i]) for i in order}
-        wait(futures.values())
-    return [futures[i].result() for i in range(len(jobs))]

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import math
 import operator
-from functools import partial
 from typing import NamedTuple, Sequence
 
-from .backend import all_finite, array_namespace, as_arrays, device, is_tracing, mutable_namespace, run_independent
+from .backend import all_finite, array_namespace, as_arrays, device, is_tracing, mutable_namespace
 from .correlation import (
     _row_sum,
     check_feature,
@@ -374,14 +373,9 @@ def hicd_loss(
         _check_student_teacher(student_chg, teacher_chg, "change features")
         check_window(student_chg.shape, change_window, "change features")
         parts.append(("chg", (student_chg,), (teacher_chg,), change_window, 0.0))
-    # the window terms of the parts are independent of each other (and may run on several host
-    # threads, backend.run_independent); the global terms, which may gather from other ranks,
-    # follow here in order
-    window_terms = run_independent(
-        [partial(_window_terms, name, s, t, w, w_self, w_x, eps, dist) for name, s, t, w, w_x in parts], xp,
-        costs=[_window_cost(s, w) for _, s, _, w, _ in parts])
     terms, grads = {}, []
-    for (name, students, teachers, _, _), (part_terms, g) in zip(parts, window_terms):
+    for name, students, teachers, window, w_x in parts:
+        part_terms, g = _window_terms(name, students, teachers, window, w_self, w_x, eps, dist)
         terms.update(part_terms)
         if w_global:
             d = _global_term(f"{name}.global", students, teachers, w_global, eps, dist, terms, comm, xp)
@@ -398,13 +392,6 @@ def _add(a, b):
 
 def _or_zeros(g, like, xp):
     return xp.zeros_like(like) if g is None else g
-
-
-def _window_cost(students, window):
-    """The number of correlation entries a part's window terms compute (``run_independent``'s costs)."""
-    N, _, H, W = students[0].shape
-    grams = len(students) + (len(students) == 2)  # self per phase, cross for a pair
-    return grams * N * H * W * (window * window if window is not None else H * W)
 
 
 def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist):

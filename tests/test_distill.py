@@ -331,26 +331,3 @@ def test_features_whose_squared_norm_overflows_raise_instead_of_a_wrong_finite_l
     want, _ = hicd_loss([(s[0], s[1])], [(t[0], t[1])], windows=[4])
     got, _ = hicd_loss([(big[0], big[1])], [(t[0], t[1])], windows=[4])
     assert float(got) == pytest.approx(float(want), rel=1e-4)
-
-
-def test_threaded_terms_equal_the_serial_ones_bit_for_bit(monkeypatch):
-    """On NumPy the parts' window terms may run on host threads (backend.run_independent): the
-    loss, every gradient and the terms' order are those of the serial run, bit for bit."""
-    pytest.importorskip("threadpoolctl")
-    rng = np.random.default_rng(5)
-    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    s_sem = [(f(4, 8, 16, 16), f(4, 8, 16, 16)), (f(4, 16, 8, 8), f(4, 16, 8, 8))]
-    t_sem = [(f(4, 6, 16, 16), f(4, 6, 16, 16)), (f(4, 12, 8, 8), f(4, 12, 8, 8))]
-    c_s, c_t = f(4, 4, 32, 32), f(4, 4, 32, 32)
-    runs = {}
-    for threads in ("1", "2"):
-        monkeypatch.setenv("OMP_NUM_THREADS", threads)
-        runs[threads] = hicd_loss(s_sem, t_sem, c_s, c_t, windows=[4, None], change_window=8)
-    (loss1, g1), (loss2, g2) = runs["1"], runs["2"]
-    assert float(loss1) == float(loss2)
-    assert list(g1["terms"]) == list(g2["terms"]) == [
-        "sem0.self", "sem0.cross", "sem0.global", "sem1.self", "sem1.cross", "sem1.global", "chg.self", "chg.global"]
-    for (a1, a2), (b1, b2) in zip(g1["sem"], g2["sem"]):
-        np.testing.assert_array_equal(a1, b1)
-        np.testing.assert_array_equal(a2, b2)
-    np.testing.assert_array_equal(g1["chg"], g2["chg"])
