@@ -186,29 +186,15 @@ class TinySiamCD(ModelState):
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
                  input_mean=None, input_std=None, conv_layout="auto"):
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 4 or min(widths) < 1:
-            raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        self.widths, self.in_channels, self.dtype, self.seed = widths, int(in_channels), dtype, seed
+        self.widths, self.in_channels, self.dtype = _checked_config(widths, in_channels, dtype, conv_layout)
+        self.seed = seed
         self.xp = xp if xp is not None else backend.namespace("numpy")
-        if conv_layout not in CONV_LAYOUTS:
-            raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
         self.conv_layout = conv_layout
-        self.layers = layer_table(widths, self.in_channels)
-        self.params, self.buffers = _initial_parameters(self.layers, widths, backend.host_rng(seed), self.xp, dtype)
+        self.layers = layer_table(self.widths, self.in_channels)
+        self.params, self.buffers = _initial_parameters(self.layers, self.widths, backend.host_rng(seed), self.xp,
+                                                        dtype)
         self.input_norm = InputNormalisation(input_mean, input_std, self.in_channels, self.xp, dtype)
-
-    @property
-    def input_mean(self):
-        return self.input_norm.mean
-
-    @property
-    def input_std(self):
-        return self.input_norm.std
-
-    # ------------------------------------------------------------------ config and state
+        self.input_mean, self.input_std = self.input_norm.mean, self.input_norm.std
 
     def config(self) -> dict:
         cfg = {"arch": "TinySiamCD", "widths": list(self.widths), "in_channels": self.in_channels}
@@ -216,36 +202,16 @@ class TinySiamCD(ModelState):
             cfg["input_mean"], cfg["input_std"] = list(self.input_mean), list(self.input_std)
         return cfg
 
-    def normalise(self, x):
-        """``(x - input_mean) / input_std`` per channel (x unchanged without normalisation)."""
-        return self.input_norm(x)
-
-    # ------------------------------------------------------------------ blocks
-
-    def _cbr_arrays(self, name):
-        """The CBR's parameters and running statistics, in ``functional.cbr_forward``'s order."""
-        p, b = self.params, self.buffers
-        return (p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], p[f"{name}.bn.weight"], p[f"{name}.bn.bias"],
-                b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"])
-
     def _cbr_forward(self, x, name, training, sync=None):
-        y, cache, mean, var = cbr_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], training=training,
+        y, cache, mean, var = cbr_forward(x, *_cbr_arrays(self, name), stride=self.layers[name][2], training=training,
                                           momentum=BN_MOMENTUM, eps=BN_EPS, layout=self.conv_layout, sync=sync)
         if training:  # the model's one piece of state besides the parameters
             self.buffers[f"{name}.bn.running_mean"], self.buffers[f"{name}.bn.running_var"] = mean, var
         return y, cache
 
     def _cbr_folded(self, x, name):
-        return cbr_folded_forward(x, *self._cbr_arrays(name), stride=self.layers[name][2], eps=BN_EPS,
+        return cbr_folded_forward(x, *_cbr_arrays(self, name), stride=self.layers[name][2], eps=BN_EPS,
                                   layout=self.conv_layout), None
-
-    def _cbr_backward(self, dy, cache: CBRCache, name, grads, input_grad=True):
-        dx, *param_grads = cbr_backward(dy, cache, input_grad=input_grad)
-        for key, g in zip(("conv.weight", "conv.bias", "bn.weight", "bn.bias"), param_grads):
-            grads[f"{name}.{key}"] = g
-        return dx
-
-    # ------------------------------------------------------------------ forward / backward
 
     def forward(self, x1, x2, *, training=True, keep_cache=True, sync=None):
         """Logits and distillation taps for a batch of pairs.
@@ -281,7 +247,7 @@ class TinySiamCD(ModelState):
             cbr = lambda h, name: self._cbr_forward(h, name, training, sync)  # noqa: E731
         else:
             cbr = self._cbr_folded
-        stages, enc_caches, deltas, fusion_caches = _encoder_forward(cbr, self.normalise(xp.concat([x1, x2], axis=0)),
+        stages, enc_caches, deltas, fusion_caches = _encoder_forward(cbr, self.input_norm(xp.concat([x1, x2], axis=0)),
                                                                      n, keep_cache, xp=xp)
         d, dec = _decoder_forward(cbr, deltas)
         logits, head_cache = conv2d_forward(d, self.params["head.weight"], self.params["head.bias"],
@@ -318,8 +284,11 @@ class TinySiamCD(ModelState):
         dd, grads["head.weight"], grads["head.bias"] = conv2d_backward(dlogits, cache.head)
         if tap_grads.get("d1") is not None:
             dd = dd + tap_grads["d1"]
-        def cbr_backward_of(dy, cbr_cache, name, input_grad=True):  # a CBR's backward, its gradients into grads
-            return self._cbr_backward(dy, cbr_cache, name, grads, input_grad)
+        def cbr_backward_of(dy, cbr_cache: CBRCache, name, input_grad=True):  # a CBR's backward, into grads
+            dx, *param_grads = cbr_backward(dy, cbr_cache, input_grad=input_grad)
+            for key, g in zip(("conv.weight", "conv.bias", "bn.weight", "bn.bias"), param_grads):
+                grads[f"{name}.{key}"] = g
+            return dx
 
         _encoder_backward(_decoder_backward(dd, cache.decoder, cbr_backward_of), tap_grads, cache, cbr_backward_of,
                           xp=xp)
@@ -331,6 +300,25 @@ class TinySiamCD(ModelState):
 
 
 # --------------------------------------------------------------------------- the walks of forward and backward
+
+
+def _checked_config(widths, in_channels, dtype, conv_layout):
+    """The constructor's settings checked: ``(widths as a tuple, in_channels as an int, dtype)``."""
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 4 or min(widths) < 1:
+        raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    if conv_layout not in CONV_LAYOUTS:
+        raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
+    return widths, int(in_channels), dtype
+
+
+def _cbr_arrays(model, name):
+    """A CBR's parameters and running statistics, in ``functional.cbr_forward``'s order."""
+    p, b = model.params, model.buffers
+    return (p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], p[f"{name}.bn.weight"], p[f"{name}.bn.bias"],
+            b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"])
 
 
 def _check_inputs(x1, x2, in_channels):
