@@ -261,6 +261,9 @@ def cmd_train(args):
     comm = _world_communicator()
     if comm is not None:  # before any array is made: each rank of a node on its own GPU (CuPy)
         backend.use_local_device(xp, comm.local_rank)
+        comm.prepare(xp)
+        if comm.rank == 0:
+            print(f"hicd: {comm.size} ranks, collectives over {comm.transport}", file=sys.stderr, flush=True)
     train_set, val_set, _ = load_splits(args.data, size=args.size, n_train=args.n_train, n_val=args.n_val,
                                         n_test=1, seed=args.seed, ignore_value=args.ignore_index,
                                         label_threshold=args.label_threshold, bands=args.bands)

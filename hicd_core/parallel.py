@@ -10,9 +10,13 @@ K ranks. What each collective is for (derivations in docs/MATH.md, section 8):
   see the global batch.
 
 mpi4py (the optional ``mpi`` extra, with an MPI such as the ``mpich`` wheel) is imported
-only when an ``MPIComm`` is made. Arrays of any backend travel through host (NumPy)
-buffers; on CuPy that is a device-to-host copy per collective (``transport`` says
-``"mpi-host"``). NCCL transport is not implemented yet (see docs/PERFORMANCE.md).
+only when an ``MPIComm`` is made. Transport (``transport=``, or the environment variable
+``HICD_MPI_TRANSPORT``; ``comm.transport`` says which one runs, and the training log records
+it): ``"auto"`` (default) sends CuPy arrays through NCCL (``cupy.cuda.nccl``) on device
+buffers when CuPy has NCCL, and everything else through MPI on host (NumPy) buffers, a
+device-to-host copy per collective on CuPy (``"mpi-host"``); ``"nccl"`` insists on NCCL
+for CuPy arrays, ``"mpi-host"`` never uses it. Host numbers (counts, logged sums) always
+go through MPI.
 
 Every collective waits at most ``timeout`` seconds (default 300, environment variable
 ``HICD_MPI_TIMEOUT``): a rank that died or hangs makes the others raise
@@ -57,7 +61,7 @@ class MPIComm:
     collective may wait (default ``HICD_MPI_TIMEOUT`` or 300).
     """
 
-    def __init__(self, mpi_comm=None, *, timeout=None):
+    def __init__(self, mpi_comm=None, *, timeout=None, transport=None):
         try:
             from mpi4py import MPI
         except ImportError:
@@ -75,7 +79,31 @@ class MPIComm:
             raise ValueError(f"HICD_MPI_TIMEOUT must be a number of seconds, got {raw!r}") from None
         if not self.timeout > 0:
             raise ValueError(f"the collective timeout must be positive, got {raw!r}")
+        self.requested = transport if transport is not None else os.environ.get("HICD_MPI_TRANSPORT", "auto")
+        if self.requested not in _TRANSPORTS:
+            raise ValueError(f"transport must be one of {_TRANSPORTS}, got {self.requested!r}")
+        self._nccl = None  # made by the first collective on a CuPy array (prepare)
         self.transport = "mpi-host"
+
+    def prepare(self, xp):
+        """Choose the transport for arrays of namespace ``xp`` (a collective: every rank calls it,
+        at the same point; the first collective on a CuPy array calls it too). With NCCL chosen,
+        ``transport`` becomes ``"nccl"``."""
+        if self._nccl is not None or xp is None or not backend.is_cupy_namespace(xp) or self.requested == "mpi-host":
+            return
+        if not _nccl_available():
+            if self.requested == "nccl":
+                raise ImportError("transport 'nccl' needs CuPy built with NCCL (cupy.cuda.nccl.available is "
+                                  "False here); use transport 'mpi-host' or 'auto'")
+            return
+        self._nccl = _NCCLTransport(self)
+        self.transport = "nccl"
+
+    def _device(self, x):
+        """The NCCL transport for a CuPy array (made on first use), else None (host transport)."""
+        xp = backend.array_namespace(x)
+        self.prepare(xp)
+        return self._nccl if backend.is_cupy_namespace(xp) else None
 
     def __repr__(self):
         return f"MPIComm(rank={self.rank}, size={self.size}, transport={self.transport!r})"
@@ -106,12 +134,18 @@ class MPIComm:
 
     def allreduce_sum(self, x):
         """Elementwise sum over ranks of ``x`` (any backend), in ``x``'s namespace and dtype."""
+        device = self._device(x)
+        if device is not None:
+            return device.allreduce_sum(x)
         xp = backend.array_namespace(x)
         out = self.allreduce_host(x)
         return backend.from_host(out, xp, device=backend.device(x))
 
     def allgather(self, x):
         """Every rank's ``x`` (one shape on all ranks) stacked along axis 0, in rank order."""
+        device = self._device(x)
+        if device is not None:
+            return device.allgather(x)
         xp = backend.array_namespace(x)
         send = backend.contiguous_host(x)
         out = backend.host_empty((self.size, *send.shape), send.dtype)
@@ -123,7 +157,92 @@ class MPIComm:
         self._wait(self.comm.Ibarrier(), "a barrier")
 
     def abort(self, code=1):
+        if self._nccl is not None:
+            self._nccl.abort()
         self.comm.Abort(code)
+
+
+_TRANSPORTS = ("auto", "nccl", "mpi-host")
+_NCCL_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+
+
+def _nccl_available() -> bool:
+    """Whether CuPy here was built with NCCL (its ``cupy.cuda.nccl_enabled``)."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    return bool(getattr(cupy.cuda, "nccl_enabled", False))
+
+
+class _NCCLTransport:
+    """All-reduce and all-gather of CuPy arrays on device buffers through NCCL, on the current stream.
+
+    Rank 0's NCCL id travels to the others by MPI. Each collective waits for the stream, at most
+    the communicator's timeout, checking NCCL's asynchronous errors meanwhile; on a timeout or
+    an error the NCCL communicator is aborted and ``CommunicationError`` raised, as on the host
+    path.
+    """
+
+    _TYPES = {"float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64", "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
+
+    def __init__(self, mpi: MPIComm):
+        import cupy
+        from cupy.cuda import nccl
+
+        self.cupy, self.nccl, self.mpi = cupy, nccl, mpi
+        uid = backend.host_empty((_NCCL_ID_BYTES,), "int64")  # the id's chars, as NumPy holds them for MPI
+        if mpi.rank == 0:
+            uid[...] = nccl.get_unique_id()
+        mpi._wait(mpi.comm.Ibcast(uid, root=0), "sharing the NCCL id")
+        self.comm = nccl.NcclCommunicator(mpi.size, tuple(int(v) for v in uid), mpi.rank)
+
+    def _type(self, x):
+        name = self._TYPES.get(str(x.dtype))
+        if name is None:
+            raise TypeError(f"NCCL transport: no NCCL type for dtype {x.dtype} (supported: {sorted(self._TYPES)})")
+        return getattr(self.nccl, name)
+
+    def _finish(self, stream, what):
+        """Wait for ``stream`` (the collective just queued), at most the timeout."""
+        event = stream.record()
+        deadline, pause = time.monotonic() + self.mpi.timeout, 1e-5
+        while not event.done:
+            try:
+                self.comm.check_async_error()
+            except self.nccl.NcclError as exc:
+                self.abort()
+                raise CommunicationError(f"rank {self.mpi.rank}/{self.mpi.size}: NCCL failed during {what}: {exc}") \
+                    from None
+            if time.monotonic() > deadline:
+                self.abort()
+                raise CommunicationError(f"rank {self.mpi.rank}/{self.mpi.size}: no answer from the other ranks "
+                                         f"within {self.mpi.timeout:g} s during {what} over NCCL (did a rank die "
+                                         "or stop?)")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def allreduce_sum(self, x):
+        x = self.cupy.ascontiguousarray(x)
+        out = self.cupy.empty_like(x)
+        stream = self.cupy.cuda.get_current_stream()
+        self.comm.allReduce(x.data.ptr, out.data.ptr, x.size, self._type(x), self.nccl.NCCL_SUM, stream.ptr)
+        self._finish(stream, "an all-reduce")
+        return out
+
+    def allgather(self, x):
+        x = self.cupy.ascontiguousarray(x)
+        out = self.cupy.empty((self.mpi.size, *x.shape), dtype=x.dtype)
+        stream = self.cupy.cuda.get_current_stream()
+        self.comm.allGather(x.data.ptr, out.data.ptr, x.size, self._type(x), stream.ptr)
+        self._finish(stream, "an all-gather")
+        return out.reshape((self.mpi.size * x.shape[0], *x.shape[1:])) if x.ndim else out
+
+    def abort(self):
+        try:
+            self.comm.abort()
+        except Exception:  # noqa: BLE001 - already broken: nothing more to release
+            pass
 
 
 def average_gradients(grads: dict, comm) -> dict:

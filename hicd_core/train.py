@@ -356,6 +356,7 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
     writer = comm is None or comm.rank == 0
     if comm is not None:
         shard(cfg.batch_size, comm)  # a batch that does not split evenly fails on every rank, before any file
+        comm.prepare(xp)  # the transport for this backend's arrays (NCCL on CuPy where it can), on every rank
     with run_lock(out_dir) if writer else contextlib.nullcontext():
         if writer:
             remove_stale_temps(out_dir)

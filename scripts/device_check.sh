@@ -39,6 +39,16 @@ tail -n 15 "$OUT/pytest_cupy.txt"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_torch.py > "$OUT/pytest_torch_cuda.txt" 2>&1 || status=1
 tail -n 5 "$OUT/pytest_torch_cuda.txt"
 
+# data-parallel collectives over NCCL on CuPy (tests/test_parallel.py; needs mpi4py and an mpiexec,
+# e.g. the mpich and mpi4py wheels in .whl/; one rank per GPU, so one rank on a one-GPU machine)
+if python3 -c "import mpi4py" 2> /dev/null; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -k "nccl or transport" tests/test_parallel.py \
+    > "$OUT/pytest_nccl.txt" 2>&1 || status=1
+  tail -n 5 "$OUT/pytest_nccl.txt"
+else
+  echo "mpi4py not installed: NCCL transport not checked" | tee "$OUT/pytest_nccl.txt"
+fi
+
 # the default ("auto", merged on CuPy), then "flat" (one im2col of dy for both gradients, no col2im),
 # which was only ever timed on the CPU: bench_MODE.json and bench_MODE_flat.json
 for layout in auto flat; do

@@ -4,6 +4,8 @@
     mpiexec -n 2 python tests/mpi_driver.py gradcheck
     mpiexec -n 2 python tests/mpi_driver.py fit OUT EPOCHS STOP_AFTER
     mpiexec -n 2 python tests/mpi_driver.py kill OUT    (or hang OUT)
+    mpiexec -n 1 python tests/mpi_driver.py transport    (the choice of transport on NumPy)
+    mpiexec -n K python tests/mpi_driver.py nccl         (CuPy with NCCL, one GPU per rank)
 """
 
 from __future__ import annotations
@@ -176,9 +178,62 @@ def stop_rank_1(comm, out, how):
         comm.abort(3)
 
 
+def transport(_comm):
+    """The transport setting: checked, and NumPy arrays always on the host path."""
+    from hicd_core import backend
+
+    errors = []
+    for bad in ("bogus", "NCCL"):
+        try:
+            MPIComm(transport=bad)
+        except ValueError as exc:
+            errors.append(str(exc))
+    chosen = {}
+    for requested in ("auto", "nccl", "mpi-host"):
+        comm = MPIComm(transport=requested)
+        comm.prepare(backend.namespace("numpy"))
+        total = comm.allreduce_sum(np.arange(3.0))
+        chosen[requested] = [comm.transport, total.tolist()]
+    report(_comm, {"errors": errors, "chosen": chosen})
+
+
+def nccl(_comm):
+    """Collectives of CuPy arrays over NCCL against the host path, and 3 training steps on K ranks with NCCL
+    against the same steps with host transport (one GPU per rank)."""
+    from hicd_core import backend
+
+    xp = backend.namespace("cupy")
+    comm, host = MPIComm(transport="nccl"), MPIComm(transport="mpi-host")
+    backend.use_local_device(xp, comm.local_rank)
+    comm.prepare(xp)
+    worst = 0.0
+    for dtype in ("float32", "float64", "int64"):
+        x = xp.asarray(np.arange(12).reshape(3, 4) * (comm.rank + 1), dtype=getattr(xp, dtype))
+        for op in ("allreduce_sum", "allgather"):
+            a, b = getattr(comm, op)(x), getattr(host, op)(x)
+            assert a.dtype == x.dtype and tuple(a.shape) == tuple(b.shape), (op, dtype, a.dtype, a.shape, b.shape)
+            worst = max(worst, float(xp.max(xp.abs(xp.astype(a, xp.float64) - xp.astype(b, xp.float64)))))
+    t1, t2, label = (backend.from_host(a.astype("float32"), xp) for a in synthetic_pairs(2 * comm.size, 32, 5))
+    part = slice(comm.rank * 2, (comm.rank + 1) * 2)
+    params = []
+    for c in (comm, host):
+        model = TinySiamCD(WIDTHS, xp=xp, seed=1)
+        opt = SGD(model.params, lr=0.01, momentum=0.9)
+        for _ in range(3):
+            train_step(model, opt, t1[part], t2[part], label[part], comm=c)
+        params.append(model.state_dict()["params"])
+    step_diff = max(float(np.max(np.abs(params[0][k] - params[1][k]))) for k in params[0])
+    report(_comm, {"transport": comm.transport, "collective_max_abs_diff": worst, "step_max_abs_diff": step_diff,
+                   "ranks": comm.size})
+
+
 def main():
     comm = MPIComm()
     command, args = sys.argv[1], sys.argv[2:]
+    if command == "transport":
+        return transport(comm)
+    if command == "nccl":
+        return nccl(comm)
     if command == "equivalence":
         equivalence(comm, args[0], args[1], *args[2:3])
     elif command == "gradcheck":

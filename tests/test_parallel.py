@@ -97,3 +97,29 @@ def test_the_command_under_mpiexec_trains_one_model_and_prints_once(tmp_path):
                           "--out", str(tmp_path / "odd")], capture_output=True, text=True, cwd=ROOT, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode != 0 and "does not split evenly over 2 ranks" in bad.stderr
+
+
+def test_the_transport_setting_is_checked_and_numpy_arrays_take_the_host_path():
+    out = mpirun("transport", ranks=1)
+    assert len(out["errors"]) == 2 and all("transport must be one of" in e for e in out["errors"])
+    assert out["chosen"] == {name: ["mpi-host", [0.0, 1.0, 2.0]] for name in ("auto", "nccl", "mpi-host")}
+
+
+def _gpus_with_nccl():
+    try:
+        import cupy
+    except ImportError:
+        return 0
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no driver or no device
+        return 0
+    return count if getattr(cupy.cuda, "nccl_enabled", False) else 0
+
+
+@pytest.mark.skipif(_gpus_with_nccl() == 0, reason="needs CuPy with NCCL and a GPU")
+def test_nccl_transport_matches_the_host_path_on_cupy():
+    out = mpirun("nccl", ranks=min(2, _gpus_with_nccl()), timeout=300)
+    assert out["transport"] == "nccl"
+    assert out["collective_max_abs_diff"] == 0.0
+    assert out["step_max_abs_diff"] < 1e-5, out
