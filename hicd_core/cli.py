@@ -98,6 +98,7 @@ def build_parser():
 
 def _train_parser(sub):
     from .experiment import STUDENTS
+    from .train import WEIGHT_SCHEDULES
 
     t = sub.add_parser("train", help="train a teacher (HQ/HQ) or a student (HQ/LQ)",
                        description="Train a teacher on high-quality pairs or a student on high/low-quality pairs. "
@@ -136,6 +137,9 @@ def _train_parser(sub):
     t.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
     t.add_argument("--bands", type=_positive_int, nargs="+", default=None, help=BANDS_HELP)
     t.add_argument("--distill-weight", type=_non_negative, default=1.0, help="weight of the whole distillation loss")
+    t.add_argument("--distill-schedule", default="constant", choices=WEIGHT_SCHEDULES,
+                   help="the distillation weight over the run: constant (SPEC 2) or cosine (decayed to 0 at the "
+                        "last epoch; docs/MATH.md section 9)")
     t.add_argument("--w-self", type=_non_negative, default=None, help="HiCD self-correlation weight")
     t.add_argument("--w-cross", type=_non_negative, default=None, help="HiCD cross-correlation weight")
     t.add_argument("--w-global", type=_non_negative, default=None, help="HiCD global-correlation weight")
@@ -275,7 +279,8 @@ def cmd_train(args):
                       student_init=args.student_init)
     teacher = None
     if args.role == "student":
-        overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau}
+        overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau,
+                     "weight_schedule": args.distill_schedule}
         for name in ("w_self", "w_cross", "w_global"):
             if getattr(args, name) is not None:
                 overrides[name] = getattr(args, name)

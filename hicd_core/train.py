@@ -19,7 +19,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from . import backend
@@ -62,7 +62,10 @@ class DistillConfig:
     ``weight`` multiplies the whole distillation loss; ``taps`` and ``windows``
     are the semantic stages and their correlation windows; ``change_window`` is
     the window of the change features ``d1`` (None: the whole map), and
-    ``use_change`` switches the change-feature terms on.
+    ``use_change`` switches the change-feature terms on. ``weight_schedule``:
+    ``"constant"`` (SPEC 2, the default) or ``"cosine"``, the weight decayed from
+    ``weight`` at the first step to 0 at the end of the run's budget (``fit``'s
+    ``epochs``), an option beside the SPEC loss (docs/MATH.md, section 9).
     """
 
     method: str = "hicd"
@@ -76,8 +79,12 @@ class DistillConfig:
     w_global: float = 1.0
     kind: str = "kl"
     tau: float = 0.5
+    weight_schedule: str = "constant"
 
     def __post_init__(self):
+        if self.weight_schedule not in WEIGHT_SCHEDULES:
+            raise ValueError(f"distillation weight_schedule must be one of {WEIGHT_SCHEDULES}, "
+                             f"got {self.weight_schedule!r}")
         if self.method != "baseline" and self.method not in DISTILL_METHODS:
             raise ValueError(f"unknown student method {self.method!r}; choose one of {('baseline', *DISTILL_METHODS)}")
         for name in ("weight", "w_self", "w_cross", "w_global"):
@@ -87,6 +94,18 @@ class DistillConfig:
         self.taps, self.windows = tuple(self.taps), tuple(self.windows)
         if len(self.taps) != len(self.windows):
             raise ValueError(f"{len(self.taps)} taps but {len(self.windows)} windows")
+
+
+    def at_step(self, step: int, total: int) -> "DistillConfig":
+        """These settings at training step ``step`` of ``total`` (the weight of ``weight_schedule``)."""
+        if self.weight_schedule == "constant":
+            return self
+        progress = min(max(step, 0), total) / max(total, 1)
+        return replace(self, weight=self.weight * 0.5 * (1.0 + math.cos(math.pi * progress)),
+                       weight_schedule="constant")
+
+
+WEIGHT_SCHEDULES = ("constant", "cosine")
 
 
 def _hicd_method(cfg: DistillConfig, taps, teacher_taps, comm=None):
@@ -458,8 +477,9 @@ def _train_epoch(run: _Run, progress, log_every):
         x1_d, hq_d, label_d = (backend.from_host(a[part], xp) for a in (x1, x2_hq, label))
         x2_d = backend.from_host(x2_lq[part], xp) if student else hq_d
         try:
+            distill = cfg.distill.at_step(run.step, cfg.epochs * len(run.batches)) if student else None
             terms = train_step(run.model, run.optimizer, x1_d, x2_d, label_d, lr=run.schedule(run.step),
-                               teacher=run.teacher, teacher_x2=hq_d, distill=cfg.distill if student else None,
+                               teacher=run.teacher, teacher_x2=hq_d, distill=distill,
                                dice_weight=cfg.dice_weight, ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight,
                                comm=run.comm)
         except NonFiniteError as exc:
@@ -538,9 +558,14 @@ def _same_config(saved: dict, current: dict) -> bool:
     """Whether a checkpoint's configuration is the current one; a field the checkpoint does not
     know (written before the field existed) counts as equal when the current value is its default,
     so that runs of an older release still resume."""
-    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    def with_defaults(saved, current, cls):
+        defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return {**{k: v for k, v in defaults.items() if k in current and k not in saved}, **saved}
+
     saved = {k: v for k, v in saved.items() if k != "world_size"}  # a run resumes on any number of ranks
-    saved = {**{k: v for k, v in defaults.items() if k in current and k not in saved}, **saved}
+    saved = with_defaults(saved, current, TrainConfig)
+    if isinstance(saved.get("distill"), dict) and isinstance(current.get("distill"), dict):
+        saved["distill"] = with_defaults(saved["distill"], current["distill"], DistillConfig)
     return saved == current
 
 

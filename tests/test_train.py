@@ -397,3 +397,33 @@ def test_a_run_of_an_older_release_resumes_when_new_fields_keep_their_defaults(t
     assert _same_config(old, cfg.to_dict())
     assert not _same_config(old, TrainConfig(role="teacher", epochs=1, batch_size=8, patience=3).to_dict())
     assert not _same_config({**old, "lr": 1.0}, cfg.to_dict())
+    student = TrainConfig(role="student", setting="resolution-x4", epochs=1, batch_size=8, distill=DistillConfig())
+    old_distill = {k: v for k, v in student.to_dict()["distill"].items() if k != "weight_schedule"}
+    assert _same_config({**student.to_dict(), "distill": old_distill}, student.to_dict())
+    cosine = TrainConfig(role="student", setting="resolution-x4", epochs=1, batch_size=8,
+                         distill=DistillConfig(weight_schedule="cosine"))
+    assert not _same_config({**student.to_dict(), "distill": old_distill}, cosine.to_dict())
+
+
+def test_a_cosine_distillation_weight_decays_over_the_budget(tmp_path):
+    cfg = DistillConfig(weight=2.0, weight_schedule="cosine")
+    assert DistillConfig().at_step(7, 10) == DistillConfig()
+    assert [round(cfg.at_step(s, 8).weight, 12) for s in (0, 2, 4, 8, 9)] == [2.0, round(1 + 2 ** -0.5, 12), 1.0,
+                                                                              0.0, 0.0]
+    assert cfg.at_step(4, 8).weight_schedule == "constant"
+    with pytest.raises(ValueError, match="weight_schedule must be one of"):
+        DistillConfig(weight_schedule="linear-ish")
+    # in a run: the logged distillation term follows the weight (the last epoch's steps weigh least)
+    train_set, val_set = ArrayDataset(*synthetic_pairs(16, 16, seed=0)), ArrayDataset(*synthetic_pairs(8, 16, seed=1))
+    teacher_out = tmp_path / "teacher"
+    fit(TrainConfig(epochs=1, batch_size=8, widths=(4, 4, 8, 8)), train_set, val_set, teacher_out, progress=False)
+    teacher, _ = load_model(teacher_out / "best.h5")
+    logged = {}
+    for schedule in ("constant", "cosine"):
+        distill = DistillConfig(windows=(None, None, None), change_window=8, weight_schedule=schedule)
+        cfg = TrainConfig(role="student", setting="resolution-x4", epochs=2, batch_size=8, widths=(4, 4, 8, 8),
+                          distill=distill)
+        result = fit(cfg, train_set, val_set, tmp_path / schedule, teacher=teacher, progress=False)
+        logged[schedule] = [r["train"]["distill"] for r in result.history]
+        assert load_model(tmp_path / schedule / "last.h5")[1]["config"]["distill"]["weight_schedule"] == schedule
+    assert logged["cosine"][0] < logged["constant"][0] and logged["cosine"][1] < 0.5 * logged["constant"][1]
