@@ -93,7 +93,7 @@ class MPIComm:
             return
         if not _nccl_available():
             if self.requested == "nccl":
-                raise ImportError("transport 'nccl' needs CuPy built with NCCL (cupy.cuda.nccl.available is "
+                raise ImportError("transport 'nccl' needs CuPy built with NCCL (cupy.cuda.nccl_enabled is "
                                   "False here); use transport 'mpi-host' or 'auto'")
             return
         self._nccl = _NCCLTransport(self)

@@ -95,7 +95,6 @@ class DistillConfig:
         if len(self.taps) != len(self.windows):
             raise ValueError(f"{len(self.taps)} taps but {len(self.windows)} windows")
 
-
     def at_step(self, step: int, total: int) -> "DistillConfig":
         """These settings at training step ``step`` of ``total`` (the weight of ``weight_schedule``)."""
         if self.weight_schedule == "constant":
