@@ -36,6 +36,9 @@ __all__ = [
     "normal",
     "device",
     "keep_host_memory",
+    "nccl_available",
+    "nccl_unique_id",
+    "NCCLComm",
 ]
 
 _BACKENDS = {
@@ -255,3 +258,76 @@ def keep_host_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 3
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     clamp = lambda v: min(int(v), 2**31 - 1)  # noqa: E731  (an int parameter)
     return bool(mallopt(_M_MMAP_THRESHOLD, clamp(mmap_threshold)) and mallopt(_M_TRIM_THRESHOLD, clamp(trim_threshold)))
+
+
+# --------------------------------------------------------------------------- NCCL (the device half of data parallelism)
+
+NCCL_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+
+
+def nccl_available() -> bool:
+    """Whether CuPy here was built with NCCL (``cupy.cuda.nccl_enabled``); False without CuPy."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    return bool(getattr(cupy.cuda, "nccl_enabled", False))
+
+
+def nccl_unique_id() -> tuple:
+    """A new NCCL id (``NCCL_ID_BYTES`` chars as ints), made by one rank and shared with the others."""
+    from cupy.cuda import nccl
+
+    return tuple(nccl.get_unique_id())
+
+
+class NCCLComm:
+    """A NCCL communicator over CuPy arrays, queued on the current stream (``hicd_core.parallel``
+    adds the waiting, the timeout and the errors).
+
+    ``allreduce_sum(x)`` and ``allgather(x)`` return ``(out, event)``: the result (for the
+    gather, the ranks' arrays stacked on a new leading axis) and the event recorded after the
+    collective; ``poll()`` raises ``RuntimeError`` with NCCL's message on an asynchronous error;
+    ``abort()`` releases the communicator.
+    """
+
+    _TYPES = {"float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64", "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
+
+    def __init__(self, size, uid, rank):
+        import cupy
+        from cupy.cuda import nccl
+
+        self.cupy, self.nccl, self.size = cupy, nccl, size
+        self.comm = nccl.NcclCommunicator(size, uid, rank)
+
+    def _type(self, x):
+        name = self._TYPES.get(str(x.dtype))
+        if name is None:
+            raise TypeError(f"NCCL transport: no NCCL type for dtype {x.dtype} (supported: {sorted(self._TYPES)})")
+        return getattr(self.nccl, name)
+
+    def allreduce_sum(self, x):
+        x = self.cupy.ascontiguousarray(x)
+        out = self.cupy.empty_like(x)
+        stream = self.cupy.cuda.get_current_stream()
+        self.comm.allReduce(x.data.ptr, out.data.ptr, x.size, self._type(x), self.nccl.NCCL_SUM, stream.ptr)
+        return out, stream.record()
+
+    def allgather(self, x):
+        x = self.cupy.ascontiguousarray(x)
+        out = self.cupy.empty((self.size, *x.shape), dtype=x.dtype)
+        stream = self.cupy.cuda.get_current_stream()
+        self.comm.allGather(x.data.ptr, out.data.ptr, x.size, self._type(x), stream.ptr)
+        return out, stream.record()
+
+    def poll(self):
+        try:
+            self.comm.check_async_error()
+        except self.nccl.NcclError as exc:
+            raise RuntimeError(str(exc)) from None
+
+    def abort(self):
+        try:
+            self.comm.abort()
+        except Exception:  # noqa: BLE001 - already broken: nothing more to release
+            pass

@@ -91,7 +91,7 @@ class MPIComm:
         ``transport`` becomes ``"nccl"``."""
         if self._nccl is not None or xp is None or not backend.is_cupy_namespace(xp) or self.requested == "mpi-host":
             return
-        if not _nccl_available():
+        if not backend.nccl_available():
             if self.requested == "nccl":
                 raise ImportError("transport 'nccl' needs CuPy built with NCCL (cupy.cuda.nccl_enabled is "
                                   "False here); use transport 'mpi-host' or 'auto'")
@@ -163,54 +163,32 @@ class MPIComm:
 
 
 _TRANSPORTS = ("auto", "nccl", "mpi-host")
-_NCCL_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
-
-
-def _nccl_available() -> bool:
-    """Whether CuPy here was built with NCCL (its ``cupy.cuda.nccl_enabled``)."""
-    try:
-        import cupy
-    except ImportError:
-        return False
-    return bool(getattr(cupy.cuda, "nccl_enabled", False))
 
 
 class _NCCLTransport:
-    """All-reduce and all-gather of CuPy arrays on device buffers through NCCL, on the current stream.
+    """All-reduce and all-gather of CuPy arrays on device buffers through NCCL (``backend.NCCLComm``).
 
-    Rank 0's NCCL id travels to the others by MPI. Each collective waits for the stream, at most
-    the communicator's timeout, checking NCCL's asynchronous errors meanwhile; on a timeout or
-    an error the NCCL communicator is aborted and ``CommunicationError`` raised, as on the host
-    path.
+    Rank 0's NCCL id travels to the others by MPI. Each collective waits for its completion
+    event, at most the communicator's timeout, checking NCCL's asynchronous errors meanwhile; on
+    a timeout or an error the NCCL communicator is aborted and ``CommunicationError`` raised, as
+    on the host path.
     """
 
-    _TYPES = {"float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64", "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
-
     def __init__(self, mpi: MPIComm):
-        import cupy
-        from cupy.cuda import nccl
-
-        self.cupy, self.nccl, self.mpi = cupy, nccl, mpi
-        uid = backend.host_empty((_NCCL_ID_BYTES,), "int64")  # the id's chars, as NumPy holds them for MPI
+        self.mpi = mpi
+        uid = backend.host_empty((backend.NCCL_ID_BYTES,), "int64")  # the id's chars, as NumPy holds them for MPI
         if mpi.rank == 0:
-            uid[...] = nccl.get_unique_id()
+            uid[...] = backend.nccl_unique_id()
         mpi._wait(mpi.comm.Ibcast(uid, root=0), "sharing the NCCL id")
-        self.comm = nccl.NcclCommunicator(mpi.size, tuple(int(v) for v in uid), mpi.rank)
+        self.comm = backend.NCCLComm(mpi.size, tuple(int(v) for v in uid), mpi.rank)
 
-    def _type(self, x):
-        name = self._TYPES.get(str(x.dtype))
-        if name is None:
-            raise TypeError(f"NCCL transport: no NCCL type for dtype {x.dtype} (supported: {sorted(self._TYPES)})")
-        return getattr(self.nccl, name)
-
-    def _finish(self, stream, what):
-        """Wait for ``stream`` (the collective just queued), at most the timeout."""
-        event = stream.record()
+    def _finish(self, out, event, what):
+        """``out`` once ``event`` (the collective just queued) has completed, at most the timeout."""
         deadline, pause = time.monotonic() + self.mpi.timeout, 1e-5
         while not event.done:
             try:
-                self.comm.check_async_error()
-            except self.nccl.NcclError as exc:
+                self.comm.poll()
+            except RuntimeError as exc:
                 self.abort()
                 raise CommunicationError(f"rank {self.mpi.rank}/{self.mpi.size}: NCCL failed during {what}: {exc}") \
                     from None
@@ -221,28 +199,17 @@ class _NCCLTransport:
                                          "or stop?)")
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
-
-    def allreduce_sum(self, x):
-        x = self.cupy.ascontiguousarray(x)
-        out = self.cupy.empty_like(x)
-        stream = self.cupy.cuda.get_current_stream()
-        self.comm.allReduce(x.data.ptr, out.data.ptr, x.size, self._type(x), self.nccl.NCCL_SUM, stream.ptr)
-        self._finish(stream, "an all-reduce")
         return out
 
+    def allreduce_sum(self, x):
+        return self._finish(*self.comm.allreduce_sum(x), "an all-reduce")
+
     def allgather(self, x):
-        x = self.cupy.ascontiguousarray(x)
-        out = self.cupy.empty((self.mpi.size, *x.shape), dtype=x.dtype)
-        stream = self.cupy.cuda.get_current_stream()
-        self.comm.allGather(x.data.ptr, out.data.ptr, x.size, self._type(x), stream.ptr)
-        self._finish(stream, "an all-gather")
+        out = self._finish(*self.comm.allgather(x), "an all-gather")
         return out.reshape((self.mpi.size * x.shape[0], *x.shape[1:])) if x.ndim else out
 
     def abort(self):
-        try:
-            self.comm.abort()
-        except Exception:  # noqa: BLE001 - already broken: nothing more to release
-            pass
+        self.comm.abort()
 
 
 def average_gradients(grads: dict, comm) -> dict:
