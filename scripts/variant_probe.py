@@ -10,8 +10,8 @@ converged study's teacher of that seed (``runs/reproduce/converged/seed<S>/teach
 trained by ``examples/reproduce.py --protocol converged``), and appends its validation F1 per
 epoch, best validation F1, best epoch and epochs run to ``results/variant_probe.json``. Only
 the validation set is evaluated; the study's own baseline and HiCD students of that seed
-and setting are the reference (their validation curves are in their ``log.jsonl``; the
-script reads them when present and records their best validation F1 beside the variant's).
+and setting are the reference (their best validation F1, from their rows in
+``results/converged.json``, is recorded beside the variant's).
 """
 
 from __future__ import annotations
@@ -45,11 +45,16 @@ VARIANTS = {
 }
 
 
-def best_val_f1(folder):
-    log = Path(folder) / "log.jsonl"
-    if not log.exists():
-        return None
-    return max(json.loads(line)["val"]["f1"] for line in log.read_text().splitlines() if line)
+def reference_best_val_f1(setting, seed):
+    """Best validation F1 of the converged study's fresh baseline and HiCD students (``results/converged.json``)."""
+    rows = json.loads((ROOT / "results" / "converged.json").read_text())
+    out = {}
+    for method in ("student baseline", "student HiCD full"):
+        for r in rows:
+            if (r["setting"], r["seed"], r["method"], r.get("init", "fresh")) == (setting, seed, method, "fresh") \
+                    and r.get("val_f1"):
+                out[method] = max(r["val_f1"])
+    return out
 
 
 def main(argv=None):
@@ -73,8 +78,7 @@ def main(argv=None):
     curve = [json.loads(line)["val"]["f1"] for line in (folder / "log.jsonl").read_text().splitlines() if line]
     row = {"setting": args.setting, "seed": args.seed, "variant": args.variant, "overrides": VARIANTS[args.variant],
            **run_summary(folder), "best_val_f1": max(curve), "val_f1": curve,
-           "reference_best_val_f1": {name: best_val_f1(study / args.setting / f"student-{name}")
-                                     for name in ("baseline", "hicd")},
+           "reference_best_val_f1": reference_best_val_f1(args.setting, args.seed),
            "seconds": round(time.perf_counter() - started, 1)}
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.exists() else []
