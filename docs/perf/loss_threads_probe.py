@@ -20,23 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-root = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(root), str(root / "benchmarks")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_ab_in_step import hicd_step  # noqa: E402  (the same step as the A/B probe beside this one)
 
-import hicd_core.train as train  # noqa: E402
-from bench import make_batch  # noqa: E402
-from hicd_core import backend  # noqa: E402
-from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
-from hicd_core.optim import AdamW  # noqa: E402
-
-backend.keep_host_memory()
-xp = backend.namespace("numpy")
-x1, x2, x2_hq, label = (backend.from_host(a, xp) for a in make_batch(8, 64))
-student, teacher = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=0), TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=1)
-opt = AdamW(student.params, lr=1e-3, weight_decay=1e-2)
-windows, change_window = train.default_windows(64)
-distill = train.DistillConfig(method="hicd", windows=windows, change_window=change_window)
-
+step, train = hicd_step()
 loss_s = {"threaded": [], "serial": []}
 step_s = {"threaded": [], "serial": []}
 mode = "threaded"
@@ -51,8 +38,6 @@ def timed_loss(*args, **kwargs):
 
 
 train.hicd_loss = timed_loss
-step = lambda: train.train_step(student, opt, x1, x2, label, teacher=teacher, teacher_x2=x2_hq,  # noqa: E731
-                                distill=distill)
 for _ in range(3):
     step()
 loss_s["threaded"].clear()
