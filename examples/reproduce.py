@@ -14,7 +14,10 @@ held-out LQ test set (t2 of test sample ``i`` degraded with seed ``[54321 + seed
 Rows go to ``results/<study>.json`` as soon as each is measured: ``{setting,
 method, seed, init, best_epoch, epochs_run, val_f1, f1, iou, precision, recall,
 oa, kappa}`` (``init``: ``fresh`` or ``teacher``, how the students started;
-``val_f1``: validation F1 per epoch; with ``--data`` also ``f1_per_scene``).
+``val_f1``: validation F1 per epoch; with ``--data`` also ``f1_per_scene``; ``host``: the
+CPU the model was trained on, as ``machine`` in the meta file; ``teacher_best_val_f1``: for
+students that used a teacher, that teacher's best validation F1, which tells a teacher
+retrained on another host apart: the same seed and recipe give another model there).
 Rows already there are skipped, so an interrupted run resumes where it stopped
 (a finished model's checkpoint is reused when its folder still exists). The
 report ``docs/RESULTS*.md`` and its plots are rebuilt after every row; its
@@ -533,6 +536,7 @@ def main(argv=None):
                 machine=machine_description(args.backend))
 
     def record(r, seconds):
+        r = {**r, "host": meta["machine"]}  # a model retrained on another CPU is another model (rounding)
         # several sweeps may add rows to one study at once: merge with what is on disk, under a lock
         with _study_lock(results):
             rows[:] = [x for x in load_rows(results) if row_key(x) != row_key(r)] + [r]
@@ -582,8 +586,10 @@ def main(argv=None):
                 folder = out / setting / (f"student-{variant}" + ("-from-teacher" if init == "teacher" else ""))
                 student = train_student(folder, variant, splits, prof, teacher, setting=setting, seed=seed, xp=xp,
                                         progress=not args.no_progress, student_init=init)
-                record(_measure(student, test_lq, prof, args, setting, LABELS[variant], seed, init, _summary(folder)),
-                       time.perf_counter() - t)
+                r = _measure(student, test_lq, prof, args, setting, LABELS[variant], seed, init, _summary(folder))
+                if variant != "baseline" or init == "teacher":  # which teacher it learnt from
+                    r["teacher_best_val_f1"] = max(teacher_summary["val_f1"])
+                record(r, time.perf_counter() - t)
     return rows
 
 
