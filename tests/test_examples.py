@@ -56,7 +56,8 @@ def test_reproduce_writes_rows_report_and_resumes(tmp_path):
     rows = json.loads(results.read_text())
     assert [r["method"] for r in rows] == ["teacher HQ/HQ", "teacher HQ/LQ", "student baseline"]
     assert all(set(r) == {"setting", "method", "seed", "init", "best_epoch", "epochs_run", "val_f1", "f1", "iou",
-                          "precision", "recall", "oa", "kappa"} for r in rows)
+                          "precision", "recall", "oa", "kappa", "host"} for r in rows)  # a baseline used no teacher
+    assert len({r["host"] for r in rows}) == 1 and "CPU" in rows[0]["host"]
     assert all(r["init"] == "fresh" and 1 <= r["best_epoch"] <= r["epochs_run"] == len(r["val_f1"]) for r in rows)
     text = report.read_text()
     assert "[`rows.json`](../rows.json)" in text and "| student baseline |" in text
