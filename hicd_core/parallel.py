@@ -145,13 +145,13 @@ class MPIComm:
         """Every rank's ``x`` (one shape on all ranks) stacked along axis 0, in rank order."""
         device = self._device(x)
         if device is not None:
-            return device.allgather(x)
-        xp = backend.array_namespace(x)
-        send = backend.contiguous_host(x)
-        out = backend.host_empty((self.size, *send.shape), send.dtype)
-        self._wait(self.comm.Iallgather(send, out), "an all-gather")
-        out = out.reshape((self.size * send.shape[0], *send.shape[1:])) if send.ndim else out
-        return backend.from_host(out, xp, device=backend.device(x))
+            out = device.allgather(x)  # (size, *x.shape)
+        else:
+            send = backend.contiguous_host(x)
+            out = backend.host_empty((self.size, *send.shape), send.dtype)
+            self._wait(self.comm.Iallgather(send, out), "an all-gather")
+            out = backend.from_host(out, backend.array_namespace(x), device=backend.device(x))
+        return out.reshape((self.size * x.shape[0], *x.shape[1:])) if x.ndim else out
 
     def barrier(self):
         self._wait(self.comm.Ibarrier(), "a barrier")
@@ -205,8 +205,7 @@ class _NCCLTransport:
         return self._finish(*self.comm.allreduce_sum(x), "an all-reduce")
 
     def allgather(self, x):
-        out = self._finish(*self.comm.allgather(x), "an all-gather")
-        return out.reshape((self.mpi.size * x.shape[0], *x.shape[1:])) if x.ndim else out
+        return self._finish(*self.comm.allgather(x), "an all-gather")
 
     def abort(self):
         self.comm.abort()

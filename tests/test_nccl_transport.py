@@ -54,7 +54,7 @@ def test_results_come_back_once_the_collective_completed():
     t = transport(_FakeDevice(2, delay=0.05))
     x = np.arange(6.0).reshape(3, 2)
     np.testing.assert_array_equal(t.allreduce_sum(x), 2 * x)
-    np.testing.assert_array_equal(t.allgather(x), np.concatenate([x, x]))  # ranks stacked along axis 0
+    np.testing.assert_array_equal(t.allgather(x), np.stack([x, x]))  # ranks on a new leading axis (MPIComm flattens)
     assert t.allgather(np.float64(3.0)).shape == (2,)
 
 
