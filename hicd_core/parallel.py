@@ -27,10 +27,13 @@ whole MPI job.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from . import backend
 from .errors import HicdError
+
+ABORT_GRACE_S = 1.0  # seconds printed output gets to reach mpiexec before an abort (MPIComm.abort)
 
 __all__ = ["MPIComm", "CommunicationError", "launched_by_mpi", "average_gradients", "shard"]
 
@@ -157,8 +160,17 @@ class MPIComm:
         self._wait(self.comm.Ibarrier(), "a barrier")
 
     def abort(self, code=1):
+        """End every rank of the job with exit status ``code``.
+
+        Output already printed is flushed and given ``ABORT_GRACE_S`` seconds to reach
+        ``mpiexec`` first: MPI_Abort tears the job down at once, and a line still in a
+        process manager's pipe (the error that says why) is otherwise lost.
+        """
         if self._nccl is not None:
             self._nccl.abort()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
 
