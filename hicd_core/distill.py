@@ -18,7 +18,7 @@ import math
 import operator
 from typing import NamedTuple, Sequence
 
-from .backend import all_finite, array_namespace, as_arrays, device, is_tracing, mutable_namespace
+from .backend import all_finite, array_namespace, as_arrays, device, is_numpy_namespace, is_tracing, mutable_namespace
 from .correlation import (
     _row_sum,
     check_feature,
@@ -36,6 +36,10 @@ from .errors import NonFiniteError
 __all__ = ["correlation_distance", "hicd_loss", "feature_mse_loss", "KINDS"]
 
 KINDS = ("kl", "mse")
+
+# correlation entries per block of windows in ``hicd_loss`` on NumPy: 512 KiB of float32,
+# half a core's L2 cache on current x86 servers (docs/PERFORMANCE.md)
+BLOCK_ELEMENTS = 1 << 17
 
 
 def _softmax_parts(r, inv_tau, shift=True, *, xp):
@@ -88,7 +92,7 @@ def _shift_needed(bound, tau, dtype, row_length, *, xp):
     return not (b <= -math.log(info.smallest_normal) - 8.0 and b + math.log(max(row_length, 1)) <= math.log(info.max) - 8.0)
 
 
-def correlation_distance(r_s, r_t, kind="kl", tau=0.5, *, bound=None):
+def correlation_distance(r_s, r_t, kind="kl", tau=0.5, *, bound=None, rows=None):
     """Distance between a student and a teacher correlation, and its gradient.
 
     Parameters
@@ -104,6 +108,11 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5, *, bound=None):
         row-maximum shift where ``exp`` can neither overflow nor underflow without it
         (one reduction and one pass fewer; the same values up to rounding). None: always
         shift, as SPEC 2 says.
+    rows : int, optional
+        The number of rows ``P`` the distance is averaged over (``"mse"``: its ``P * M``
+        entries); default: those of ``r_s``. A caller that splits one correlation into
+        blocks of rows passes the whole's count: the blocks' losses then add up to the
+        whole's loss, and their gradients are the whole's gradient block by block.
 
     Returns
     -------
@@ -127,9 +136,13 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5, *, bound=None):
     if r_s.ndim < 1 or r_s.shape[-1] == 0:
         raise ValueError(f"correlations need a non-empty last axis, got shape {tuple(r_s.shape)}")
     size = math.prod(r_s.shape)
+    if rows is not None:
+        rows = operator.index(rows)
+        if rows < size // r_s.shape[-1]:
+            raise ValueError(f"rows={rows} is fewer than the {size // r_s.shape[-1]} rows of the correlations")
     if kind == "kl":
         tau = _setting(tau, "tau", positive=True)
-        rows = size // r_s.shape[-1]
+        rows = size // r_s.shape[-1] if rows is None else rows
         shift = _shift_needed(bound, tau, r_s.dtype, r_s.shape[-1], xp=xp)
         z_s, q, log_sum_s = _softmax_parts(r_s, 1.0 / tau, shift, xp=xp)
         z_t, p, log_sum_t = _softmax_parts(r_t, 1.0 / tau, shift, xp=xp)
@@ -144,6 +157,7 @@ def correlation_distance(r_s, r_t, kind="kl", tau=0.5, *, bound=None):
         kl = xp.sum(xp.vecdot(p, z_t)) + xp.sum(log_sum_s - log_sum_t)
         return _zero_d(kl * (tau * tau / rows), xp), q
     if kind == "mse":
+        size = size if rows is None else rows * r_s.shape[-1]
         diff = r_s - r_t
         return _zero_d(xp.sum(diff * diff) * (1.0 / size), xp), diff * (2.0 / size)
     raise ValueError(f"unknown distance kind {kind!r}; choose one of {KINDS}")
@@ -365,7 +379,7 @@ def hicd_loss(
     _validate_stages(student_sem, teacher_sem, windows)
 
     # every correlation here is a Gram product of L2-normalised vectors: |r| <= 1
-    dist = lambda r_s, r_t: correlation_distance(r_s, r_t, kind, tau, bound=1.0)  # noqa: E731
+    dist = lambda r_s, r_t, rows=None: correlation_distance(r_s, r_t, kind, tau, bound=1.0, rows=rows)  # noqa: E731
     parts = [(f"sem{l}", s, t, w, w_cross) for l, (s, t, w) in enumerate(zip(student_sem, teacher_sem, windows))]
     if student_chg is not None:
         check_feature(student_chg, "student_chg")
@@ -400,27 +414,64 @@ def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist
     is partitioned and normalised once and shared by both terms; its window-space gradients are
     summed before the one backward through the normalisation. Returns the weighted terms by name
     and each phase's gradient (None when both weights are 0: nothing is computed).
+
+    The windows are independent, so on NumPy they are taken a block at a time
+    (``_windows_per_block``): each block's correlations stay in the cache from the Gram product
+    to the backward product. The distances average over all windows' rows (``rows=``), so the
+    gradients are those of one pass over all windows; only the loss's sum is added up in
+    another order.
     """
     terms = {}
     if not (w_self or w_cross):
         return terms, [None] * len(students)
     X = [window_features(f, window, eps) for f in students]  # (features, cache) per phase
-    T = [window_features(f, window, eps)[0] for f in teachers]
-    dX = [None] * len(X)
+    xp = array_namespace(X[0][0])
+    N, K, M, _ = X[0][0].shape
+    flat = lambda a: xp.reshape(a, (N * K, M, a.shape[-1]))  # noqa: E731  (windows of every image in a row)
+    Xs = [flat(x) for x, _ in X]
+    Ts = [flat(window_features(f, window, eps)[0]) for f in teachers]
+    step = _windows_per_block(xp, N * K, M)
+    sums, blocks = {}, [[] for _ in Xs]
+    for first in range(0, N * K, step):
+        part = slice(first, first + step)
+        block_terms, dX = _window_block([x[part, ...] for x in Xs], [t[part, ...] for t in Ts], w_self, w_cross,
+                                        lambda r_s, r_t: dist(r_s, r_t, N * K * M))
+        for name, value in block_terms.items():
+            sums[name] = _add(sums.get(name), value)
+        for phase, d in zip(blocks, dX):
+            phase.append(d)
+    terms = {f"{prefix}.{name}": value for name, value in sums.items()}
+    dX = [xp.reshape(d[0] if len(d) == 1 else xp.concat(d, axis=0), (N, K, M, -1)) for d in blocks]
+    return terms, [window_features_backward(d, cache) for d, (_, cache) in zip(dX, X)]
+
+
+def _windows_per_block(xp, windows, m):
+    """How many windows ``_window_terms`` takes at a time: on NumPy (one CPU core per
+    elementwise pass) as many as keep a block's ``(M, M)`` correlations within
+    ``BLOCK_ELEMENTS``; on other namespaces all at once (a GPU wants few, large kernels)."""
+    if not is_numpy_namespace(xp):
+        return windows
+    return max(1, min(windows, BLOCK_ELEMENTS // (m * m)))
+
+
+def _window_block(X, T, w_self, w_cross, dist):
+    """The unweighted-by-name window terms of one block of windows (features ``(B, M, C)`` per
+    phase) and each phase's window-space gradient."""
+    terms, dX = {}, [None] * len(X)
     if w_self:
         w = w_self / len(X)
         total = None
-        for i, ((Xi, _), Ti) in enumerate(zip(X, T)):
+        for i, (Xi, Ti) in enumerate(zip(X, T)):
             d, dr = dist(gram(Xi), gram(Ti))
             total = _add(total, d)
             dX[i] = gram_backward(dr, Xi) * w  # the weight on the (M, C) side, the smaller one
-        terms[f"{prefix}.self"] = total * w
+        terms["self"] = total * w
     if w_cross and len(X) == 2:
-        d, dr = dist(gram(X[0][0], X[1][0]), gram(T[0], T[1]))
-        terms[f"{prefix}.cross"] = d * w_cross
-        e1, e2 = gram_backward(dr, X[0][0], X[1][0])
+        d, dr = dist(gram(X[0], X[1]), gram(T[0], T[1]))
+        terms["cross"] = d * w_cross
+        e1, e2 = gram_backward(dr, X[0], X[1])
         dX = [_add(dX[0], e1 * w_cross), _add(dX[1], e2 * w_cross)]
-    return terms, [window_features_backward(d, cache) for d, (_, cache) in zip(dX, X)]
+    return terms, dX
 
 
 def _global_term(name, students, teachers, w_global, eps, dist, terms, comm, xp):

@@ -75,6 +75,35 @@ def test_distance_gradient_matches_central_differences(kind):
     np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", ["kl", "mse"])
+def test_distance_over_blocks_of_rows_adds_up_to_the_whole(kind):
+    rng = np.random.default_rng(4)
+    r_s, r_t = np.tanh(rng.standard_normal((7, 5, 6))), np.tanh(rng.standard_normal((7, 5, 6)))
+    loss, grad = correlation_distance(r_s, r_t, kind, 0.7)
+    parts = [correlation_distance(r_s[b], r_t[b], kind, 0.7, rows=35) for b in (slice(0, 3), slice(3, 7))]
+    assert float(parts[0][0] + parts[1][0]) == pytest.approx(float(loss), rel=1e-13)
+    np.testing.assert_allclose(np.concatenate([g for _, g in parts]), grad, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="rows=10 is fewer than the 35 rows"):
+        correlation_distance(r_s, r_t, kind, rows=10)
+
+
+@pytest.mark.parametrize("block_elements", [1, 3 * 16, 10**6])  # one window, ragged blocks of 3, all at once
+def test_hicd_loss_over_blocks_of_windows_matches_reference(monkeypatch, block_elements):
+    from hicd_core import distill
+
+    monkeypatch.setattr(distill, "BLOCK_ELEMENTS", block_elements)
+    rng = np.random.default_rng(8)
+    s_sem = [(rng.standard_normal((2, 3, 8, 4)), rng.standard_normal((2, 3, 8, 4)))]  # 8 windows of 2x2 per image
+    t_sem = [(rng.standard_normal((2, 5, 8, 4)), rng.standard_normal((2, 5, 8, 4)))]
+    s_chg, t_chg = rng.standard_normal((2, 2, 4, 6)), rng.standard_normal((2, 4, 4, 6))
+    kw = dict(windows=[2], change_window=2, w_self=0.5, w_cross=1.0, w_global=1.0)
+    loss, grads = hicd_loss(s_sem, t_sem, s_chg, t_chg, **kw)
+    ref_loss, ref_grads = ref.hicd_loss(s_sem, t_sem, s_chg, t_chg, **kw)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12)
+    for g, e in zip([*grads["sem"][0], grads["chg"]], [*ref_grads["sem"][0], ref_grads["chg"]]):
+        np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-14)
+
+
 @st.composite
 def hicd_problems(draw):
     """Random stages (shapes, windows, teacher channel counts) and loss settings."""
