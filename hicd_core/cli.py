@@ -131,6 +131,9 @@ def _train_parser(sub):
                    help="share of training crops drawn around a change pixel (with --crop; e.g. 0.5)")
     t.add_argument("--patience", type=_positive_int, default=None,
                    help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
+    t.add_argument("--smoothing", type=_positive_int, default=1,
+                   help="select the best model (and count --patience) by the mean validation F1 of this many "
+                        "epochs (default 1: each epoch's own)")
     t.add_argument("--eval-tile", type=_multiple_of_8, default=None, help="validate scenes larger than this tile by tile")
     t.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
@@ -275,7 +278,7 @@ def cmd_train(args):
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize=args.normalize, change_crop_rate=args.change_crop_rate,
-                      patience=args.patience, eval_tile=args.eval_tile, bands=args.bands, seed=args.seed,
+                      patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands, seed=args.seed,
                       student_init=args.student_init)
     teacher = None
     if args.role == "student":

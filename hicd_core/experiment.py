@@ -46,8 +46,8 @@ class Profile:
 
     ``teacher_epochs`` / ``student_epochs`` are maximum budgets when ``patience``
     is set (training stops once validation F1 has not improved for ``patience``
-    epochs); ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and ``eval_tile``
-    are the ``TrainConfig`` fields of the same names; ``repeats``: how many random
+    epochs); ``smoothing``, ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and
+    ``eval_tile`` are the ``TrainConfig`` fields of the same names; ``repeats``: how many random
     crops of each training scene make one epoch (real data).
     """
 
@@ -62,6 +62,7 @@ class Profile:
     lr: float = 2e-3
     student_lr: float = 1e-3
     patience: int | None = None
+    smoothing: int = 1
     dice_weight: float = 0.0
     pos_weight: float | None = None
     normalize: bool = False
@@ -106,8 +107,9 @@ def _metrics_row(method, metrics):
 
 def _base_config(prof, seed):
     return TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
-                       lr=prof.lr, seed=seed, patience=prof.patience, dice_weight=prof.dice_weight, pos_weight=prof.pos_weight,
-                       normalize=prof.normalize, change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile)
+                       lr=prof.lr, seed=seed, patience=prof.patience, smoothing=prof.smoothing,
+                       dice_weight=prof.dice_weight, pos_weight=prof.pos_weight, normalize=prof.normalize,
+                       change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile)
 
 
 def train_teacher(out_dir, splits, prof, *, seed=0, xp=None, progress=True, log=print):

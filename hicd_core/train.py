@@ -255,7 +255,11 @@ class TrainConfig:
     checkpoint; ``change_crop_rate`` is the share of training crops drawn around a
     change pixel; ``patience`` stops training once validation F1 has not improved
     for that many epochs (``epochs`` is then the maximum budget; the learning-rate
-    schedule spans the whole budget); ``eval_tile`` predicts validation scenes
+    schedule spans the whole budget); ``smoothing`` selects the best model (and counts
+    the patience) by the mean validation F1 of the last ``smoothing`` epochs instead of
+    each epoch's own (1, the default), for validation sets so small that F1 jumps from
+    epoch to epoch: ``best.h5`` is then the model at the end of the best run of
+    epochs, and the log's ``best`` carries that mean as ``smoothed_f1``; ``eval_tile`` predicts validation scenes
     larger than it tile by tile. ``bands`` records the 1-based image bands the data
     were read with (multispectral TIFFs; None: all); ``hicd predict`` and ``hicd eval``
     read the same bands by default. The model's input channels are those of the
@@ -279,6 +283,7 @@ class TrainConfig:
     normalize: bool = False
     change_crop_rate: float = 0.0
     patience: int | None = None
+    smoothing: int = 1
     eval_tile: int | None = None
     bands: tuple | None = None
     widths: tuple = (16, 32, 64, 128)
@@ -307,6 +312,8 @@ class TrainConfig:
             raise ValueError(f"change_crop_rate must be in [0, 1], got {self.change_crop_rate}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or None), got {self.patience}")
+        if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, int) or self.smoothing < 1:
+            raise ValueError(f"smoothing must be an integer >= 1 (epochs), got {self.smoothing!r}")
         if self.eval_tile is not None and (self.eval_tile < 8 or self.eval_tile % 8):
             raise ValueError(f"eval_tile must be a positive multiple of 8, got {self.eval_tile}")
 
@@ -514,9 +521,12 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
     if run.comm is not None:
         record["world_size"], record["transport"] = run.comm.size, run.comm.transport
     run.history.append(record)
-    improved = metrics["f1"] > run.best["f1"]
+    score = _selection_score(run.history, cfg.smoothing)
+    improved = score > run.best.get("smoothed_f1", run.best["f1"])
     if improved:
         run.best = dict(record["val"], epoch=run.epoch + 1)
+        if cfg.smoothing > 1:
+            run.best["smoothed_f1"] = score
     run.stopped = cfg.patience is not None and run.epoch + 1 - run.best["epoch"] >= cfg.patience
     if run.stopped:
         record["stopped"] = True
@@ -551,6 +561,13 @@ def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log
         if on_epoch is not None:
             on_epoch(record)
     return FitResult(run.model, run.history, run.best, out_dir)
+
+
+def _selection_score(history, smoothing):
+    """The validation F1 that model selection compares: the mean over the last ``smoothing``
+    epochs of ``history`` (fewer at the start of a run), rounded as the log rounds F1."""
+    recent = [r["val"]["f1"] for r in history[-smoothing:]]
+    return recent[0] if smoothing == 1 else round(sum(recent) / len(recent), 2)
 
 
 def _same_config(saved: dict, current: dict) -> bool:

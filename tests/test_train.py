@@ -244,6 +244,25 @@ def test_early_stopping_stops_at_the_stated_patience_and_resume_keeps_it_stopped
         TrainConfig(patience=0)
 
 
+def test_smoothed_selection_skips_a_one_epoch_spike_and_counts_patience_on_the_mean(tmp_path, monkeypatch):
+    from hicd_core import train as train_module
+
+    # trailing means of 3: 10, 30, 23.33, 33.33, 28.33, 37, 30.33, 25.33, 20 -> best at epoch 6 (the raw
+    # scores' best is the spike at epoch 2), stopped after epoch 9
+    scores = iter([10.0, 50.0, 10.0, 40.0, 35.0, 36.0, 20.0, 20.0, 20.0, 99.0])
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda *a, **k: {"f1": next(scores), "precision": 0.0, "recall": 0.0, "iou": 0.0,
+                                         "oa": 0.0, "kappa": 0.0})
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    cfg = TrainConfig(role="teacher", epochs=10, batch_size=8, patience=3, smoothing=3, seed=0)
+    result = fit(cfg, data, data, tmp_path / "t", progress=False)
+    assert len(result.history) == 9 and result.history[-1].get("stopped") is True
+    assert result.best["epoch"] == 6 and result.best["f1"] == 36.0 and result.best["smoothed_f1"] == 37.0
+    assert io.load_checkpoint(tmp_path / "t" / "best.h5")["extra"]["epoch"] == 6
+    with pytest.raises(ValueError, match="smoothing must be an integer >= 1"):
+        TrainConfig(smoothing=0)
+
+
 def test_a_second_run_into_a_locked_folder_fails_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
     from hicd_core import RunLockError
 
