@@ -421,9 +421,8 @@ def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist
     gradients are those of one pass over all windows; only the loss's sum is added up in
     another order.
     """
-    terms = {}
     if not (w_self or w_cross):
-        return terms, [None] * len(students)
+        return {}, [None] * len(students)
     X = [window_features(f, window, eps) for f in students]  # (features, cache) per phase
     xp = array_namespace(X[0][0])
     N, K, M, _ = X[0][0].shape
@@ -455,8 +454,8 @@ def _windows_per_block(xp, windows, m):
 
 
 def _window_block(X, T, w_self, w_cross, dist):
-    """The unweighted-by-name window terms of one block of windows (features ``(B, M, C)`` per
-    phase) and each phase's window-space gradient."""
+    """The weighted window terms of one block of windows (features ``(B, M, C)`` per phase), as
+    ``{"self": ..., "cross": ...}``, and each phase's window-space gradient."""
     terms, dX = {}, [None] * len(X)
     if w_self:
         w = w_self / len(X)
