@@ -278,8 +278,8 @@ def cmd_train(args):
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize=args.normalize, change_crop_rate=args.change_crop_rate,
-                      patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands, seed=args.seed,
-                      student_init=args.student_init)
+                      patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
+                      seed=args.seed, student_init=args.student_init)
     teacher = None
     if args.role == "student":
         overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau,
