@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -259,8 +260,8 @@ class TrainConfig:
     the patience) by the mean validation F1 of the last ``smoothing`` epochs instead of
     each epoch's own (1, the default), for validation sets so small that F1 jumps from
     epoch to epoch: ``best.h5`` is then the model at the end of the best run of
-    epochs, and the log's ``best`` carries that mean as ``smoothed_f1``; ``eval_tile`` predicts validation scenes
-    larger than it tile by tile. ``bands`` records the 1-based image bands the data
+    epochs, and the log's ``best`` carries that mean as ``smoothed_f1``; ``eval_tile``
+    predicts validation scenes larger than it tile by tile. ``bands`` records the 1-based image bands the data
     were read with (multispectral TIFFs; None: all); ``hicd predict`` and ``hicd eval``
     read the same bands by default. The model's input channels are those of the
     training images.
@@ -312,7 +313,7 @@ class TrainConfig:
             raise ValueError(f"change_crop_rate must be in [0, 1], got {self.change_crop_rate}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or None), got {self.patience}")
-        if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, int) or self.smoothing < 1:
+        if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, numbers.Integral) or self.smoothing < 1:
             raise ValueError(f"smoothing must be an integer >= 1 (epochs), got {self.smoothing!r}")
         if self.eval_tile is not None and (self.eval_tile < 8 or self.eval_tile % 8):
             raise ValueError(f"eval_tile must be a positive multiple of 8, got {self.eval_tile}")
