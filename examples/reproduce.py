@@ -479,6 +479,7 @@ def study_paths(args, tag):
 TITLES = {"reproduce": "Reproducing the HiCD claim: the 6-epoch sweep on synthetic scenes",
           "converged": "HiCD against converged students on synthetic scenes",
           "sztaki": "HiCD on the SZTAKI AirChange scenes",
+          "sztaki-smoothed": "HiCD on the SZTAKI AirChange scenes, best model by a 3-epoch mean of validation F1",
           "levir": "HiCD on the LEVIR-CD sample tiles"}
 
 
