@@ -45,13 +45,13 @@ def test_train_cd_quick_writes_its_files(tmp_path):
 
 
 def test_teacher_beats_the_all_no_change_predictor(tmp_path):
-    train = ArrayDataset(*synthetic_pairs(96, 64, seed=0))
+    train = ArrayDataset(*synthetic_pairs(64, 64, seed=0))
     test = ArrayDataset(*synthetic_pairs(24, 64, seed=2000))
-    cfg = TrainConfig(role="teacher", epochs=10, batch_size=8, lr=3e-3, crop=32, seed=0)
+    cfg = TrainConfig(role="teacher", epochs=8, batch_size=8, lr=5e-3, crop=32, seed=0)
     result = fit(cfg, train, test, tmp_path / "t", progress=False)
     metrics = evaluate(result.model, test)
     trivial = {"f1": 0.0, "kappa": 0.0}  # predicting "no change" everywhere scores 0 on both
-    assert metrics["f1"] > trivial["f1"] + 40, metrics  # seen: 54.44 after 10 short epochs
+    assert metrics["f1"] > trivial["f1"] + 40, metrics  # seen: 52.66 after 8 short epochs (2-core Intel Xeon)
     assert metrics["kappa"] > trivial["kappa"] + 40, metrics
 
 
