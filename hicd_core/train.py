@@ -261,10 +261,10 @@ class TrainConfig:
     each epoch's own (1, the default), for validation sets so small that F1 jumps from
     epoch to epoch: ``best.h5`` is then the model at the end of the best run of
     epochs, and the log's ``best`` carries that mean as ``smoothed_f1``; ``eval_tile``
-    predicts validation scenes larger than it tile by tile. ``bands`` records the 1-based image bands the data
-    were read with (multispectral TIFFs; None: all); ``hicd predict`` and ``hicd eval``
-    read the same bands by default. The model's input channels are those of the
-    training images.
+    predicts validation scenes larger than it tile by tile. ``bands`` records the
+    1-based image bands the data were read with (multispectral TIFFs; None: all);
+    ``hicd predict`` and ``hicd eval`` read the same bands by default. The model's
+    input channels are those of the training images.
     """
 
     role: str = "teacher"
