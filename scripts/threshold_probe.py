@@ -22,11 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from hicd_core.data import Subset  # noqa: E402
+from hicd_core import backend  # noqa: E402
 from hicd_core.experiment import write_json  # noqa: E402
-from hicd_core.infer import evaluate  # noqa: E402
+from hicd_core.infer import predict_probability  # noqa: E402
 from hicd_core.io import load_model  # noqa: E402
+from hicd_core.metrics import ConfusionMatrix  # noqa: E402
 from reproduce import PROFILES, folder_splits  # noqa: E402
+
+
+def metrics_at(threshold, scenes):
+    """Metrics of one confusion matrix over ``scenes`` (pairs of probability and label) at ``threshold``."""
+    cm = ConfusionMatrix()
+    for prob, label in scenes:
+        cm.update(prob >= threshold, label)
+    return cm.compute()
 
 
 def scene_row(m):
@@ -48,12 +57,17 @@ def main(argv=None):
     _, val, _, _, _ = folder_splits(args.data, prof)
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.exists() else []
+    tile = prof.eval_tile
     for path in args.checkpoints:
         model = load_model(path)[0]
-        pooled = {str(t): evaluate(model, val, batch_size=1, tile=prof.eval_tile, threshold=t)["f1"]
-                  for t in args.thresholds}
-        scenes = {name: scene_row(evaluate(model, Subset(val, [i]), batch_size=1, tile=prof.eval_tile))
-                  for i, name in enumerate(val.names)}
+        # each scene predicted once, as hicd_core.infer.evaluate tiles it; thresholds applied after
+        probs = []
+        for i in range(len(val)):
+            t1, t2, label = val[i]
+            prob = predict_probability(model, t1, t2, tile=tile, overlap=min(32, tile // 4))
+            probs.append((prob, backend.from_host(label, model.xp)))
+        pooled = {str(t): metrics_at(t, probs)["f1"] for t in args.thresholds}
+        scenes = {name: scene_row(metrics_at(0.5, [pair])) for name, pair in zip(val.names, probs)}
         row = {"checkpoint": path, "val_f1_by_threshold": pooled, "val_scenes_at_0.5": scenes}
         rows = [r for r in rows if r["checkpoint"] != path] + [row]
         write_json(results, rows)
