@@ -293,7 +293,7 @@ class GlobalCache(NamedTuple):
 def global_vectors(f, eps=1e-6):
     """The normalised pooled vectors ``ghat (B, C)`` of a batch, the factor of ``GC = ghat ghat^T``.
 
-    ``g[b] = mean_hw f[b]``, ``ghat[b] = g[b] / max(||g[b]||, eps)``; each row depends on
+    ``g[b] = mean_hw f[b]``, ``ghat[b] = g[b] / sqrt(|g[b]|^2 + eps)``; each row depends on
     its own image only, so data-parallel ranks compute theirs and gather them
     (``hicd_loss(..., comm=)``). Returns ``(ghat, cache)``.
     """

@@ -32,6 +32,15 @@ def test_bench_loss_prints_json():
     assert result["median_ms"] > 0 and result["loss"] >= 0
 
 
+def test_bench_loss_interleaved_with_the_torch_twin():
+    pytest.importorskip("torch")
+    result = json.loads(run_script("benchmarks/bench_loss.py", "--batch", "1", "--repeats", "2",
+                                   "--interleave").strip().splitlines()[-1])
+    assert result["interleaved"] and result["median_ms"] > 0 and result["torch_median_ms"] > 0
+    assert result["ratio"] == pytest.approx(result["median_ms"] / result["torch_median_ms"], abs=2e-3)
+    assert result["chg_grad_max_abs_diff"] < 1e-5  # the two losses agree
+
+
 def test_profile_layers_prints_a_row_per_layer_and_totals():
     lines = run_script("benchmarks/profile_layers.py", "--batch", "1", "--size", "16").strip().splitlines()
     rows = [json.loads(line) for line in lines]
