@@ -6,7 +6,8 @@ and after the BLAS threads have gone to sleep; serial work beside it.
 After a product that used several BLAS threads, OpenBLAS keeps its idle threads spinning for a
 while before they sleep; work on a second thread of our own then shares a core with one. The
 threaded job runs with BLAS limited to one thread (threadpoolctl), as a threaded loss would.
-Prints one JSON line: median milliseconds of 15 runs of each case.
+Prints one JSON line: median milliseconds of 15 runs of each case, and of the threaded work
+after pauses of 0.01 to 0.2 s (how long the idle worker spins).
 """
 
 import json
@@ -39,16 +40,23 @@ def serial():
         job(x)
 
 
+def median_ms(work, pause):
+    times = []
+    for _ in range(15):
+        A @ A  # uses the BLAS threads
+        if pause:
+            time.sleep(pause)
+        t0 = time.perf_counter()
+        work()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return round(statistics.median(times), 2)
+
+
 result = {}
-for when in ("right after the product", "0.3 s after the product"):
+for when, pause in (("right after the product", 0.0), ("0.3 s after the product", 0.3)):
     for name, work in (("two threads", threaded), ("one thread", serial)):
-        times = []
-        for _ in range(15):
-            A @ A  # uses the BLAS threads
-            if when.startswith("0.3"):
-                time.sleep(0.3)
-            t0 = time.perf_counter()
-            work()
-            times.append(1e3 * (time.perf_counter() - t0))
-        result[f"{name}, {when}"] = round(statistics.median(times), 2)
-print(json.dumps({"probe": "NumPy work on two threads after a multithreaded BLAS product", "ms": result}))
+        result[f"{name}, {when}"] = median_ms(work, pause)
+# how long the idle BLAS worker keeps spinning: the threaded work after shorter pauses
+sweep = {f"{pause} s": median_ms(threaded, pause) for pause in (0.01, 0.05, 0.1, 0.2)}
+print(json.dumps({"probe": "NumPy work on two threads after a multithreaded BLAS product", "ms": result,
+                  "two threads after a pause, ms": sweep}))
