@@ -29,6 +29,8 @@ setup(
         "gpu": ["cupy>=13"],
         "io": ["Pillow>=9"],
         "progress": ["tqdm>=4.60"],
+        # hicd_loss(..., threads=N): the parts' window terms on host threads, BLAS at one thread meanwhile
+        "cpu": ["threadpoolctl>=3.1"],
         "torch": ["torch>=2.1"],
         "jax": ["jax>=0.4.30"],
         "geo": ["rasterio>=1.3"],
@@ -40,6 +42,7 @@ setup(
             "array-api-strict>=2.2",
             "Pillow>=9",
             "tqdm>=4.60",
+            "threadpoolctl>=3.1",
         ],
     },
     classifiers=[

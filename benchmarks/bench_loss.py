@@ -5,10 +5,13 @@ window 8, 64x16x16 window 8, 128x8x8 window None; change features 16x64x64
 window 8) and prints one JSON line with the median milliseconds. When PyTorch is
 installed (it is never a dependency of hicd_core) it also times the same loss
 written with torch autograd on the same device and thread count, checks that the
-two agree, and prints the ratio ``median_ms / torch_median_ms`` (< 1: faster). With
-``--interleave`` the two are timed in alternating blocks of five calls (ours, twin, ours,
-...), so that both see the same phases of a noisy machine; ``median_ms`` then comes from
-those blocks.
+two agree, and prints the ratio ``median_ms / torch_median_ms`` (< 1: faster). Ours runs
+with ``hicd_loss(..., threads=)`` set to the thread count the twin gets (``--threads``;
+default ``OMP_NUM_THREADS``, else the CPU count); with more than one, the serial loss
+(``threads=1``, what the training loop uses) is timed too, as ``serial_median_ms``. With
+``--interleave`` ours and the twin are timed in alternating blocks of five calls (ours,
+twin, ours, ...), so that both see the same phases of a noisy machine; ``median_ms`` then
+comes from those blocks.
 
     python benchmarks/bench_loss.py                      # NumPy on the CPU
     python benchmarks/bench_loss.py --backend cupy       # CuPy, torch on CUDA
@@ -90,6 +93,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch autograd comparison")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="hicd_loss(threads=); default: OMP_NUM_THREADS, else the CPU count")
     parser.add_argument("--interleave", action="store_true",
                         help="time ours and the torch twin in alternating blocks of calls")
     args = parser.parse_args(argv)
@@ -103,8 +108,9 @@ def main(argv=None):
     s_sem = [tuple(backend.from_host(a, xp) for a in pair) for pair in host[0]]
     t_sem = [tuple(backend.from_host(a, xp) for a in pair) for pair in host[1]]
     c_s, c_t = backend.from_host(host[2], xp), backend.from_host(host[3], xp)
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "") or os.cpu_count() or 1)
     kw = dict(windows=SEM_WINDOWS, change_window=CHG_WINDOW)
-    run = lambda: hicd_loss(s_sem, t_sem, c_s, c_t, **kw)  # noqa: E731
+    run = lambda: hicd_loss(s_sem, t_sem, c_s, c_t, threads=threads, **kw)  # noqa: E731
     ours_ms, _ = median_ms(run, sync, args.repeats, warmup=3)
     loss = float(run()[0])
     result = {
@@ -113,11 +119,16 @@ def main(argv=None):
         "dtype": "float32",
         "batch": args.batch,
         "repeats": args.repeats,
+        "threads": threads,
         "median_ms": round(ours_ms, 3),
         "loss": loss,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
     }
+
+    if threads > 1:
+        serial_ms, _ = median_ms(lambda: hicd_loss(s_sem, t_sem, c_s, c_t, **kw), sync, args.repeats, warmup=3)
+        result["serial_median_ms"] = round(serial_ms, 3)
 
     if not args.no_torch:
         try:

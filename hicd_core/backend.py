@@ -15,7 +15,10 @@ library itself for namespaces that conform already (array-api-strict).
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
+import threading
 
 import array_api_compat
 import numpy as np
@@ -36,6 +39,7 @@ __all__ = [
     "normal",
     "device",
     "keep_host_memory",
+    "run_independent",
     "nccl_available",
     "nccl_unique_id",
     "NCCLComm",
@@ -270,6 +274,66 @@ def keep_host_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 3
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     clamp = lambda v: min(int(v), 2**31 - 1)  # noqa: E731  (an int parameter)
     return bool(mallopt(_M_MMAP_THRESHOLD, clamp(mmap_threshold)) and mallopt(_M_TRIM_THRESHOLD, clamp(trim_threshold)))
+
+
+# --------------------------------------------------------------------------- host threads
+
+
+class _HostPool:
+    """The thread pool of ``run_independent`` and a handle on the BLAS libraries, made on first
+    use and again in a forked child (which inherits the object but not its threads)."""
+
+    def __init__(self):
+        self.pid, self.size, self.executor, self.blas = None, 0, None, None
+        self.inside = threading.local()  # set in the pool's threads: a job's own jobs run in order
+
+    def get(self, size):
+        if self.pid != os.getpid() or self.size != size:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from threadpoolctl import ThreadpoolController
+
+            if self.executor is not None and self.pid == os.getpid():
+                self.executor.shutdown(wait=False)
+            self.executor = ThreadPoolExecutor(size, thread_name_prefix="hicd", initializer=self._mark)
+            self.blas, self.pid, self.size = ThreadpoolController(), os.getpid(), size
+        return self.executor, self.blas
+
+    def _mark(self):
+        self.inside.active = True
+
+
+_POOL = _HostPool()
+
+
+def threadpoolctl_available() -> bool:
+    return importlib.util.find_spec("threadpoolctl") is not None
+
+
+def run_independent(jobs, xp, threads=1, costs=None):
+    """The results of the zero-argument callables ``jobs``, in order.
+
+    With ``threads > 1`` on NumPy, and threadpoolctl installed (the ``cpu`` extra), the jobs
+    run on a pool of that many host threads, BLAS limited to one thread meanwhile: NumPy
+    releases the GIL inside its kernels, so independent array work fills cores that its
+    one-at-a-time elementwise kernels leave idle, and BLAS's own threads would compete for
+    them. The largest ``costs`` start first. Otherwise (one thread, CuPy, torch, JAX,
+    array-api-strict, inside a job, no threadpoolctl) they run one after another. Either way
+    each job computes the same values; jobs must not talk to other processes (their order
+    is not fixed). The first exception of a job, in job order, is raised once all finished.
+    """
+    jobs = list(jobs)
+    if (threads < 2 or len(jobs) < 2 or not is_numpy_namespace(xp) or getattr(_POOL.inside, "active", False)
+            or not threadpoolctl_available()):
+        return [job() for job in jobs]
+    from concurrent.futures import wait
+
+    order = sorted(range(len(jobs)), key=lambda i: -costs[i]) if costs is not None else range(len(jobs))
+    executor, blas = _POOL.get(threads)
+    with blas.limit(limits=1, user_api="blas"):
+        futures = {i: executor.submit(jobs[i]) for i in order}
+        wait(futures.values())
+    return [futures[i].result() for i in range(len(jobs))]
 
 
 # --------------------------------------------------------------------------- NCCL (the device half of data parallelism)

@@ -14,11 +14,21 @@ teacher is a constant).
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import NamedTuple, Sequence
 
-from .backend import all_finite, array_namespace, as_arrays, device, is_numpy_namespace, is_tracing, mutable_namespace
+from .backend import (
+    all_finite,
+    array_namespace,
+    as_arrays,
+    device,
+    is_numpy_namespace,
+    is_tracing,
+    mutable_namespace,
+    run_independent,
+)
 from .correlation import (
     _row_sum,
     check_feature,
@@ -176,6 +186,17 @@ def _setting(value, name, *, positive=False):
     return number
 
 
+def _threads_setting(threads):
+    """``threads`` as a positive Python int (NumPy integers welcome)."""
+    try:
+        value = operator.index(threads)
+    except TypeError:
+        value = None
+    if value is None or isinstance(threads, bool) or value < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    return value
+
+
 def _window_setting(window, name):
     """A window as a Python int (``operator.index``: NumPy integers welcome) or None."""
     if window is None:
@@ -309,6 +330,7 @@ def hicd_loss(
     eps: float = 1e-6,
     check_finite="auto",
     comm=None,
+    threads: int = 1,
 ):
     """The HiCD loss (SPEC section 2) and its gradients for every student feature.
 
@@ -340,6 +362,14 @@ def hicd_loss(
         rows, multiplied by the number of ranks, because the parameter gradients are
         averaged over ranks (docs/MATH.md, section 8). The window terms are per image
         and need nothing. None: this process's batch is the whole batch.
+    threads : int
+        Host threads for the window terms on NumPy (``backend.run_independent``; needs
+        threadpoolctl, the ``cpu`` extra): each part's (stage's, change features') window
+        terms are independent of the others'. The values are the same for any count. More
+        than one pays off for a loss computed on its own; right after multithreaded BLAS
+        work (a network's convolutions), OpenBLAS's idle threads keep spinning on the other
+        cores for a while and the threads compete with them, so the training loop uses one
+        (docs/PERFORMANCE.md). Other namespaces ignore it.
 
     Returns
     -------
@@ -374,6 +404,7 @@ def hicd_loss(
         student_sem, teacher_sem, student_chg, teacher_chg, windows=windows, change_window=change_window,
         w_self=w_self, w_cross=w_cross, w_global=w_global, kind=kind, tau=tau, eps=eps, check_finite=check_finite)
     windows, change_window, w_self, w_cross, w_global, kind, tau, eps, _ = settings
+    threads = _threads_setting(threads)
     xp, student_sem, teacher_sem, student_chg, teacher_chg = _in_student_dtype(student_sem, teacher_sem, student_chg,
                                                                                teacher_chg)
     _validate_stages(student_sem, teacher_sem, windows)
@@ -387,9 +418,13 @@ def hicd_loss(
         _check_student_teacher(student_chg, teacher_chg, "change features")
         check_window(student_chg.shape, change_window, "change features")
         parts.append(("chg", (student_chg,), (teacher_chg,), change_window, 0.0))
+    # the parts' window terms are independent of each other (on host threads with threads > 1);
+    # the global terms, which may gather from other ranks, follow in order
+    window_terms = run_independent(
+        [functools.partial(_window_terms, name, s, t, w, w_self, w_x, eps, dist) for name, s, t, w, w_x in parts],
+        xp, threads, costs=[_window_cost(s, w) for _, s, _, w, _ in parts])
     terms, grads = {}, []
-    for name, students, teachers, window, w_x in parts:
-        part_terms, g = _window_terms(name, students, teachers, window, w_self, w_x, eps, dist)
+    for (name, students, teachers, _, _), (part_terms, g) in zip(parts, window_terms):
         terms.update(part_terms)
         if w_global:
             d = _global_term(f"{name}.global", students, teachers, w_global, eps, dist, terms, comm, xp)
@@ -406,6 +441,13 @@ def _add(a, b):
 
 def _or_zeros(g, like, xp):
     return xp.zeros_like(like) if g is None else g
+
+
+def _window_cost(students, window):
+    """The correlation entries a part's window terms compute (``run_independent``'s costs)."""
+    N, _, H, W = students[0].shape
+    grams = len(students) + (len(students) == 2)  # self per phase, cross for a pair
+    return grams * N * H * W * (window * window if window is not None else H * W)
 
 
 def _window_terms(prefix, students, teachers, window, w_self, w_cross, eps, dist):

@@ -85,3 +85,32 @@ def test_keep_host_memory_applies_on_glibc():
     assert isinstance(applied, bool)
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert applied
+
+
+def test_run_independent_keeps_the_order_and_uses_the_pool():
+    pytest.importorskip("threadpoolctl")
+    import threading
+
+    xp = backend.namespace("numpy")
+    where = lambda i: (i, threading.current_thread().name)  # noqa: E731
+    jobs = [lambda i=i: where(i) for i in range(5)]
+    results = backend.run_independent(jobs, xp, threads=2, costs=[1, 5, 2, 4, 3])
+    assert [i for i, _ in results] == list(range(5))
+    assert all(name.startswith("hicd") for _, name in results)  # on the pool's threads
+    assert all(name == threading.current_thread().name for _, name in backend.run_independent(jobs, xp, threads=1))
+    # a job's own jobs run in order on its thread (no pool inside the pool)
+    nested = backend.run_independent([lambda: backend.run_independent(jobs[:2], xp, threads=2)] * 2, xp, threads=2)
+    assert all(len({name for _, name in inner}) == 1 for inner in nested)
+
+
+def test_run_independent_raises_the_first_failure_in_job_order():
+    pytest.importorskip("threadpoolctl")
+    xp = backend.namespace("numpy")
+
+    def fail(message):
+        raise RuntimeError(message)
+
+    jobs = [lambda: 1, lambda: fail("second"), lambda: fail("third")]
+    for threads in (1, 2):
+        with pytest.raises(RuntimeError, match="second"):
+            backend.run_independent(jobs, xp, threads=threads)

@@ -360,3 +360,28 @@ def test_features_whose_squared_norm_overflows_raise_instead_of_a_wrong_finite_l
     want, _ = hicd_loss([(s[0], s[1])], [(t[0], t[1])], windows=[4])
     got, _ = hicd_loss([(big[0], big[1])], [(t[0], t[1])], windows=[4])
     assert float(got) == pytest.approx(float(want), rel=1e-4)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_hicd_loss_on_host_threads_gives_the_serial_values_bit_for_bit(xp, threads):
+    pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(11)
+    draw = lambda *shape: to_xp(xp, rng.standard_normal(shape), dtype="float32")  # noqa: E731
+    s_sem = [(draw(2, 4, 8, 8), draw(2, 4, 8, 8)), (draw(2, 6, 4, 4), draw(2, 6, 4, 4))]
+    t_sem = [(draw(2, 5, 8, 8), draw(2, 5, 8, 8)), (draw(2, 3, 4, 4), draw(2, 3, 4, 4))]
+    c_s, c_t = draw(2, 3, 8, 8), draw(2, 2, 8, 8)
+    kw = dict(windows=[4, None], change_window=2)
+    serial, g_serial = hicd_loss(s_sem, t_sem, c_s, c_t, **kw)
+    threaded, g_threaded = hicd_loss(s_sem, t_sem, c_s, c_t, threads=threads, **kw)
+    assert float(threaded) == float(serial)
+    got = [*(a for pair in g_threaded["sem"] for a in pair), g_threaded["chg"]]
+    want = [*(a for pair in g_serial["sem"] for a in pair), g_serial["chg"]]
+    assert all(np.array_equal(to_np(a), to_np(b)) for a, b in zip(got, want))
+    assert {k: float(v) for k, v in g_threaded["terms"].items()} == {k: float(v) for k, v in g_serial["terms"].items()}
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2", None])
+def test_a_bad_thread_count_is_named(threads):
+    s, t, _ = _small_pairs(1, "float64")
+    with pytest.raises(ValueError, match=f"threads must be a positive int, got {threads!r}"):
+        hicd_loss([(s[0], s[1])], [(t[0], t[1])], windows=[4], threads=threads)
