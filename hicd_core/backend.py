@@ -306,26 +306,28 @@ class _HostPool:
 _POOL = _HostPool()
 
 
-def threadpoolctl_available() -> bool:
+def _threadpoolctl_available() -> bool:
     return importlib.util.find_spec("threadpoolctl") is not None
 
 
 def run_independent(jobs, xp, threads=1, costs=None):
     """The results of the zero-argument callables ``jobs``, in order.
 
-    With ``threads > 1`` on NumPy, and threadpoolctl installed (the ``cpu`` extra), the jobs
-    run on a pool of that many host threads, BLAS limited to one thread meanwhile: NumPy
-    releases the GIL inside its kernels, so independent array work fills cores that its
-    one-at-a-time elementwise kernels leave idle, and BLAS's own threads would compete for
-    them. The largest ``costs`` start first. Otherwise (one thread, CuPy, torch, JAX,
-    array-api-strict, inside a job, no threadpoolctl) they run one after another. Either way
-    each job computes the same values; jobs must not talk to other processes (their order
-    is not fixed). The first exception of a job, in job order, is raised once all finished.
+    With ``threads > 1`` on NumPy the jobs run on a pool of that many host threads, BLAS
+    limited to one thread meanwhile through threadpoolctl (the ``cpu`` extra; an
+    ``ImportError`` says so when it is missing): NumPy releases the GIL inside its kernels,
+    so independent array work fills cores that its one-at-a-time elementwise kernels leave
+    idle, and BLAS's own threads would compete for them. The largest ``costs`` start first.
+    Otherwise (one thread, CuPy, torch, JAX, array-api-strict, inside a job) they run one
+    after another. Either way each job computes the same values; jobs must not talk to other
+    processes (their order is not fixed). The first exception of a job, in job order, is
+    raised once all finished.
     """
     jobs = list(jobs)
-    if (threads < 2 or len(jobs) < 2 or not is_numpy_namespace(xp) or getattr(_POOL.inside, "active", False)
-            or not threadpoolctl_available()):
+    if threads < 2 or len(jobs) < 2 or not is_numpy_namespace(xp) or getattr(_POOL.inside, "active", False):
         return [job() for job in jobs]
+    if not _threadpoolctl_available():
+        raise ImportError(f"threads={threads} needs threadpoolctl: pip install 'hicd[cpu]' (or threads=1)")
     from concurrent.futures import wait
 
     order = sorted(range(len(jobs)), key=lambda i: -costs[i]) if costs is not None else range(len(jobs))

@@ -114,3 +114,11 @@ def test_run_independent_raises_the_first_failure_in_job_order():
     for threads in (1, 2):
         with pytest.raises(RuntimeError, match="second"):
             backend.run_independent(jobs, xp, threads=threads)
+
+
+def test_run_independent_on_threads_without_threadpoolctl_says_what_to_install(monkeypatch):
+    xp = backend.namespace("numpy")
+    monkeypatch.setattr(backend, "_threadpoolctl_available", lambda: False)
+    with pytest.raises(ImportError, match=r"threads=2 needs threadpoolctl: pip install 'hicd\[cpu\]'"):
+        backend.run_independent([lambda: 1, lambda: 2], xp, threads=2)
+    assert backend.run_independent([lambda: 1, lambda: 2], xp, threads=1) == [1, 2]
