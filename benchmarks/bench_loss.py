@@ -7,8 +7,9 @@ installed (it is never a dependency of hicd_core) it also times the same loss
 written with torch autograd on the same device and thread count, checks that the
 two agree, and prints the ratio ``median_ms / torch_median_ms`` (< 1: faster). Ours runs
 with ``hicd_loss(..., threads=)`` set to the thread count the twin gets (``--threads``;
-default ``OMP_NUM_THREADS``, else the CPU count); with more than one, the serial loss
-(``threads=1``, what the training loop uses) is timed too, as ``serial_median_ms``. With
+default ``OMP_NUM_THREADS``, else the CPU count; 1 off NumPy or without threadpoolctl, the
+``cpu`` extra); with more than one, the serial loss (``threads=1``, what the training loop
+uses) is timed too, as ``serial_median_ms``. With
 ``--interleave`` ours and the twin are timed in alternating blocks of five calls (ours,
 twin, ours, ...), so that both see the same phases of a noisy machine; ``median_ms`` then
 comes from those blocks.
@@ -22,6 +23,7 @@ comes from those blocks.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -87,6 +89,14 @@ def torch_hicd_loss(torch, s_sem, t_sem, c_s, c_t, windows, change_window, tau=0
     return total + dist(global_of(c_s), global_of(c_t))
 
 
+def default_threads(backend_name):
+    """The twin's thread count for ours on NumPy (``OMP_NUM_THREADS``, else the CPU count); 1 on
+    other backends, which ignore ``threads``, and where threadpoolctl (the ``cpu`` extra) is missing."""
+    if backend_name != "numpy" or importlib.util.find_spec("threadpoolctl") is None:
+        return 1
+    return int(os.environ.get("OMP_NUM_THREADS", "") or os.cpu_count() or 1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "array_api_strict"])
@@ -94,7 +104,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch autograd comparison")
     parser.add_argument("--threads", type=int, default=None,
-                        help="hicd_loss(threads=); default: OMP_NUM_THREADS, else the CPU count")
+                        help="hicd_loss(threads=); default: OMP_NUM_THREADS, else the CPU count (NumPy only)")
     parser.add_argument("--interleave", action="store_true",
                         help="time ours and the torch twin in alternating blocks of calls")
     args = parser.parse_args(argv)
@@ -108,7 +118,7 @@ def main(argv=None):
     s_sem = [tuple(backend.from_host(a, xp) for a in pair) for pair in host[0]]
     t_sem = [tuple(backend.from_host(a, xp) for a in pair) for pair in host[1]]
     c_s, c_t = backend.from_host(host[2], xp), backend.from_host(host[3], xp)
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "") or os.cpu_count() or 1)
+    threads = args.threads or default_threads(args.backend)
     kw = dict(windows=SEM_WINDOWS, change_window=CHG_WINDOW)
     run = lambda: hicd_loss(s_sem, t_sem, c_s, c_t, threads=threads, **kw)  # noqa: E731
     ours_ms, _ = median_ms(run, sync, args.repeats, warmup=3)
