@@ -48,6 +48,7 @@ _non_negative = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite
 _positive = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _probability = _checked(float, lambda v: 0 < v < 1, "a probability strictly between 0 and 1")
 _rate = _checked(float, lambda v: 0 <= v <= 1, "a rate in [0, 1]")
+_dropout_rate = _checked(float, lambda v: 0 <= v < 1, "a rate in [0, 1)")
 _multiple_of_8 = _checked(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
 _label_value = _checked(int, lambda v: 1 <= v <= 255, "in 1..255")
 _ignore_value = _checked(int, lambda v: 2 <= v <= 255,
@@ -98,6 +99,7 @@ def build_parser():
 
 def _train_parser(sub):
     from .experiment import STUDENTS
+    from .networks import DEFAULT_MODEL, MODELS
     from .train import WEIGHT_SCHEDULES
 
     t = sub.add_parser("train", help="train a teacher (HQ/HQ) or a student (HQ/LQ)",
@@ -106,6 +108,11 @@ def _train_parser(sub):
                        "Under 'mpiexec -n K' it trains one model on K processes (data parallel; --batch-size is "
                        "the global batch, a multiple of K).")
     t.add_argument("--role", choices=["teacher", "student"], default="teacher")
+    t.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                   help=f"the network: tiny-siam-cd (SPEC 4) or fc-siam-diff (Daudt et al. 2018, SPEC 4b; sides "
+                        f"multiples of 16); default {DEFAULT_MODEL}")
+    t.add_argument("--dropout", type=_dropout_rate, default=None,
+                   help="dropout rate of networks with dropout (fc-siam-diff: default 0.2, as published)")
     t.add_argument("--data", default=None, help="LEVIR-CD style folder or HDF5 pack (default: built-in synthetic)")
     t.add_argument("--size", type=_multiple_of_8, default=64, help="synthetic scene size (default 64)")
     t.add_argument("--n-train", type=_positive_int, default=400, help="synthetic training pairs (default 400)")
@@ -279,7 +286,7 @@ def cmd_train(args):
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize=args.normalize, change_crop_rate=args.change_crop_rate,
                       patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
-                      seed=args.seed, student_init=args.student_init)
+                      seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout)
     teacher = None
     if args.role == "student":
         overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau,

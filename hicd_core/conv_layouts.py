@@ -27,7 +27,7 @@ from .functional import _batched_forward, _contiguous, _weight_grad, col2im, im2
 
 __all__ = ["FORWARD", "BACKWARD", "MergedCache", "FlatCache", "PhasesCache", "merged_forward", "merged_backward",
            "flat_forward", "flat_backward", "phases_forward", "phases_backward", "FLAT_BLOCK_BYTES", "flat_padded",
-           "flat_grid", "flipped_taps", "unflipped_weight_grad", "flat_product_first"]
+           "flat_grid", "flipped_taps", "unflipped_weight_grad", "flat_product_first", "halving_input_grad"]
 
 
 class MergedCache(NamedTuple):
@@ -103,13 +103,13 @@ def phases_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
 
 
 def phases_backward(dy, cache: PhasesCache, input_grad, dbias, *, xp):
-    """The batched weight gradient, and the input gradient by output phases (``_halving_input_grad``)."""
+    """The batched weight gradient, and the input gradient by output phases (``halving_input_grad``)."""
     N, O, Ho, Wo = dy.shape
     dweight = _weight_grad(xp.reshape(dy, (N, O, Ho * Wo)), cache.cols, cache.weight.shape, xp=xp)
     if not input_grad:
         return None, dweight, dbias
     H, W = cache.x_shape[2:]
-    return _halving_input_grad(dy, cache.weight, H, W, xp=xp), dweight, dbias
+    return halving_input_grad(dy, cache.weight, H, W, xp=xp), dweight, dbias
 
 
 
@@ -279,7 +279,7 @@ def unflipped_weight_grad(g, shape, *, xp):
     return _contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
 
 
-def _halving_input_grad(dy, weight, H, W, *, xp):
+def halving_input_grad(dy, weight, H, W, *, xp):
     """``dx`` of a 3x3, stride-2, padding-1 convolution, one output phase at a time (docs/KERNELS.md).
 
     ``dx[c, 2t + a, 2s + b]`` only receives the kernel taps of one parity: phase (0, 0) the

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .backend import array_namespace, device, is_cupy_namespace
+from .backend import array_namespace, device, from_host, is_cupy_namespace
 
 __all__ = [
     "conv2d_forward",
@@ -35,6 +35,13 @@ __all__ = [
     "concat_backward",
     "upsample2x_forward",
     "upsample2x_backward",
+    "maxpool2x2_forward",
+    "maxpool2x2_backward",
+    "conv_transpose2d_forward",
+    "conv_transpose2d_backward",
+    "dropout2d_forward",
+    "dropout2d_backward",
+    "dropout2d_mask",
     "bce_with_logits",
     "soft_dice",
     "sigmoid",
@@ -403,7 +410,8 @@ class CBRCache(NamedTuple):
 
 def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stride=1, training, momentum=0.1,
                 eps=1e-5, layout="auto", sync=None):
-    """``CBR`` of SPEC section 4: 3x3 convolution (padding 1, with bias) -> BatchNorm2d -> ReLU.
+    """``CBR`` of SPEC section 4: 3x3 convolution (padding 1; ``bias`` None, as the networks use it, or an
+    array) -> BatchNorm2d -> ReLU.
 
     Returns
     -------
@@ -420,7 +428,8 @@ def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stri
 
 
 def cbr_backward(dy, cache: CBRCache, *, input_grad=True):
-    """Gradients of ``cbr_forward``: ``(dx, dweight, dbias, dgamma, dbeta)`` (dx None with ``input_grad=False``)."""
+    """Gradients of ``cbr_forward``: ``(dx, dweight, dbias, dgamma, dbeta)`` (dx None with ``input_grad=False``,
+    dbias None without a bias)."""
     dy = relu_backward(dy, cache.relu)
     dy, dgamma, dbeta = batchnorm2d_backward(dy, cache.bn)
     dx, dweight, dbias = conv2d_backward(dy, cache.conv, input_grad=input_grad)
@@ -438,7 +447,7 @@ def cbr_folded_forward(x, weight, bias, gamma, beta, running_mean, running_var, 
     xp = array_namespace(x, weight)
     s = gamma / xp.sqrt(running_var + eps)
     folded_weight = weight * xp.reshape(s, (-1, 1, 1, 1))
-    folded_bias = (bias - running_mean) * s + beta
+    folded_bias = (-running_mean if bias is None else bias - running_mean) * s + beta
     y, _ = conv2d_forward(x, folded_weight, folded_bias, stride=stride, padding=1, layout=layout)
     return relu_forward(y)[0]
 
@@ -499,6 +508,178 @@ def upsample2x_backward(dy, cache=None):
     """
     rows = dy[..., 0::2, :] + dy[..., 1::2, :]
     return rows[..., 0::2] + rows[..., 1::2]
+
+
+# --------------------------------------------------------------------------- FC-Siam-diff's layers
+
+
+class MaxPoolCache(NamedTuple):
+    picks: tuple  # four 0/1 arrays (N, C, H/2, W/2): which of the window's (0,0), (0,1), (1,0), (1,1) won
+
+
+def _quarters(x):
+    """The four phases ``x[..., a::2, b::2]`` of a 2 x 2 grid, in the order (0,0), (0,1), (1,0), (1,1)."""
+    return (x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+
+
+def _interleave(q00, q01, q10, q11, *, xp):
+    """Inverse of ``_quarters``: four (N, C, h, w) phases woven into (N, C, 2h, 2w)."""
+    N, C, h, w = q00.shape
+    top = xp.reshape(xp.stack([q00, q01], axis=-1), (N, C, h, 2 * w))
+    bottom = xp.reshape(xp.stack([q10, q11], axis=-1), (N, C, h, 2 * w))
+    return xp.reshape(xp.stack([top, bottom], axis=3), (N, C, 2 * h, 2 * w))
+
+
+def maxpool2x2_forward(x):
+    """2 x 2 max pooling with stride 2: ``y[n, c, i, j] = max_{a, b in {0, 1}} x[n, c, 2i + a, 2j + b]``.
+
+    Parameters
+    ----------
+    x : array (N, C, H, W), H and W even
+
+    Returns
+    -------
+    y : array (N, C, H/2, W/2)
+    cache : MaxPoolCache
+
+    Notes
+    -----
+    The gradient goes to the window's maximum alone: ``dx[n, c, 2i + a, 2j + b] = dy[n, c, i, j]``
+    at the winning position, 0 at the other three. On ties the first position in row-major order
+    wins (as PyTorch's ``max_pool2d`` does), so each ``dy`` value is routed exactly once.
+    """
+    xp = array_namespace(x)
+    if x.ndim != 4 or x.shape[2] % 2 or x.shape[3] % 2:
+        raise ValueError(f"maxpool2x2 expects x (N, C, H, W) with even H and W, got {tuple(x.shape)}")
+    q = _quarters(x)
+    y = xp.maximum(xp.maximum(q[0], q[1]), xp.maximum(q[2], q[3]))
+    picks, taken = [], None
+    for part in q:  # the first quarter equal to the maximum wins
+        hit = part == y
+        if taken is not None:
+            hit = xp.logical_and(hit, xp.logical_not(taken))
+        taken = hit if taken is None else xp.logical_or(taken, hit)
+        picks.append(xp.astype(hit, x.dtype))
+    return y, MaxPoolCache(tuple(picks))
+
+
+def maxpool2x2_backward(dy, cache: MaxPoolCache):
+    """Gradient of ``maxpool2x2_forward``: ``dy (N, C, h, w) -> dx (N, C, 2h, 2w)``."""
+    xp = array_namespace(dy)
+    return _interleave(*(dy * pick for pick in cache.picks), xp=xp)
+
+
+class ConvTransposeCache(NamedTuple):
+    x: object  # (N, Cin, H, W), the input (its product with the im2col of dy is the weight gradient)
+    weight: object  # (Cin, Cout, k, k)
+    stride: int
+    padding: int
+    has_bias: bool
+    layout: str
+
+
+def conv_transpose2d_forward(x, weight, bias=None, *, stride=2, padding=1, output_padding=1, layout="auto"):
+    """Transposed 2-d convolution (PyTorch's ``ConvTranspose2d``): the adjoint of ``conv2d_forward``.
+
+    Parameters
+    ----------
+    x : array (N, Cin, H, W)
+    weight : array (Cin, Cout, k, k) (PyTorch's layout: input channels first)
+    bias : array (Cout,) or None
+    stride, padding, output_padding : int
+        ``output_padding < stride`` extra rows and columns at the bottom and right.
+    layout : one of ``CONV_LAYOUTS``
+        The layout of the convolution it is the adjoint of; on NumPy, 3x3 stride-2 padding-1
+        kernels run the "phases" algorithm (``conv_layouts``), any other shape the plain one.
+
+    Returns
+    -------
+    y : array (N, Cout, Ho, Wo), ``Ho = (H - 1) stride - 2 padding + k + output_padding``
+    cache : ConvTransposeCache
+
+    Notes
+    -----
+    ``y[n, o, s i + a - p, s j + b - p] += sum_c x[n, c, i, j] weight[c, o, a, b]`` (+ ``bias[o]``):
+    ``y = conv2d_input_grad(x)`` of the convolution ``Ho x Wo -> H x W`` with the same ``weight``
+    read as ``(O = Cin, C = Cout, k, k)``, i.e. ``col2im(W^T x)``. Its backward is that
+    convolution's forward and weight gradient: ``dx = conv2d(dy, weight)``,
+    ``dweight = sum_n x[n] im2col(dy[n])^T`` and ``dbias = sum dy`` (docs/MATH.md 7.5).
+    """
+    xp = array_namespace(x, weight, bias)
+    if x.ndim != 4 or weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"conv_transpose2d expects x (N, Cin, H, W) and weight (Cin, Cout, k, k), "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    N, C, H, W = x.shape
+    Cin, O, k, _ = weight.shape
+    if Cin != C:
+        raise ValueError(f"conv_transpose2d: x has {C} channels but weight {tuple(weight.shape)} expects {Cin}")
+    if bias is not None and tuple(bias.shape) != (O,):
+        raise ValueError(f"conv_transpose2d: bias must have shape ({O},), got {tuple(bias.shape)}")
+    if stride < 1 or padding < 0 or not 0 <= output_padding < stride:
+        raise ValueError(f"conv_transpose2d: need stride >= 1, padding >= 0 and 0 <= output_padding < stride, got "
+                         f"stride={stride}, padding={padding}, output_padding={output_padding}")
+    Ho, Wo = (H - 1) * stride - 2 * padding + k + output_padding, (W - 1) * stride - 2 * padding + k + output_padding
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"conv_transpose2d: kernel {k}x{k} with padding {padding} leaves no output for {tuple(x.shape)}")
+    layout = _layout(xp, k, k, stride, padding, Ho, Wo, layout)
+    if layout == "phases":  # the input gradient by output phases (hicd_core/conv_layouts.py)
+        from . import conv_layouts
+
+        y = conv_layouts.halving_input_grad(x, weight, Ho, Wo, xp=xp)
+    else:
+        dcols = xp.matmul(xp.matrix_transpose(xp.reshape(weight, (C, O * k * k))), xp.reshape(x, (N, C, H * W)))
+        y = col2im(dcols, (N, O), Ho, Wo, k, k, stride, padding, H, W, xp=xp)
+    if bias is not None:
+        y = y + xp.reshape(bias, (O, 1, 1))
+    return y, ConvTransposeCache(x, weight, stride, padding, bias is not None, layout)
+
+
+def conv_transpose2d_backward(dy, cache: ConvTransposeCache, *, input_grad=True):
+    """Gradients of ``conv_transpose2d_forward``: ``dy (N, Cout, Ho, Wo) -> (dx, dweight, dbias or None)``."""
+    xp = array_namespace(dy)
+    # the convolution this layer is the adjoint of, run forward on dy: its output is dx, and its weight
+    # gradient with x as the output gradient is this layer's weight gradient (one im2col of dy for both)
+    layout = "batched" if cache.layout == "phases" else cache.layout
+    dx, conv_cache = conv2d_forward(dy, cache.weight, None, stride=cache.stride, padding=cache.padding,
+                                    layout=layout)
+    _, dweight, _ = conv2d_backward(cache.x, conv_cache, input_grad=False)
+    dbias = channel_sum(dy, xp=xp) if cache.has_bias else None
+    return (dx if input_grad else None), dweight, dbias
+
+
+class DropoutCache(NamedTuple):
+    mask: object  # (N, C, 1, 1): 0 for a dropped channel, 1 / (1 - p) for a kept one; None: identity
+
+
+def dropout2d_mask(rng, shape, p, xp, *, dtype="float32"):
+    """The channel mask of ``dropout2d_forward`` for ``(N, C)``, drawn on the host from ``rng``.
+
+    Each (image, channel) is kept with probability ``1 - p`` and then scaled by ``1 / (1 - p)``;
+    drawn on the host (a ``numpy.random.Generator``), so NumPy and CuPy runs drop the same channels.
+    """
+    N, C = shape
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+    keep = rng.random((N, C)) >= p
+    return xp.reshape(from_host(keep * (1.0 / (1.0 - p)), xp, dtype=dtype), (N, C, 1, 1))
+
+
+def dropout2d_forward(x, mask):
+    """Channel dropout (PyTorch's ``Dropout2d``): ``y = x * mask`` with ``mask (N, C, 1, 1)``.
+
+    ``mask`` from ``dropout2d_mask`` (0 or ``1 / (1 - p)`` per image and channel), or None for the
+    identity (evaluation). Backward: ``dx = dy * mask``.
+    """
+    if mask is None:
+        return x, DropoutCache(None)
+    if tuple(mask.shape) != (x.shape[0], x.shape[1], 1, 1):
+        raise ValueError(f"dropout2d: mask must have shape ({x.shape[0]}, {x.shape[1]}, 1, 1) for x "
+                         f"{tuple(x.shape)}, got {tuple(mask.shape)}")
+    return x * mask, DropoutCache(mask)
+
+
+def dropout2d_backward(dy, cache: DropoutCache):
+    return dy if cache.mask is None else dy * cache.mask
 
 
 # --------------------------------------------------------------------------- task losses

@@ -15,7 +15,8 @@ __all__ = ["evaluate", "predict_probability", "stream_probability"]
 def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None, comm=None):
     """Change metrics of ``model`` (evaluation mode) over a whole dataset, from one confusion matrix.
 
-    Images whose sides are not multiples of 8, or larger than ``tile`` when given,
+    Images whose sides are not multiples of the network's ``size_multiple`` (8 or 16), or larger
+    than ``tile`` when given,
     are predicted tile by tile (``predict_probability``, overlap ``min(32, tile / 4)``).
     Samples of different sizes are batched separately. ``comm``: data-parallel ranks
     each predict every ``comm.size``-th sample and add their confusion counts (one
@@ -26,7 +27,7 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
     indices = None if comm is None else range(comm.rank, len(dataset), comm.size)
     for t1, t2, label in iterate_batches(dataset, batch_size, indices):
         H, W = label.shape[-2:]
-        if H % 8 or W % 8 or (tile is not None and max(H, W) > tile):
+        if H % model.size_multiple or W % model.size_multiple or (tile is not None and max(H, W) > tile):
             side = tile or 256
             for i in range(len(label)):
                 prob = predict_probability(model, t1[i], t2[i], tile=side, overlap=min(32, side // 4))
@@ -54,10 +55,11 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32):
 
     Parameters
     ----------
-    model : TinySiamCD
+    model : TinySiamCD or FCSiamDiff
     t1, t2 : host or backend arrays (C, H, W), C the model's input channels (3 for RGB in [0, 1])
     tile : int
-        Side of the square windows (a multiple of 8); smaller images are padded.
+        Side of the square windows (a multiple of the network's ``size_multiple``, 8 or 16); smaller
+        images are padded.
     overlap : int
         Pixels shared by neighbouring windows; their logits are averaged with a
         weight that falls off linearly towards each window's border, which hides
@@ -68,8 +70,7 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32):
     array (H, W) of probabilities in the model's namespace.
     """
     xp = model.xp
-    if tile % 8 or tile < 8:
-        raise ValueError(f"tile must be a positive multiple of 8, got {tile}")
+    _check_tile(tile, model)
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap}")
     t1 = backend.from_host(backend.to_host(t1), xp, dtype=model.dtype)
@@ -77,8 +78,8 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32):
     if t1.ndim != 3 or tuple(t1.shape) != tuple(t2.shape) or t1.shape[0] != model.in_channels:
         raise ValueError(f"t1 and t2 must both have shape ({model.in_channels}, H, W), got {tuple(t1.shape)} and {tuple(t2.shape)}")
     C, H, W = t1.shape
-    # pad to at least one tile and to multiples of 8, replicating the border
-    Hp, Wp = max(tile, math.ceil(H / 8) * 8), max(tile, math.ceil(W / 8) * 8)
+    # pad to at least one tile and to multiples of the network's size multiple, replicating the border
+    Hp, Wp = _padded(H, W, tile, model.size_multiple)
     pair = xp.stack([t1, t2])
     if (Hp, Wp) != (H, W):
         pair = _pad_edge(pair, Hp, Wp, xp=xp)
@@ -107,7 +108,7 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
 
     Parameters
     ----------
-    model : TinySiamCD
+    model : TinySiamCD or FCSiamDiff
     t1, t2 : sources with ``count, height, width`` and ``read(y0, y1, x0, x1) -> (C, h, w)``
         (``data.raster.ArraySource``, ``data.raster.RasterSource``), or ``(C, H, W)`` arrays.
     tile, overlap : as in ``predict_probability``.
@@ -118,8 +119,7 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
     from .data.raster import ArraySource
 
     xp = model.xp
-    if tile % 8 or tile < 8:
-        raise ValueError(f"tile must be a positive multiple of 8, got {tile}")
+    _check_tile(tile, model)
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap}")
     t1 = t1 if hasattr(t1, "read") else ArraySource(backend.to_host(t1), name="t1")
@@ -131,7 +131,7 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
     if (t1.height, t1.width) != (t2.height, t2.width):
         raise ValueError(f"t1 and t2 differ in size: {t1.height}x{t1.width} and {t2.height}x{t2.width}")
     H, W = t1.height, t1.width
-    Hp, Wp = max(tile, math.ceil(H / 8) * 8), max(tile, math.ceil(W / 8) * 8)
+    Hp, Wp = _padded(H, W, tile, model.size_multiple)
     ramp = _ramp(tile, overlap, xp=xp, dtype=model.dtype)
     weight_tile = ramp[:, None] * ramp[None, :]
     stride = tile - overlap
@@ -159,6 +159,17 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
                 acc, norm, lo = acc[n:], norm[n:], done
     finally:
         bar.close()
+
+
+def _check_tile(tile, model):
+    m = model.size_multiple
+    if tile % m or tile < m:
+        raise ValueError(f"tile must be a positive multiple of {m} for {type(model).__name__}, got {tile}")
+
+
+def _padded(H, W, tile, multiple):
+    """The padded scene size: at least one tile, sides rounded up to ``multiple``."""
+    return max(tile, math.ceil(H / multiple) * multiple), max(tile, math.ceil(W / multiple) * multiple)
 
 
 def _read_window(src, y, x, tile, H, W, *, xp, dtype):

@@ -421,17 +421,14 @@ def check_state(state: dict, expected: dict, dtype: str, source: str) -> None:
 
 
 def load_model(path, xp=None):
-    """A TinySiamCD rebuilt from a checkpoint file (its widths), ready for evaluation."""
-    from .model import TinySiamCD  # the model imports check_state from here
+    """The network a checkpoint file describes (``TinySiamCD`` or ``FCSiamDiff``, its widths), ready for evaluation."""
+    from .networks import model_from_config  # the models import check_state from here
 
     ck = load_checkpoint(path)
     mc = ck["model_config"]
-    if mc.get("arch") != "TinySiamCD":
-        raise CheckpointError(f"{path}: unknown architecture {mc.get('arch')!r}")
     dtype = str(next(iter(ck["params"].values())).dtype)
     try:
-        model = TinySiamCD(mc["widths"], mc.get("in_channels", 3), xp=xp, dtype=dtype,
-                           input_mean=mc.get("input_mean"), input_std=mc.get("input_std"))
+        model = model_from_config(mc, xp=xp, dtype=dtype)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid model_config {mc!r} ({exc})") from None
     model.load_state_dict(ck, source=str(path))

@@ -42,7 +42,7 @@ from .functional import (
 )
 
 __all__ = ["TinySiamCD", "ModelState", "InputNormalisation", "DEFAULT_WIDTHS", "TAP_NAMES", "DECODER",
-           "layer_table"]
+           "layer_table", "fold_conv_biases", "check_inputs"]
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
 TAP_NAMES = ("E1", "E2", "E3", "E4", "d1")
@@ -70,13 +70,15 @@ DECODER = (("dec4", None), ("dec3", 3), ("dec2", 2), ("dec1", 1))
 
 
 def _initial_parameters(layers, widths, rng, xp, dtype):
-    """Kaiming-normal convolutions (fan-in, ReLU gain), zero biases, BatchNorm 1 / 0, running stats 0 / 1."""
+    """Kaiming-normal convolutions (fan-in, ReLU gain) without bias, BatchNorm 1 / 0, running stats 0 / 1; the head's
+    bias 0."""
     params, buffers = {}, {}
     zeros = lambda n: xp.zeros((n,), dtype=getattr(xp, dtype))  # noqa: E731
     ones = lambda n: xp.ones((n,), dtype=getattr(xp, dtype))  # noqa: E731
     for name, (cin, cout, _) in layers.items():
+        # no convolution bias: BatchNorm's shift makes it redundant (SPEC 4), and its gradient is
+        # rounding noise that AdamW would turn into lr-sized steps
         params[f"{name}.conv.weight"] = backend.normal(rng, (cout, cin, 3, 3), math.sqrt(2.0 / (cin * 9)), xp, dtype=dtype)
-        params[f"{name}.conv.bias"] = zeros(cout)
         params[f"{name}.bn.weight"] = ones(cout)
         params[f"{name}.bn.bias"] = zeros(cout)
         buffers[f"{name}.bn.running_mean"] = zeros(cout)
@@ -139,7 +141,13 @@ class ModelState:
 
     def load_state_dict(self, state: dict, *, source: str = "state") -> None:
         """Load host arrays after checking every key, shape and dtype (``io.check_state``); nothing is
-        changed on error."""
+        changed on error.
+
+        A state written when the convolutions before BatchNorm still had biases (hicd 0.1 checkpoints)
+        loads with each such bias folded into its BatchNorm's running mean
+        (``fold_conv_biases``): the same network in evaluation, up to rounding.
+        """
+        state = fold_conv_biases(state, self.params)
         check_state(state, {"params": self.params, "buffers": self.buffers}, self.dtype, source)
         new = {(group, name): backend.from_host(state[group][name], self.xp, dtype=self.dtype)
                for group in ("params", "buffers") for name in getattr(self, group)}
@@ -148,6 +156,27 @@ class ModelState:
 
     def num_parameters(self) -> int:
         return sum(math.prod(p.shape) for p in self.params.values())
+
+
+def fold_conv_biases(state: dict, params: dict) -> dict:
+    """``state`` with each ``<layer>.conv.bias`` that ``params`` lacks folded into ``<layer>.bn.running_mean``.
+
+    ``BN(conv(x) + b)`` normalises with the batch mean in training, where ``b`` cancels, and with the
+    running mean in evaluation, where ``(conv(x) + b - mean)`` equals ``conv(x) - (mean - b)``: so the
+    bias-free layer with running mean ``mean - b`` is the same function. Returns a new dict (the given
+    one is not changed); a state without such biases is returned as it is.
+    """
+    stale = [k for k in state.get("params", {}) if k.endswith(".conv.bias") and k not in params
+             and f"{k[:-len('.conv.bias')]}.bn.weight" in params]
+    if not stale or "buffers" not in state:
+        return state
+    new_params = {k: v for k, v in state["params"].items() if k not in stale}
+    buffers = dict(state["buffers"])
+    for key in stale:
+        mean = f"{key[:-len('.conv.bias')]}.bn.running_mean"
+        if mean in buffers:
+            buffers[mean] = buffers[mean] - state["params"][key]
+    return {**state, "params": new_params, "buffers": buffers}
 
 
 class TinySiamCD(ModelState):
@@ -177,12 +206,14 @@ class TinySiamCD(ModelState):
     Attributes
     ----------
     params : dict name -> array
-        ``"<layer>.conv.weight"``, ``"<layer>.conv.bias"``, ``"<layer>.bn.weight"``,
-        ``"<layer>.bn.bias"`` for layers ``enc1.0 ... enc4.1, dec4 ... dec1``, plus
+        ``"<layer>.conv.weight"``, ``"<layer>.bn.weight"``, ``"<layer>.bn.bias"`` for layers ``enc1.0 ... enc4.1, dec4 ... dec1``, plus
         ``"head.weight"``, ``"head.bias"``.
     buffers : dict name -> array
         ``"<layer>.bn.running_mean"``, ``"<layer>.bn.running_var"``.
     """
+
+    #: Input sides must be multiples of this (three stride-2 stages).
+    size_multiple = 8
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
                  input_mean=None, input_std=None, conv_layout="auto"):
@@ -213,7 +244,7 @@ class TinySiamCD(ModelState):
         return cbr_folded_forward(x, *_cbr_arrays(self, name), stride=self.layers[name][2], eps=BN_EPS,
                                   layout=self.conv_layout), None
 
-    def forward(self, x1, x2, *, training=True, keep_cache=True, sync=None):
+    def forward(self, x1, x2, *, training=True, keep_cache=True, sync=None, rng=None):  # noqa: ARG002
         """Logits and distillation taps for a batch of pairs.
 
         Parameters
@@ -229,6 +260,9 @@ class TinySiamCD(ModelState):
         sync : communicator, optional
             Synchronised BatchNorm across data-parallel ranks in training
             (``functional.batchnorm2d_forward``); ``backward`` follows it.
+        rng : ignored
+            This network has no dropout; the keyword is there so that the training loop calls
+            every network alike (``FCSiamDiff`` draws its dropout masks from it).
 
         Returns
         -------
@@ -241,7 +275,7 @@ class TinySiamCD(ModelState):
         xp = array_namespace(x1, x2)
         if training and not keep_cache:
             raise ValueError("keep_cache=False is for evaluation only (training=False): training needs the cache")
-        _check_inputs(x1, x2, self.in_channels)
+        check_inputs(x1, x2, self.in_channels, self.size_multiple)
         n = x1.shape[0]
         if keep_cache:
             cbr = lambda h, name: self._cbr_forward(h, name, training, sync)  # noqa: E731
@@ -285,9 +319,8 @@ class TinySiamCD(ModelState):
         if tap_grads.get("d1") is not None:
             dd = dd + tap_grads["d1"]
         def cbr_backward_of(dy, cbr_cache: CBRCache, name, input_grad=True):  # a CBR's backward, into grads
-            dx, *param_grads = cbr_backward(dy, cbr_cache, input_grad=input_grad)
-            for key, g in zip(("conv.weight", "conv.bias", "bn.weight", "bn.bias"), param_grads):
-                grads[f"{name}.{key}"] = g
+            dx, dweight, _, dgamma, dbeta = cbr_backward(dy, cbr_cache, input_grad=input_grad)
+            grads[f"{name}.conv.weight"], grads[f"{name}.bn.weight"], grads[f"{name}.bn.bias"] = dweight, dgamma, dbeta
             return dx
 
         _encoder_backward(_decoder_backward(dd, cache.decoder, cbr_backward_of), tap_grads, cache, cbr_backward_of,
@@ -317,17 +350,18 @@ def _checked_config(widths, in_channels, dtype, conv_layout):
 def _cbr_arrays(model, name):
     """A CBR's parameters and running statistics, in ``functional.cbr_forward``'s order."""
     p, b = model.params, model.buffers
-    return (p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], p[f"{name}.bn.weight"], p[f"{name}.bn.bias"],
+    return (p[f"{name}.conv.weight"], None, p[f"{name}.bn.weight"], p[f"{name}.bn.bias"],
             b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"])
 
 
-def _check_inputs(x1, x2, in_channels):
+def check_inputs(x1, x2, in_channels, multiple=8):
+    """A network's input pair checked: same shape, ``(N, in_channels, H, W)``, H and W multiples of ``multiple``."""
     if tuple(x1.shape) != tuple(x2.shape):
         raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
     if x1.ndim != 4 or x1.shape[1] != in_channels:
         raise ValueError(f"inputs must have shape (N, {in_channels}, H, W), got {tuple(x1.shape)}")
-    if x1.shape[2] % 8 or x1.shape[3] % 8:
-        raise ValueError(f"input height and width must be multiples of 8, got {tuple(x1.shape)}")
+    if x1.shape[2] % multiple or x1.shape[3] % multiple:
+        raise ValueError(f"input height and width must be multiples of {multiple}, got {tuple(x1.shape)}")
 
 
 def _encoder_forward(cbr, h, n, keep_cache, *, xp):

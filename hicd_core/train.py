@@ -1,6 +1,6 @@
 """Training steps for the teacher and the students.
 
-``train_step`` is one optimisation step of a TinySiamCD on a batch: task loss
+``train_step`` is one optimisation step of a network (``networks.MODELS``) on a batch: task loss
 (BCE with logits, optionally plus soft Dice), and for a student an optional
 distillation loss against a frozen teacher's taps on the high-quality version
 of the same pair:
@@ -34,6 +34,7 @@ from .infer import evaluate
 from .io import atomic_path, load_checkpoint, load_model, remove_stale_temps, run_lock, save_checkpoint
 from .metrics import METRIC_KEYS
 from .model import TinySiamCD
+from .networks import DEFAULT_MODEL, MODELS, build_model, model_name
 from .optim import SGD, AdamW, make_schedule
 from .parallel import average_gradients, shard
 from .progress import Progress
@@ -164,19 +165,19 @@ def distillation_loss(cfg: DistillConfig, taps, teacher_taps, comm=None):
 
 def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teacher_x2=None,
                distill: DistillConfig | None = None, dice_weight=0.0, ignore_index=None, pos_weight=None,
-               check_finite=True, comm=None):
+               check_finite=True, comm=None, rng=None):
     """One optimisation step; returns a dict of 0-d loss arrays (no host sync besides the finiteness check).
 
     Parameters
     ----------
-    model : TinySiamCD (updated in place: parameters, BatchNorm buffers)
+    model : TinySiamCD or FCSiamDiff (updated in place: parameters, BatchNorm buffers)
     optimizer : AdamW or SGD over ``model.params``
     x1, x2 : arrays (N, 3, H, W)
         The pair the model sees (for a student, ``x2`` is the low-quality image).
     label : array (N, H, W) of {0, 1} (or ``ignore_index``)
     lr : float, optional
         Learning rate of this step (schedules); the optimizer's own if None.
-    teacher : TinySiamCD, optional
+    teacher : TinySiamCD or FCSiamDiff, optional
         Frozen teacher, run in evaluation mode on ``(x1, teacher_x2)``.
     teacher_x2 : array, optional
         High-quality t2 for the teacher (default ``x2``).
@@ -197,13 +198,16 @@ def train_step(model, optimizer, x1, x2, label, *, lr=None, teacher=None, teache
         (without ignored pixels) and the distillation losses then equal the
         single-process ones on the global batch; soft Dice and BCE with ignored pixels
         are computed per shard and averaged.
+    rng : numpy.random.Generator, optional
+        Source of the dropout masks of networks with dropout (``FCSiamDiff``); ``fit`` passes one
+        seeded by the run's seed and the step, so that runs repeat and resume bit for bit.
 
     Returns
     -------
     dict name -> 0-d array: ``loss`` (total), ``bce``, optionally ``dice``, ``distill``
     and the distillation terms.
     """
-    logits, taps, cache = model.forward(x1, x2, training=True, sync=comm)
+    logits, taps, cache = model.forward(x1, x2, training=True, sync=comm, rng=rng)
     loss, dlogits = bce_with_logits(logits, label, ignore_index=ignore_index, pos_weight=pos_weight)
     terms = {"bce": loss}
     if dice_weight:
@@ -264,7 +268,9 @@ class TrainConfig:
     predicts validation scenes larger than it tile by tile. ``bands`` records the
     1-based image bands the data were read with (multispectral TIFFs; None: all);
     ``hicd predict`` and ``hicd eval`` read the same bands by default. The model's
-    input channels are those of the training images.
+    input channels are those of the training images. ``model`` names the network
+    (``networks.MODELS``: ``"tiny-siam-cd"``, SPEC 4, or ``"fc-siam-diff"``, SPEC 4b) and
+    ``dropout`` its dropout rate (None: the network's own default; TinySiamCD has none).
     """
 
     role: str = "teacher"
@@ -287,6 +293,8 @@ class TrainConfig:
     smoothing: int = 1
     eval_tile: int | None = None
     bands: tuple | None = None
+    model: str = DEFAULT_MODEL
+    dropout: float | None = None
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
     student_init: str = "teacher"
@@ -299,6 +307,10 @@ class TrainConfig:
         self.widths = tuple(self.widths)
         if self.bands is not None:
             self.bands = tuple(int(b) for b in self.bands)
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a rate in [0, 1) (or None: the network's default), got {self.dropout}")
         if self.role not in ("teacher", "student"):
             raise ValueError(f"role must be 'teacher' or 'student', got {self.role!r}")
         if self.role == "student" and self.setting is None:
@@ -396,7 +408,7 @@ class _Run:
 
     cfg: TrainConfig
     out_dir: Path
-    model: TinySiamCD
+    model: object  # TinySiamCD or FCSiamDiff
     optimizer: object
     rng: object
     batches: TrainBatches
@@ -437,8 +449,14 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     if teacher is not None and teacher.in_channels != in_channels:
         raise ValueError(f"the teacher takes {teacher.in_channels} input band(s) but the training images have "
                          f"{in_channels}")
+    if from_teacher and model_name(teacher) != cfg.model:
+        raise ValueError(f"a student that starts from the teacher needs the teacher's network: the teacher is "
+                         f"{model_name(teacher)!r}, the student {cfg.model!r} (use student_init='fresh')")
     mean, std = _normalisation(cfg, train_set, teacher if from_teacher else None)
-    model = TinySiamCD(cfg.widths, in_channels, xp=xp, seed=cfg.seed, input_mean=mean, input_std=std)
+    model = build_model(cfg.model, cfg.widths, in_channels, dropout=cfg.dropout, xp=xp, seed=cfg.seed,
+                        input_mean=mean, input_std=std)
+    if cfg.crop is not None and cfg.crop % model.size_multiple:
+        raise ValueError(f"crop {cfg.crop} must be a multiple of {model.size_multiple} for {cfg.model!r}")
     if from_teacher:
         model.load_state_dict(teacher.state_dict(), source="teacher")
     rng = backend.host_rng(cfg.seed)
@@ -464,7 +482,7 @@ def _restore(run: _Run, resume: bool) -> None:
             raise ValueError(f"{last_path}: the checkpoint was written by a different configuration; "
                              "use another --out folder or the same options")
         run.model.load_state_dict(ck, source=str(last_path))
-        run.optimizer.load_state_dict(ck["optim"], source=str(last_path))
+        run.optimizer.load_state_dict(_without_folded_biases(ck["optim"], run.model.params), source=str(last_path))
         run.rng.bit_generator.state = ck["rng_state"]
         run.epoch, run.best = ck["extra"]["epoch"], ck["extra"]["best"]
         run.stopped = bool(ck["extra"].get("stopped", False))
@@ -488,7 +506,7 @@ def _train_epoch(run: _Run, progress, log_every):
             terms = train_step(run.model, run.optimizer, x1_d, x2_d, label_d, lr=run.schedule(run.step),
                                teacher=run.teacher, teacher_x2=hq_d, distill=distill,
                                dice_weight=cfg.dice_weight, ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight,
-                               comm=run.comm)
+                               comm=run.comm, rng=backend.host_rng([cfg.seed, 2, run.step]))
         except NonFiniteError as exc:
             raise run.non_finite(exc, "at") from None
         for k, v in terms.items():
@@ -562,6 +580,16 @@ def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log
         if on_epoch is not None:
             on_epoch(record)
     return FitResult(run.model, run.history, run.best, out_dir)
+
+
+def _without_folded_biases(optim_state, params):
+    """An optimizer state of hicd 0.1 without the slots of the convolution biases that the model no longer
+    has (``model.fold_conv_biases`` folded them into BatchNorm): such a run resumes with the bias-free network."""
+    if optim_state is None:
+        return None
+    stale = lambda name: name.endswith(".conv.bias") and name not in params  # noqa: E731
+    return {slot: ({n: a for n, a in bufs.items() if not stale(n)} if isinstance(bufs, dict) else bufs)
+            for slot, bufs in optim_state.items()}
 
 
 def _selection_score(history, smoothing):

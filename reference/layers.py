@@ -92,3 +92,86 @@ def batchnorm2d_train_grad(dy, x, gamma, eps=1e-5):
         dgamma[c] = np.sum(g * xhat)
         dbeta[c] = np.sum(g)
     return dx, dgamma, dbeta
+
+
+def conv_transpose2d(x, w, b=None, stride=2, padding=1, output_padding=1):
+    """Transposed convolution by scattering: every input pixel adds ``x[n, c, i, j] * w[c]`` into the
+    output window at ``(stride i - padding, stride j - padding)``; ``w`` is (Cin, Cout, k, k)."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    N, C, H, W = x.shape
+    _, O, k, _ = w.shape
+    Ho = (H - 1) * stride - 2 * padding + k + output_padding
+    Wo = (W - 1) * stride - 2 * padding + k + output_padding
+    # scatter into a frame with room for the windows that stick out, then crop
+    full = np.zeros((N, O, Ho + 2 * padding + k, Wo + 2 * padding + k))
+    for n in range(N):
+        for c in range(C):
+            for i in range(H):
+                for j in range(W):
+                    full[n, :, i * stride:i * stride + k, j * stride:j * stride + k] += x[n, c, i, j] * w[c]
+    y = full[:, :, padding:padding + Ho, padding:padding + Wo].copy()
+    if b is not None:
+        y += np.asarray(b, np.float64)[None, :, None, None]
+    return y
+
+
+def conv_transpose2d_grad(dy, x, w, stride=2, padding=1):
+    """(dx, dw, db) of ``conv_transpose2d``: each input pixel's gradient gathers ``dy`` over its window."""
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    N, C, H, W = x.shape
+    _, O, k, _ = w.shape
+    _, _, Ho, Wo = dy.shape
+    full = np.zeros((N, O, Ho + 2 * padding + k, Wo + 2 * padding + k))
+    full[:, :, padding:padding + Ho, padding:padding + Wo] = dy
+    dx = np.zeros_like(x)
+    dw = np.zeros_like(w)
+    for n in range(N):
+        for c in range(C):
+            for i in range(H):
+                for j in range(W):
+                    patch = full[n, :, i * stride:i * stride + k, j * stride:j * stride + k]
+                    dx[n, c, i, j] = np.sum(patch * w[c])
+                    dw[c] += x[n, c, i, j] * patch
+    return dx, dw, dy.sum(axis=(0, 2, 3))
+
+
+def maxpool2x2(x):
+    """2 x 2 max pooling, stride 2, by a loop over the windows."""
+    x = np.asarray(x, np.float64)
+    N, C, H, W = x.shape
+    y = np.zeros((N, C, H // 2, W // 2))
+    for n in range(N):
+        for c in range(C):
+            for i in range(H // 2):
+                for j in range(W // 2):
+                    y[n, c, i, j] = x[n, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2].max()
+    return y
+
+
+def maxpool2x2_grad(dy, x):
+    """dx of ``maxpool2x2``: each window's gradient to its first maximum in row-major order."""
+    x = np.asarray(x, np.float64)
+    dx = np.zeros_like(x)
+    N, C, H, W = x.shape
+    for n in range(N):
+        for c in range(C):
+            for i in range(H // 2):
+                for j in range(W // 2):
+                    window = x[n, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2]
+                    a, b = divmod(int(np.argmax(window)), 2)  # argmax returns the first maximum
+                    dx[n, c, 2 * i + a, 2 * j + b] = dy[n, c, i, j]
+    return dx
+
+
+def dropout2d(x, keep, p):
+    """Channel dropout with the 0/1 ``keep`` array (N, C): kept channels scaled by 1 / (1 - p)."""
+    x = np.asarray(x, np.float64)
+    y = np.zeros_like(x)
+    N, C = keep.shape
+    for n in range(N):
+        for c in range(C):
+            if keep[n, c]:
+                y[n, c] = x[n, c] / (1.0 - p)
+    return y

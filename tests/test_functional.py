@@ -251,6 +251,10 @@ def test_backward_never_writes_into_dy_inputs_or_caches(conv_layout):
         (lambda: F.absdiff_forward(x, x[::-1]), F.absdiff_backward),
         (lambda: F.upsample2x_forward(x), F.upsample2x_backward),
         (lambda: F.concat_forward([x, x]), F.concat_backward),
+        (lambda: F.maxpool2x2_forward(x), F.maxpool2x2_backward),
+        (lambda: F.conv_transpose2d_forward(x, w[:3], b[:3], layout=conv_layout), F.conv_transpose2d_backward),
+        (lambda: F.dropout2d_forward(x, F.dropout2d_mask(rng, (2, 3), 0.5, np, dtype="float64")),
+         F.dropout2d_backward),
     ]
     inputs = [x, w, b, g, be, rm, rv]
     before_inputs = [a.copy() for a in inputs]
@@ -366,3 +370,91 @@ def test_the_layout_is_a_keyword_checked_by_name_and_the_model_passes_its_own():
     assert cache.head.layout == "batched" and cache.encoder[0][1].conv.layout == "batched"
     with pytest.raises(ValueError, match="conv_layout must be one of"):
         TinySiamCD(conv_layout="fast")
+
+
+# --------------------------------------------------------------------------- FC-Siam-diff's layers
+
+
+@pytest.mark.parametrize("conv_layout", ["batched", "merged", "flat"])
+@pytest.mark.parametrize("geometry", [(3, 2, 1, 1), (3, 2, 1, 0), (2, 2, 0, 0), (3, 1, 1, 0), (1, 1, 0, 0)])
+def test_conv_transpose_matches_reference(xp, conv_layout, geometry):
+    """Every layout, the phases algorithm (3x3, stride 2, padding 1, output padding 1) included."""
+    k, stride, padding, output_padding = geometry
+    rng = np.random.default_rng(20)
+    x, w, b = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((3, 2, k, k)), rng.standard_normal(2)
+    y, cache = F.conv_transpose2d_forward(to_xp(xp, x), to_xp(xp, w), to_xp(xp, b), stride=stride, padding=padding,
+                                          output_padding=output_padding, layout=conv_layout)
+    expected = ref.conv_transpose2d(x, w, b, stride, padding, output_padding)
+    assert_close(y, expected, xp, dtype="float64")
+    dy = rng.standard_normal(expected.shape)
+    dx, dw, db = F.conv_transpose2d_backward(to_xp(xp, dy), cache)
+    ex, ew, eb = ref.conv_transpose2d_grad(dy, x, w, stride, padding)
+    assert_close(dx, ex, xp)
+    assert_close(dw, ew, xp)
+    assert_close(db, eb, xp)
+    if geometry == (3, 2, 1, 1) and conv_layout == "flat" and xp.__name__.startswith("numpy"):
+        assert cache.layout == "phases"
+    none, dw2, _ = F.conv_transpose2d_backward(to_xp(xp, dy), cache, input_grad=False)
+    assert none is None
+    assert_close(dw2, ew, xp)
+
+
+def test_conv_transpose_central_differences_and_errors():
+    rng = np.random.default_rng(21)
+    x, w, b = rng.standard_normal((2, 3, 3, 4)), rng.standard_normal((3, 2, 3, 3)), rng.standard_normal(2)
+    y, cache = F.conv_transpose2d_forward(x, w, b)
+    assert y.shape == (2, 2, 6, 8)
+    dy = rng.standard_normal(y.shape)
+    dx, dw, db = F.conv_transpose2d_backward(dy, cache)
+    loss = lambda x_, w_, b_: np.sum(F.conv_transpose2d_forward(x_, w_, b_)[0] * dy)  # noqa: E731
+    assert rel_err(dx, central_difference(lambda v: loss(v, w, b), x.copy())) < 1e-6
+    assert rel_err(dw, central_difference(lambda v: loss(x, v, b), w.copy())) < 1e-6
+    assert rel_err(db, central_difference(lambda v: loss(x, w, v), b.copy())) < 1e-6
+    with pytest.raises(ValueError, match=r"3 channels.*\(2, 2, 3, 3\)"):
+        F.conv_transpose2d_forward(x, np.zeros((2, 2, 3, 3)))
+    with pytest.raises(ValueError, match=r"bias must have shape \(2,\)"):
+        F.conv_transpose2d_forward(x, w, np.zeros(3))
+    with pytest.raises(ValueError, match="output_padding"):
+        F.conv_transpose2d_forward(x, w, stride=2, output_padding=2)
+
+
+@given(st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)), seeds, st.booleans())
+def test_maxpool_matches_reference_ties_included(xp, shape, seed, ties):
+    N, C, h, w = shape
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, 2 * h, 2 * w))
+    if ties:  # few distinct values: windows with two or more equal maxima
+        x = np.round(x)
+    y, cache = F.maxpool2x2_forward(to_xp(xp, x))
+    assert_close(y, ref.maxpool2x2(x), xp, dtype="float64")
+    dy = rng.standard_normal((N, C, h, w))
+    assert_close(F.maxpool2x2_backward(to_xp(xp, dy), cache), ref.maxpool2x2_grad(dy, x), xp)
+
+
+def test_maxpool_central_differences_and_errors():
+    rng = np.random.default_rng(22)
+    x = rng.permutation(96).reshape(2, 3, 4, 4) * 0.1  # distinct values: no ties, no kinks within 0.05
+    _, cache = F.maxpool2x2_forward(x)
+    dy = rng.standard_normal((2, 3, 2, 2))
+    num = central_difference(lambda v: np.sum(F.maxpool2x2_forward(v)[0] * dy), x.copy())
+    assert rel_err(F.maxpool2x2_backward(dy, cache), num) < 1e-8
+    with pytest.raises(ValueError, match=r"even H and W, got \(1, 1, 3, 4\)"):
+        F.maxpool2x2_forward(np.zeros((1, 1, 3, 4)))
+
+
+def test_dropout2d_drops_whole_channels_and_matches_reference(xp):
+    rng = np.random.default_rng(23)
+    x = to_xp(xp, rng.standard_normal((4, 6, 3, 3)))
+    mask = F.dropout2d_mask(np.random.default_rng(5), (4, 6), 0.25, xp, dtype="float64")
+    keep = np.random.default_rng(5).random((4, 6)) >= 0.25  # the same draw on the host
+    assert_close(mask, (keep / 0.75)[:, :, None, None], xp, dtype="float64")
+    y, cache = F.dropout2d_forward(x, mask)
+    assert_close(y, ref.dropout2d(to_np(x), keep, 0.25), xp)
+    dy = rng.standard_normal(y.shape)
+    assert_close(F.dropout2d_backward(to_xp(xp, dy), cache), ref.dropout2d(dy, keep, 0.25), xp)
+    same, identity = F.dropout2d_forward(x, None)
+    assert same is x and F.dropout2d_backward(same, identity) is same
+    with pytest.raises(ValueError, match="dropout rate"):
+        F.dropout2d_mask(np.random.default_rng(0), (1, 1), 1.0, xp)
+    with pytest.raises(ValueError, match=r"mask must have shape \(4, 6, 1, 1\)"):
+        F.dropout2d_forward(x, mask[:2, ...])
