@@ -1,8 +1,12 @@
-"""Benchmark: one full TinySiamCD training step (forward, backward, optimizer).
+"""Benchmark: one full training step of a network (forward, backward, optimizer).
 
     python benchmarks/bench.py --backend numpy --batch 8 --size 64 --steps 20 --mode task --json
     python benchmarks/bench.py --mode hicd --vs-torch          # also time a PyTorch eager twin
     python benchmarks/bench.py --mode hicd --profile           # where the time goes
+    python benchmarks/bench.py --model fc-siam-diff --size 128 --vs-torch --interleave
+
+``--model`` picks the network (``tiny-siam-cd``, the default, or ``fc-siam-diff``; each
+has its twin here, with the same layers, dropout included, and no bias before BatchNorm).
 
 ``task``: student forward, BCE, backward, AdamW. ``hicd`` adds the frozen
 teacher's forward on the high-quality pair and ``hicd_loss`` on SPEC section 4's
@@ -35,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hicd_core import backend  # noqa: E402
-from hicd_core.model import DEFAULT_WIDTHS, TinySiamCD  # noqa: E402
+from hicd_core.model import DEFAULT_WIDTHS  # noqa: E402
+from hicd_core.networks import DEFAULT_MODEL, MODELS, build_model  # noqa: E402
 from hicd_core.optim import AdamW  # noqa: E402
 from hicd_core.train import DistillConfig, default_windows, train_step  # noqa: E402
 from _timing import device_sync, interleaved_ms, median_ms, torch_sync  # noqa: E402
@@ -57,7 +62,7 @@ def torch_twin(torch, widths):
     nn = torch.nn
 
     def cbr(cin, cout, stride=1):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=True), nn.BatchNorm2d(cout), nn.ReLU())
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
     class TorchSiamCD(nn.Module):
         def __init__(self):
@@ -91,6 +96,52 @@ def torch_twin(torch, widths):
     return TorchSiamCD
 
 
+def torch_fc_twin(torch, widths, dropout=0.2):
+    """FC-Siam-diff as ``hicd_core.fc_siam`` builds it: encoder once on the stacked pair, |a - b| skips and bottleneck."""
+    nn = torch.nn
+    depths = (2, 2, 3, 3)
+
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                             nn.Dropout2d(dropout))
+
+    class TorchFCSiamDiff(nn.Module):
+        def __init__(self):
+            super().__init__()
+            enc, cin = [], 3
+            for w, depth in zip(widths, depths):
+                enc.append(nn.Sequential(*[block(cin if i == 0 else w, w) for i in range(depth)]))
+                cin = w
+            self.enc = nn.ModuleList(enc)
+            self.up = nn.ModuleList([nn.ConvTranspose2d(w, w, 3, 2, 1, output_padding=1) for w in widths])
+            dec = []
+            for k, w in enumerate(widths):
+                depth = depths[k] if k > 0 else 1
+                out = widths[max(k - 1, 0)]
+                dec.append(nn.Sequential(*[block(2 * w if i == 0 else w, out if i == depth - 1 else w)
+                                           for i in range(depth)]))
+            self.dec = nn.ModuleList(dec)
+            self.head = nn.Conv2d(widths[0], 1, 3, 1, 1)
+
+        def forward(self, x1, x2):
+            n = x1.shape[0]
+            h = torch.cat([x1, x2])
+            stages = []
+            for k, stage in enumerate(self.enc):
+                h = stage(h if k == 0 else nn.functional.max_pool2d(h, 2))
+                stages.append(h)
+            p = nn.functional.max_pool2d(h, 2)
+            d = (p[:n] - p[n:]).abs()
+            for k in (3, 2, 1, 0):
+                s = stages[k]
+                d = self.dec[k](torch.cat([self.up[k](d), (s[:n] - s[n:]).abs()], 1))
+            taps = {f"E{k + 1}": (s[:n], s[n:]) for k, s in enumerate(stages)}
+            taps["d1"] = d
+            return self.head(d), taps
+
+    return TorchFCSiamDiff
+
+
 def torch_step(args, host_batch, windows, change_window):
     """``(torch, step, sync, device)`` of the PyTorch twin's training step, or None without PyTorch."""
     try:
@@ -100,7 +151,7 @@ def torch_step(args, host_batch, windows, change_window):
     from bench_loss import torch_hicd_loss
 
     device = "cuda" if args.backend == "cupy" else "cpu"
-    Twin = torch_twin(torch, DEFAULT_WIDTHS)
+    Twin = torch_fc_twin(torch, DEFAULT_WIDTHS) if args.model == "fc-siam-diff" else torch_twin(torch, DEFAULT_WIDTHS)
     student, teacher = Twin().to(device), Twin().to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -129,7 +180,8 @@ def torch_step(args, host_batch, windows, change_window):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Time one TinySiamCD training step.")
+    parser = argparse.ArgumentParser(description="Time one training step of a network.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS))
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "array_api_strict"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
@@ -155,8 +207,9 @@ def main(argv=None):
 
     host_batch = make_batch(args.batch, args.size)
     x1, x2, x2_hq, label = (backend.from_host(a, xp) for a in host_batch)
-    student = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=0, conv_layout=args.conv_layout)
-    teacher = TinySiamCD(DEFAULT_WIDTHS, xp=xp, seed=1, conv_layout=args.conv_layout) if args.mode == "hicd" else None
+    student = build_model(args.model, DEFAULT_WIDTHS, xp=xp, seed=0, conv_layout=args.conv_layout)
+    teacher = (build_model(args.model, DEFAULT_WIDTHS, xp=xp, seed=1, conv_layout=args.conv_layout)
+               if args.mode == "hicd" else None)
     opt = AdamW(student.params, lr=1e-3, weight_decay=1e-2)
     windows, change_window = default_windows(args.size)
     distill = DistillConfig(method="hicd", windows=windows, change_window=change_window) if args.mode == "hicd" else None
@@ -166,7 +219,7 @@ def main(argv=None):
 
     ms, times = median_ms(step, sync, args.steps)
     result = {
-        "bench": "train step", "mode": args.mode, "backend": args.backend, "dtype": "float32",
+        "bench": "train step", "model": args.model, "mode": args.mode, "backend": args.backend, "dtype": "float32",
         "batch": args.batch, "size": args.size, "steps": args.steps, "windows": list(windows),
         "conv_layout": args.conv_layout,
         "keep_host_memory": kept,

@@ -78,6 +78,7 @@ from hicd_core.experiment import (  # noqa: E402
 from hicd_core.infer import evaluate  # noqa: E402
 from hicd_core.io import atomic_path  # noqa: E402
 from hicd_core.metrics import METRIC_KEYS  # noqa: E402
+from hicd_core.networks import DEFAULT_MODEL, MODELS  # noqa: E402
 
 VARIANTS = ("baseline", "feature-mse", "hicd-self", "hicd-self-cross", "hicd")
 LABELS = {name: STUDENTS[name][0] for name in VARIANTS}
@@ -274,6 +275,18 @@ def per_scene_table(rows, settings):
     return "\n".join(lines)
 
 
+def t_interval(values, level=0.95):
+    """``(low, high)``: the two-sided ``level`` interval of the mean of ``values`` by Student's t
+    (``mean ± t_{(1+level)/2, n-1} sd / sqrt(n)``); None for fewer than two values."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n < 2:
+        return None
+    half = t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / n ** 0.5
+    return statistics.mean(values) - half, statistics.mean(values) + half
+
+
 def paired(rows, setting, a, b, init="fresh"):
     """Mean and sample std of (a - b) F1 over the seeds where both were measured, and those seeds."""
     f1 = {(r["method"], r["seed"]): r["f1"] for r in rows
@@ -283,6 +296,18 @@ def paired(rows, setting, a, b, init="fresh"):
         return None, None, []
     d = [f1[(a, s)] - f1[(b, s)] for s in seeds]
     return statistics.mean(d), statistics.stdev(d) if len(d) > 1 else 0.0, seeds
+
+
+def interval_text(rows, setting, a, b, init="fresh"):
+    """'95 % interval [lo, hi], above zero' (or 'below zero', 'includes zero'); '' for fewer than two seeds."""
+    f1 = {(r["method"], r["seed"]): r["f1"] for r in rows
+          if r["setting"] == setting and r.get("init", "fresh") == init}
+    seeds = sorted({s for (m, s) in f1 if m == a} & {s for (m, s) in f1 if m == b})
+    ci = t_interval([f1[(a, s)] - f1[(b, s)] for s in seeds])
+    if ci is None:
+        return ""
+    where = "above zero" if ci[0] > 0 else "below zero" if ci[1] < 0 else "includes zero"
+    return f"95 % interval [{ci[0]:+.2f}, {ci[1]:+.2f}] (t over {len(seeds)} seeds), {where}"
 
 
 def verdict(rows, settings):
@@ -295,8 +320,9 @@ def verdict(rows, settings):
             if d is not None:
                 measured += 1
                 wins += d >= 1.0
+                ci = interval_text(rows, s, "student HiCD full", "student baseline", init)
                 lines.append(f"- {s}, students {init}: HiCD full − baseline = {d:+.2f} F1 "
-                             f"(paired by seed, std {sd:.2f}, seeds {seeds})")
+                             f"(paired by seed, std {sd:.2f}, seeds {seeds}" + (f"; {ci}" if ci else "") + ")")
             d, _, _ = paired(rows, s, "student HiCD full", "student feature-mse", init)
             if d is not None:
                 versus_fmse.append(d)
@@ -497,7 +523,11 @@ def parse_args(argv):
                         help="binarise masks with grey pixels: value >= T is change (named splits set their own)")
     parser.add_argument("--profile", default=None, choices=sorted(PROFILES),
                         help="sizes, schedules and recipe (default: from the study)")
-    parser.add_argument("--tag", default=None, help="name of the study's rows and report (default: from the data)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
+                        help=f"the network of every model of the study (default {DEFAULT_MODEL}); another one "
+                             "gets a study of its own, <study>-<model>")
+    parser.add_argument("--tag", default=None, help="name of the study's rows and report (default: from the data "
+                                                    "and the model)")
     parser.add_argument("--out", default="runs/reproduce", help="checkpoints (reused when present)")
     parser.add_argument("--results", default=None, help="rows JSON (default results/<study>.json)")
     parser.add_argument("--report", default=None, help="report path (default docs/RESULTS*.md)")
@@ -514,13 +544,14 @@ def parse_args(argv):
 
 def choose_study(args):
     """``(tag, profile name, split key or None)`` for the arguments."""
+    suffix = "" if args.model == DEFAULT_MODEL else f"-{args.model}"
     if args.data is None:
-        tag = args.tag or ("converged" if args.protocol == "converged" else "reproduce")
+        tag = args.tag or ("converged" if args.protocol == "converged" else "reproduce") + suffix
         return tag, args.profile or ("converged" if args.protocol == "converged" else "sweep"), None
     names = FolderDataset(args.data, label_threshold=args.label_threshold).names
     key = named_split(names)
-    tag = args.tag or {"sztaki": "sztaki", "levir-samples": "levir"}.get(key) or \
-        "".join(c if c.isalnum() else "-" for c in Path(args.data).resolve().name.lower())
+    tag = args.tag or ({"sztaki": "sztaki", "levir-samples": "levir"}.get(key) or
+                       "".join(c if c.isalnum() else "-" for c in Path(args.data).resolve().name.lower())) + suffix
     # the LEVIR sample tiles keep the fixed-epoch profile their published rows were measured with
     return tag, args.profile or ("levir" if key == "levir-samples" else "real"), key
 
@@ -536,7 +567,7 @@ def main(argv=None):
     if args.report_only:  # the stored meta describes the run that measured the rows
         write_report(rows, meta, args.settings, report, plot, **report_args)
         return rows
-    prof = PROFILES[profile]
+    prof = replace(PROFILES[profile], model=args.model)
     xp = backend.namespace(args.backend)
     done = {row_key(r) for r in rows}
     meta.update(command="python examples/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),

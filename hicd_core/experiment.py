@@ -23,6 +23,7 @@ from .data.splits import load_splits
 from .infer import evaluate
 from .io import atomic_path, load_checkpoint
 from .metrics import METRIC_KEYS
+from .networks import DEFAULT_MODEL
 from .train import METHODS, DistillConfig, TrainConfig, default_windows, fit, load_model
 
 __all__ = [
@@ -47,8 +48,9 @@ class Profile:
     ``teacher_epochs`` / ``student_epochs`` are maximum budgets when ``patience``
     is set (training stops once validation F1 has not improved for ``patience``
     epochs); ``smoothing``, ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and
-    ``eval_tile`` are the ``TrainConfig`` fields of the same names; ``repeats``: how many random
-    crops of each training scene make one epoch (real data).
+    ``eval_tile`` are the ``TrainConfig`` fields of the same names, and so are ``model`` (the network,
+    ``networks.MODELS``) and ``dropout``; ``repeats``: how many random crops of each training scene
+    make one epoch (real data).
     """
 
     size: int = 64
@@ -69,6 +71,8 @@ class Profile:
     change_crop_rate: float = 0.0
     eval_tile: int | None = None
     repeats: int = 1
+    model: str = DEFAULT_MODEL
+    dropout: float | None = None
 
 
 PROFILES = {
@@ -109,7 +113,8 @@ def _base_config(prof, seed):
     return TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
                        lr=prof.lr, seed=seed, patience=prof.patience, smoothing=prof.smoothing,
                        dice_weight=prof.dice_weight, pos_weight=prof.pos_weight, normalize=prof.normalize,
-                       change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile)
+                       change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile, model=prof.model,
+                       dropout=prof.dropout)
 
 
 def train_teacher(out_dir, splits, prof, *, seed=0, xp=None, progress=True, log=print):
