@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hicd_core.data import ArrayDataset, synthetic_pairs  # noqa: E402
 from hicd_core.distill import hicd_loss  # noqa: E402
 from hicd_core.model import TinySiamCD  # noqa: E402
+from hicd_core.networks import build_model  # noqa: E402
 from hicd_core.optim import SGD, AdamW  # noqa: E402
 from hicd_core.parallel import CommunicationError, MPIComm  # noqa: E402
 from hicd_core.train import DistillConfig, TrainConfig, fit, train_step  # noqa: E402
@@ -41,24 +42,26 @@ def report(comm, payload):
         print(json.dumps(payload), flush=True)
 
 
-def equivalence(comm, dtype, method, optimizer="sgd", steps=int(os.environ.get("STEPS", 5)), global_batch=4, size=32):
-    """K ranks on shards against one process on the global batch, same initial weights and data."""
+def equivalence(comm, dtype, method, optimizer="sgd", network="tiny-siam-cd", steps=int(os.environ.get("STEPS", 5)),
+                global_batch=4, size=32):
+    """K ranks on shards against one process on the global batch, same initial weights, data and dropout masks."""
     t1, t2, label = synthetic_pairs(global_batch, size, 11)
     t2_lq = np.clip(t2 + np.random.default_rng(3).normal(0, 0.05, t2.shape), 0, 1)
     t1, t2, t2_lq = (a.astype(dtype) for a in (t1, t2, t2_lq))
-    teacher = TinySiamCD(EQUIVALENCE_WIDTHS, seed=9, dtype=dtype)
+    teacher = build_model(network, EQUIVALENCE_WIDTHS, seed=9, dtype=dtype)
     distill = None if method == "baseline" else DistillConfig(windows=(8, None, None), change_window=8)
     per = global_batch // comm.size
     mine = slice(comm.rank * per, (comm.rank + 1) * per)
 
     def run(parallel):
-        model = TinySiamCD(EQUIVALENCE_WIDTHS, seed=1, dtype=dtype)
+        model = build_model(network, EQUIVALENCE_WIDTHS, seed=1, dtype=dtype)
         opt = SGD(model.params, lr=0.01, momentum=0.9) if optimizer == "sgd" else AdamW(model.params, lr=1e-2)
         part = mine if parallel else slice(None)
         losses = []
-        for _ in range(steps):
+        for step in range(steps):
             terms = train_step(model, opt, t1[part], t2_lq[part], label[part], teacher=teacher,
-                               teacher_x2=t2[part], distill=distill, comm=comm if parallel else None)
+                               teacher_x2=t2[part], distill=distill, comm=comm if parallel else None,
+                               rng=np.random.default_rng([5, step]))
             losses.append(float(terms["loss"]))
         return model, losses
 
@@ -235,7 +238,7 @@ def main():
     if command == "nccl":
         return nccl(comm)
     if command == "equivalence":
-        equivalence(comm, args[0], args[1], *args[2:3])
+        equivalence(comm, args[0], args[1], *args[2:4])
     elif command == "gradcheck":
         gradcheck(comm)
     elif command == "fit":

@@ -46,6 +46,14 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_global_batch(method, dty
     assert out["max_abs_diff"] < tolerance, out
 
 
+@pytest.mark.parametrize("method", ["baseline", "hicd"])
+def test_two_ranks_of_fc_siam_diff_with_dropout_take_the_steps_of_one_process(method):
+    """Every rank draws the global batch's dropout masks and keeps its shard's rows: the same steps."""
+    out = mpirun("equivalence", "float64", method, "sgd", "fc-siam-diff")
+    assert out["rank_spread"] == 0.0
+    assert out["max_abs_diff"] < 1e-10, out
+
+
 def test_the_gathered_global_correlation_backward_matches_central_differences():
     assert mpirun("gradcheck")["max_abs_error"] < 1e-7
 

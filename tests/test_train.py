@@ -64,9 +64,11 @@ def _arrays(path):
     return flat, ck["step"], ck["rng_state"]
 
 
-def test_killed_run_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("network", [[], ["--model", "fc-siam-diff", "--dropout", "0.3"]], ids=["tiny", "fc"])
+def test_killed_run_resumes_bitwise(tmp_path, network):
+    """FC-Siam-diff's dropout masks come from (seed, step): its runs resume bit for bit too."""
     common = ["-m", "hicd_core.cli", "train", "--role", "teacher", "--size", "32", "--n-train", "64",
-              "--n-val", "8", "--epochs", "4", "--no-progress"]
+              "--n-val", "8", "--epochs", "4", "--no-progress", *network]
     ref = run(common + ["--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
 
@@ -446,3 +448,111 @@ def test_a_cosine_distillation_weight_decays_over_the_budget(tmp_path):
         logged[schedule] = [r["train"]["distill"] for r in result.history]
         assert load_model(tmp_path / schedule / "last.h5")[1]["config"]["distill"]["weight_schedule"] == schedule
     assert logged["cosine"][0] < logged["constant"][0] and logged["cosine"][1] < 0.5 * logged["constant"][1]
+
+
+# --------------------------------------------------------------------------- the second network, FC-Siam-diff
+
+
+FC = dict(model="fc-siam-diff", widths=(4, 4, 8, 8))
+
+
+def test_fc_siam_diff_trains_and_reloads(tmp_path):
+    data = ArrayDataset(*synthetic_pairs(16, 32, seed=0))
+    whole = fit(TrainConfig(epochs=2, batch_size=8, dropout=0.3, **FC), data, data, tmp_path / "run", progress=False)
+    model, ck = load_model(tmp_path / "run" / "last.h5")
+    assert type(model).__name__ == "FCSiamDiff" and ck["model_config"]["dropout"] == 0.3
+    assert ck["config"]["model"] == "fc-siam-diff"
+    for k in model.params:
+        assert np.array_equal(model.params[k], whole.model.params[k]), k
+    assert evaluate(model, data)["f1"] == evaluate(whole.model, data)["f1"]
+
+
+def test_networks_mix_only_where_they_can(tmp_path):
+    """An FC-Siam-diff teacher distils into a fresh TinySiamCD student (same taps and resolutions); a student
+    that starts from the teacher's weights needs the teacher's network; crops follow the network's multiple."""
+    data = ArrayDataset(*synthetic_pairs(8, 32, seed=0))
+    teacher = fit(TrainConfig(epochs=1, batch_size=8, **FC), data, data, tmp_path / "t", progress=False).model
+    student = TrainConfig(role="student", setting="resolution-x4", epochs=1, batch_size=8, widths=(4, 4, 8, 8),
+                          student_init="fresh", distill=DistillConfig(windows=(8, 8, None), change_window=8))
+    result = fit(student, data, data, tmp_path / "s", teacher=teacher, progress=False)
+    assert type(result.model).__name__ == "TinySiamCD" and "distill" in result.history[0]["train"]
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="needs the teacher's network"):
+        fit(replace(student, student_init="teacher"), data, data, tmp_path / "s2", teacher=teacher, progress=False)
+    with pytest.raises(ValueError, match="crop 24 must be a multiple of 16"):
+        fit(TrainConfig(epochs=1, batch_size=8, crop=24, **FC), data, data, tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="has no dropout"):
+        fit(TrainConfig(epochs=1, batch_size=8, dropout=0.1), data, data, tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="unknown model 'unet'"):
+        TrainConfig(model="unet")
+
+
+def test_fc_siam_diff_predicts_an_odd_sized_pair_through_the_cli(tmp_path, capsys):
+    data = ArrayDataset(*synthetic_pairs(8, 32, seed=0))
+    fit(TrainConfig(epochs=1, batch_size=8, **FC), data, data, tmp_path / "m", progress=False)
+    a, b = write_pair(tmp_path, 70, 90)
+    out = tmp_path / "change.png"
+    assert cli_main(["predict", str(a), str(b), "-o", str(out), "--checkpoint", str(tmp_path / "m" / "best.h5"),
+                     "--tile", "48", "--overlap", "8"]) == 0
+    with PIL.open(out) as im:
+        assert im.size == (90, 70)
+    capsys.readouterr()
+    assert cli_main(["predict", str(a), str(b), "-o", str(out), "--checkpoint", str(tmp_path / "m" / "best.h5"),
+                     "--tile", "40"]) == 2
+    assert "tile must be a positive multiple of 16 for FCSiamDiff, got 40" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_conv_biases_before_batchnorm_loads_folded(tmp_path):
+    """hicd 0.1 networks had a bias in every convolution before BatchNorm: it loads into the bias-free network
+    with the bias folded into the running mean, the same function in evaluation, and its runs resume."""
+    data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
+    cfg = TrainConfig(epochs=1, batch_size=8, widths=(4, 4, 8, 8))
+    fit(cfg, data, data, tmp_path / "new", progress=False)
+    model, ck = load_model(tmp_path / "new" / "last.h5")
+    rng = np.random.default_rng(0)
+    old = {"params": dict(ck["params"]), "buffers": dict(ck["buffers"])}
+    optim = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ck["optim"].items()}
+    for name in model.layers:  # the old layout: a bias per convolution, here non-zero
+        bias = rng.standard_normal(model.layers[name][1]).astype(np.float32)
+        old["params"][f"{name}.conv.bias"] = bias
+        for slot in ("m", "v"):
+            optim[slot][f"{name}.conv.bias"] = np.zeros_like(bias)
+
+    class Old:  # what save_checkpoint needs of a model
+        def state_dict(self):
+            return old
+
+        def config(self):
+            return model.config()
+
+    class OldOptim:
+        def state_dict(self):
+            return optim
+
+    io.save_checkpoint(tmp_path / "old" / "last.h5", model=Old(), optimizer=OldOptim(), step=ck["step"],
+                       rng_state=ck["rng_state"], config=ck["config"], extra=ck["extra"])
+    loaded, _ = load_model(tmp_path / "old" / "last.h5")
+    assert not any(k.endswith("conv.bias") for k in loaded.params)
+    x1, x2 = (rng.random((2, 3, 16, 16)).astype(np.float32) for _ in range(2))
+    # the old network's evaluation, layer by layer: bias added before BatchNorm's running statistics
+    from hicd_core import functional as F
+
+    for name in model.layers:
+        p, b = old["params"], old["buffers"]
+        args = (p[f"{name}.conv.weight"], p[f"{name}.conv.bias"], p[f"{name}.bn.weight"], p[f"{name}.bn.bias"],
+                b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"])
+        x = rng.standard_normal((1, model.layers[name][0], 8, 8)).astype(np.float32)
+        want = F.cbr_forward(x, *args, training=False)[0]
+        lp, lb = loaded.params, loaded.buffers
+        got = F.cbr_forward(x, lp[f"{name}.conv.weight"], None, lp[f"{name}.bn.weight"], lp[f"{name}.bn.bias"],
+                            lb[f"{name}.bn.running_mean"], lb[f"{name}.bn.running_var"], training=False)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert loaded.predict_logits(x1, x2).shape == (2, 1, 16, 16)
+    more = TrainConfig(epochs=2, batch_size=8, widths=(4, 4, 8, 8))
+    ck_old = io.load_checkpoint(tmp_path / "old" / "last.h5")
+    ck_old["config"]["epochs"] = 2
+    io.save_checkpoint(tmp_path / "old" / "last.h5", model=Old(), optimizer=OldOptim(), step=ck["step"],
+                       rng_state=ck["rng_state"], config=ck_old["config"], extra=ck["extra"])
+    resumed = fit(more, data, data, tmp_path / "old", resume=True, progress=False)
+    assert resumed.history[-1]["epoch"] == 2  # (the copied folder has no log of epoch 1)
