@@ -49,6 +49,13 @@ _positive = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite numb
 _probability = _checked(float, lambda v: 0 < v < 1, "a probability strictly between 0 and 1")
 _rate = _checked(float, lambda v: 0 <= v <= 1, "a rate in [0, 1]")
 _dropout_rate = _checked(float, lambda v: 0 <= v < 1, "a rate in [0, 1)")
+
+
+def _pos_weight(text):
+    return "auto" if text == "auto" else _positive(text)
+
+
+_pos_weight.__name__ = "float or 'auto'"
 _multiple_of_8 = _checked(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8")
 _label_value = _checked(int, lambda v: 1 <= v <= 255, "in 1..255")
 _ignore_value = _checked(int, lambda v: 2 <= v <= 255,
@@ -130,8 +137,9 @@ def _train_parser(sub):
     t.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     t.add_argument("--schedule", choices=["cosine", "poly", "constant"], default="cosine")
     t.add_argument("--dice-weight", type=_non_negative, default=0.0, help="weight of the soft Dice term (default off)")
-    t.add_argument("--pos-weight", type=_positive, default=None,
-                   help="weight of the change pixels in the BCE (imbalanced real scenes, e.g. 5; default 1)")
+    t.add_argument("--pos-weight", type=_pos_weight, default=None,
+                   help="weight of the change pixels in the BCE (imbalanced real scenes, e.g. 5, or 'auto': "
+                        "no-change over change pixels of the training labels; default 1)")
     t.add_argument("--normalize", action="store_true",
                    help="standardise the input channels with statistics of the training set (stored in the checkpoint)")
     t.add_argument("--change-crop-rate", type=_rate, default=0.0,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import backend
 from .backend import all_finite
-from .data.folder import DegradedView, channel_stats, validate_dataset
+from .data.folder import DegradedView, change_fraction, channel_stats, validate_dataset
 from .data.loader import TrainBatches
 from .distill import feature_mse_loss, hicd_loss
 from .errors import CheckpointError, NonFiniteError
@@ -254,7 +254,9 @@ class TrainConfig:
     seed ``[val_seed, i]``.
 
     The recipe for real, imbalanced scenes (all off by default, the SPEC forms):
-    ``pos_weight`` weights the change pixels in the BCE; ``normalize`` standardises
+    ``pos_weight`` weights the change pixels in the BCE (``"auto"``: the ratio of no-change to
+    change pixels over the training labels, ``data.change_fraction``, the inverse-frequency class
+    weighting of Daudt et al. 2018; the log records the value); ``normalize`` standardises
     the input channels with statistics of the training set (a student that starts
     from the teacher takes the teacher's), stored with the model in every
     checkpoint; ``change_crop_rate`` is the share of training crops drawn around a
@@ -286,7 +288,7 @@ class TrainConfig:
     warmup_steps: int = 20
     dice_weight: float = 0.0
     ignore_index: int | None = None
-    pos_weight: float | None = None
+    pos_weight: float | str | None = None
     normalize: bool = False
     change_crop_rate: float = 0.0
     patience: int | None = None
@@ -319,8 +321,9 @@ class TrainConfig:
             raise ValueError(f"student_init must be 'teacher' or 'fresh', got {self.student_init!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if self.pos_weight is not None and not (self.pos_weight > 0 and self.pos_weight < float("inf")):
-            raise ValueError(f"pos_weight must be a positive finite number, got {self.pos_weight}")
+        if self.pos_weight is not None and self.pos_weight != "auto" and not (
+                isinstance(self.pos_weight, (int, float)) and 0 < self.pos_weight < float("inf")):
+            raise ValueError(f"pos_weight must be a positive finite number or 'auto', got {self.pos_weight!r}")
         if not 0.0 <= self.change_crop_rate <= 1.0:
             raise ValueError(f"change_crop_rate must be in [0, 1], got {self.change_crop_rate}")
         if self.patience is not None and self.patience < 1:
@@ -417,6 +420,7 @@ class _Run:
     teacher: object
     xp: object
     comm: object = None
+    pos_weight: float | None = None  # the BCE's change-pixel weight (cfg.pos_weight, or the "auto" value)
     epoch: int = 0
     step: int = 0
     best: dict = field(default_factory=lambda: {"f1": -1.0})
@@ -466,8 +470,12 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     schedule = make_schedule(cfg.schedule, cfg.epochs * len(batches), cfg.lr,
                              **({"warmup_steps": cfg.warmup_steps} if cfg.schedule == "cosine" else {}))
     val_view = DegradedView(val_set, cfg.setting, cfg.val_seed) if student else val_set
+    pos_weight = cfg.pos_weight
+    if pos_weight == "auto":  # no-change : change over the training labels
+        fraction = change_fraction(_base_dataset(train_set), ignore_value=cfg.ignore_index)
+        pos_weight = round((1.0 - fraction) / fraction, 4)
     return _Run(cfg, out_dir, model, _make_optimizer(cfg, model.params), rng, batches, schedule, val_view,
-                teacher, xp, comm)
+                teacher, xp, comm, pos_weight)
 
 
 def _restore(run: _Run, resume: bool) -> None:
@@ -505,7 +513,7 @@ def _train_epoch(run: _Run, progress, log_every):
             distill = cfg.distill.at_step(run.step, cfg.epochs * len(run.batches)) if student else None
             terms = train_step(run.model, run.optimizer, x1_d, x2_d, label_d, lr=run.schedule(run.step),
                                teacher=run.teacher, teacher_x2=hq_d, distill=distill,
-                               dice_weight=cfg.dice_weight, ignore_index=cfg.ignore_index, pos_weight=cfg.pos_weight,
+                               dice_weight=cfg.dice_weight, ignore_index=cfg.ignore_index, pos_weight=run.pos_weight,
                                comm=run.comm, rng=backend.host_rng([cfg.seed, 2, run.step]))
         except NonFiniteError as exc:
             raise run.non_finite(exc, "at") from None
@@ -539,6 +547,8 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
               "pairs_per_s": round(count * cfg.batch_size / seconds, 2)}
     if run.comm is not None:
         record["world_size"], record["transport"] = run.comm.size, run.comm.transport
+    if cfg.pos_weight == "auto":
+        record["pos_weight"] = run.pos_weight
     run.history.append(record)
     score = _selection_score(run.history, cfg.smoothing)
     improved = score > run.best.get("smoothed_f1", run.best["f1"])

@@ -556,3 +556,20 @@ def test_a_checkpoint_with_conv_biases_before_batchnorm_loads_folded(tmp_path):
                        rng_state=ck["rng_state"], config=ck_old["config"], extra=ck["extra"])
     resumed = fit(more, data, data, tmp_path / "old", resume=True, progress=False)
     assert resumed.history[-1]["epoch"] == 2  # (the copied folder has no log of epoch 1)
+
+
+def test_pos_weight_auto_is_the_no_change_to_change_ratio_of_the_training_labels(tmp_path):
+    from hicd_core.data import change_fraction
+
+    data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
+    labels = np.stack([data[i][2] for i in range(len(data))])
+    fraction = change_fraction(data)
+    assert fraction == pytest.approx(labels.mean())
+    result = fit(TrainConfig(epochs=1, batch_size=8, widths=(4, 4, 8, 8), pos_weight="auto"), data, data,
+                 tmp_path / "auto", progress=False)
+    assert result.history[0]["pos_weight"] == round((1 - fraction) / fraction, 4)
+    with pytest.raises(ValueError, match="pos_weight must be a positive finite number or 'auto'"):
+        TrainConfig(pos_weight="sometimes")
+    empty = ArrayDataset(data.t1[:2], data.t2[:2], np.zeros_like(labels[:2]))
+    with pytest.raises(Exception, match="no training label has a change pixel"):
+        change_fraction(empty)

@@ -12,6 +12,7 @@ from .folder import (
     H5Dataset,
     InMemory,
     build_degraded_set,
+    change_fraction,
     channel_stats,
     validate_dataset,
     open_dataset,
@@ -36,6 +37,7 @@ __all__ = [
     "random_crop_flip",
     "InMemory",
     "channel_stats",
+    "change_fraction",
     "validate_dataset",
 ]
 

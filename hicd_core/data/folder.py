@@ -49,6 +49,7 @@ __all__ = [
     "build_degraded_set",
     "open_dataset",
     "random_crop_flip",
+    "change_fraction",
     "validate_dataset",
     "InMemory",
     "channel_stats",
@@ -599,6 +600,22 @@ def channel_stats(dataset, *, max_samples=None):
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
     std = np.where(std < 1e-6, 1.0, std)
     return [float(v) for v in mean], [float(v) for v in std]
+
+
+def change_fraction(dataset, *, ignore_value=None):
+    """The share of change pixels over a dataset's labels (pixels equal to ``ignore_value`` left out), a float.
+
+    ``DatasetError`` when no pixel is labelled change: no class weight can be taken from it.
+    """
+    change = labelled = 0
+    for i in range(len(dataset)):
+        label = np.asarray(dataset[i][2])
+        valid = label != ignore_value if ignore_value is not None else np.ones(label.shape, bool)
+        change += int(np.count_nonzero((label == 1) & valid))
+        labelled += int(np.count_nonzero(valid))
+    if change == 0:
+        raise DatasetError("change_fraction: no training label has a change pixel (no class weight can be derived)")
+    return change / labelled
 
 
 # --------------------------------------------------------------------------- writing images
