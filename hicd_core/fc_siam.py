@@ -12,7 +12,7 @@ Forward and backward are composed from ``functional``'s stateless layer pairs, l
   ``H / 2^(k-1)``;
 * ``d1``: the last decoder block before the head (``w1`` channels at full resolution).
 
-Choices (docs/MATH.md section 7.5 has the layers' derivations):
+Choices (docs/MATH.md section 7.8 has the layers' derivations):
 
 * The encoder runs once on the stacked pair ``[x1; x2]``, as in ``TinySiamCD`` (BatchNorm batch
   statistics over both phases).

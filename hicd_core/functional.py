@@ -603,7 +603,7 @@ def conv_transpose2d_forward(x, weight, bias=None, *, stride=2, padding=1, outpu
     ``y = conv2d_input_grad(x)`` of the convolution ``Ho x Wo -> H x W`` with the same ``weight``
     read as ``(O = Cin, C = Cout, k, k)``, i.e. ``col2im(W^T x)``. Its backward is that
     convolution's forward and weight gradient: ``dx = conv2d(dy, weight)``,
-    ``dweight = sum_n x[n] im2col(dy[n])^T`` and ``dbias = sum dy`` (docs/MATH.md 7.5).
+    ``dweight = sum_n x[n] im2col(dy[n])^T`` and ``dbias = sum dy`` (docs/MATH.md 7.8).
     """
     xp = array_namespace(x, weight, bias)
     if x.ndim != 4 or weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
