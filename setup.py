@@ -1,14 +1,16 @@
 """Install script for hicd: hierarchical correlation distillation for change detection."""
 
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "hicd_core" / "_version.py").read_text()).group(1)
 
 setup(
     name="hicd",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Autodiff-free change detection across image quality by hierarchical "
         "correlation distillation (HiCD, Pang et al., IEEE TGRS 2024)"

@@ -7,6 +7,7 @@ array-api-strict). The core math:
 >>> from hicd_core import self_correlation, hicd_loss
 """
 
+from ._version import __version__
 from .correlation import (
     cross_correlation,
     cross_correlation_backward,
@@ -21,9 +22,9 @@ from .correlation import (
 from .distill import correlation_distance, feature_mse_loss, hicd_loss
 from .errors import CheckpointError, DatasetError, HicdError, NonFiniteError, RunLockError
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "self_correlation",
     "self_correlation_forward",
     "self_correlation_backward",

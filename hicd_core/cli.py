@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import backend
+from ._version import __version__
 from .data import SETTINGS
 from .errors import HicdError
 
@@ -93,6 +94,7 @@ IGNORE_HELP = ("label value of unlabelled pixels in 0/1 masks, excluded from los
 def build_parser():
     parser = OneLineParser(prog="hicd", description="Change detection across image quality by "
                                      "hierarchical correlation distillation (HiCD).")
+    parser.add_argument("--version", action="version", version=f"hicd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     _train_parser(sub)
@@ -362,7 +364,8 @@ def _trained_bands(ck):
 
 def cmd_predict(args):
     from .infer import stream_probability
-    from .data.raster import ArraySource, check_same_grid, gdal_environment, is_geotiff, open_source, write_change_maps
+    from .data.raster import ArraySource, check_same_grid, gdal_environment, is_geotiff
+    from .data.scenes import open_source, write_change_maps
     from .train import load_model
 
     if args.overlap is None:

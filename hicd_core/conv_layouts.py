@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .backend import device, is_cupy_namespace
-from .functional import _batched_forward, _contiguous, _weight_grad, col2im, im2col
+from .im2col import batched_forward, col2im, contiguous, im2col, weight_grad
 
 __all__ = ["FORWARD", "BACKWARD", "MergedCache", "FlatCache", "PhasesCache", "merged_forward", "merged_backward",
            "flat_forward", "flat_backward", "phases_forward", "phases_backward", "FLAT_BLOCK_BYTES", "flat_padded",
@@ -71,7 +71,7 @@ def merged_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
     y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)  # (O, N Ho Wo)
     if bias is not None:
         y = y + xp.reshape(bias, (O, 1))
-    y = _contiguous(xp.permute_dims(xp.reshape(y, (O, N, Ho, Wo)), (1, 0, 2, 3)), xp=xp)
+    y = contiguous(xp.permute_dims(xp.reshape(y, (O, N, Ho, Wo)), (1, 0, 2, 3)), xp=xp)
     return y, MergedCache(cols, weight, tuple(x.shape), stride, padding, bias is not None)
 
 
@@ -86,7 +86,7 @@ def merged_backward(dy, cache: MergedCache, input_grad, dbias, *, xp):
         return None, dweight, dbias
     dcols = xp.matmul(xp.matrix_transpose(xp.reshape(cache.weight, (O, C * kh * kw))), dyt)  # (C kh kw, N Ho Wo)
     dxt = col2im(dcols, (C, N), H, W, kh, kw, cache.stride, cache.padding, Ho, Wo, xp=xp, axis=1)
-    return _contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight, dbias
+    return contiguous(xp.permute_dims(dxt, (1, 0, 2, 3)), xp=xp), dweight, dbias
 
 
 def flat_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
@@ -98,14 +98,14 @@ def flat_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
 
 def phases_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
     """The batched forward pass (its cols serve the weight gradient); the backward is where it differs."""
-    y, cols = _batched_forward(x, weight, bias, stride, padding, Ho, Wo, xp=xp)
+    y, cols = batched_forward(x, weight, bias, stride, padding, Ho, Wo, xp=xp)
     return y, PhasesCache(cols, weight, tuple(x.shape), bias is not None)
 
 
 def phases_backward(dy, cache: PhasesCache, input_grad, dbias, *, xp):
     """The batched weight gradient, and the input gradient by output phases (``halving_input_grad``)."""
     N, O, Ho, Wo = dy.shape
-    dweight = _weight_grad(xp.reshape(dy, (N, O, Ho * Wo)), cache.cols, cache.weight.shape, xp=xp)
+    dweight = weight_grad(xp.reshape(dy, (N, O, Ho * Wo)), cache.cols, cache.weight.shape, xp=xp)
     if not input_grad:
         return None, dweight, dbias
     H, W = cache.x_shape[2:]
@@ -200,7 +200,7 @@ def _flat_unpad(y, Ho, Wo, Wp, bias, *, xp):
     y = xp.reshape(y, (N, O, Ho, Wp))[..., :Wo]
     if bias is not None:
         return y + xp.reshape(bias, (O, 1, 1))
-    return _contiguous(y, xp=xp)
+    return contiguous(y, xp=xp)
 
 
 def _flat_unpad_into(out, s, e, prod, Wp, bias, *, xp):
@@ -233,7 +233,7 @@ def flat_backward(dy, cache: FlatCache, input_grad, dbias, *, xp):
         dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
         dweight = None
         for s, e in _blocks(N, C * k * k * L * itemsize, xp=xp):
-            part = _weight_grad(dyg[s:e, ...], _flat_im2col(cache.padded[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape,
+            part = weight_grad(dyg[s:e, ...], _flat_im2col(cache.padded[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape,
                                 xp=xp)
             dweight = part if dweight is None else dweight + part
         return None, dweight, dbias
@@ -276,7 +276,7 @@ def unflipped_weight_grad(g, shape, *, xp):
     ``(O, C, k, k)``: row ``o k k + (i' k + j')`` belongs to the flipped offset
     ``(i', j') = (k-1-i, k-1-j)``."""
     O, C, k, _ = shape
-    return _contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
+    return contiguous(xp.permute_dims(xp.flip(xp.reshape(g, (O, k, k, C)), axis=(1, 2)), (0, 3, 1, 2)), xp=xp)
 
 
 def halving_input_grad(dy, weight, H, W, *, xp):

@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from . import conv_layouts
 from .backend import array_namespace, device, from_host, is_cupy_namespace
+from .im2col import batched_forward, col2im, im2col, weight_grad
 
 __all__ = [
     "conv2d_forward",
@@ -104,56 +106,6 @@ def _conv_out(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def _contiguous(x, *, xp):
-    """A C-ordered copy of a permuted array (a reshape to 1-d must copy, then a free reshape back)."""
-    return xp.reshape(xp.reshape(x, (-1,)), x.shape)
-
-
-def _pad(x, padding, *, xp):
-    """Zero padding of the last two axes."""
-    if not padding:
-        return x
-    *lead, H, W = x.shape
-    xpad = xp.zeros((*lead, H + 2 * padding, W + 2 * padding), dtype=x.dtype, device=device(x))
-    xpad[..., padding : padding + H, padding : padding + W] = x
-    return xpad
-
-
-def _offset(i, j, stride, Ho, Wo):
-    """The strided window of kernel offset (i, j) over the last two (padded) axes."""
-    return (..., slice(i, i + stride * (Ho - 1) + 1, stride), slice(j, j + stride * (Wo - 1) + 1, stride))
-
-
-def im2col(x, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
-    """Stack the kh*kw strided windows of the padded last two axes at ``axis``.
-
-    With ``x (N, C, H, W)`` and ``axis=2``: ``(N, C*kh*kw, Ho*Wo)`` (batched layout);
-    with ``x (C, N, H, W)`` and ``axis=1``: ``(C*kh*kw, N*Ho*Wo)`` (merged layout).
-    """
-    A, B = x.shape[:2]
-    xpad = _pad(x, padding, xp=xp)
-    cols = xp.stack([xpad[_offset(i, j, stride, Ho, Wo)] for i in range(kh) for j in range(kw)], axis=axis)
-    if axis == 2:
-        return xp.reshape(cols, (A, B * kh * kw, Ho * Wo))
-    return xp.reshape(cols, (A * kh * kw, B * Ho * Wo))
-
-
-def col2im(dcols, lead_shape, H, W, kh, kw, stride, padding, Ho, Wo, *, xp, axis=2):
-    """Adjoint of ``im2col``: scatter-add every kernel offset's window back (docs/MATH.md 7.1)."""
-    A, B = lead_shape
-    split = (A, B, kh * kw, Ho, Wo) if axis == 2 else (A, kh * kw, B, Ho, Wo)
-    dcols = xp.reshape(dcols, split)
-    dxpad = xp.zeros((A, B, H + 2 * padding, W + 2 * padding), dtype=dcols.dtype, device=device(dcols))
-    for i in range(kh):
-        for j in range(kw):
-            # windows of different offsets overlap, hence one += per offset (never fancy-index +=)
-            part = dcols[:, :, i * kw + j, ...] if axis == 2 else dcols[:, i * kw + j, ...]
-            dxpad[_offset(i, j, stride, Ho, Wo)] += part
-    if padding:
-        return dxpad[..., padding : padding + H, padding : padding + W]
-    return dxpad
-
-
 def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0, layout="auto"):
     """2-d convolution (cross-correlation, as in deep-learning frameworks).
 
@@ -196,35 +148,9 @@ def conv2d_forward(x, weight, bias=None, *, stride=1, padding=0, layout="auto"):
         raise ValueError(f"conv2d: kernel {kh}x{kw} does not fit input {tuple(x.shape)} with padding {padding}")
     layout = _layout(xp, kh, kw, stride, padding, H, W, layout)
     if layout != "batched":  # the fast forms of the same product (hicd_core/conv_layouts.py)
-        from . import conv_layouts
-
         return conv_layouts.FORWARD[layout](x, weight, bias, stride, padding, Ho, Wo, xp=xp)
-    y, cols = _batched_forward(x, weight, bias, stride, padding, Ho, Wo, xp=xp)
+    y, cols = batched_forward(x, weight, bias, stride, padding, Ho, Wo, xp=xp)
     return y, ConvCache(cols, weight, (N, C, H, W), stride, padding, bias is not None)
-
-
-def _batched_forward(x, weight, bias, stride, padding, Ho, Wo, *, xp):
-    """The plain im2col convolution, image by image: ``cols (N, C kh kw, Ho Wo)``, ``y = W cols (+ b)``."""
-    N, C, H, W = x.shape
-    O, _, kh, kw = weight.shape
-    if kh == kw == 1 and stride == 1 and padding == 0:
-        cols = xp.reshape(x, (N, C, H * W))
-    else:
-        cols = im2col(x, kh, kw, stride, padding, Ho, Wo, xp=xp)
-    y = xp.matmul(xp.reshape(weight, (O, C * kh * kw)), cols)
-    if bias is not None:
-        y = y + xp.reshape(bias, (O, 1))
-    return xp.reshape(y, (N, O, Ho, Wo)), cols
-
-
-def _weight_grad(dy2, cols, shape, *, xp):
-    """``sum_n dy2[n] cols[n]^T`` for ``dy2 (N, O, L)``, ``cols (N, K, L)``, reshaped to ``shape``.
-
-    Computed as ``(sum_n cols[n] dy2[n]^T)^T``: OpenBLAS runs the product faster with the
-    long side (K = C kh kw) as rows than with O rows (measured in docs/perf/NOTES.md).
-    """
-    dwt = xp.sum(xp.matmul(cols, xp.matrix_transpose(dy2)), axis=0)  # (K, O)
-    return xp.reshape(xp.matrix_transpose(dwt), shape)
 
 
 def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
@@ -238,12 +164,10 @@ def conv2d_backward(dy, cache: ConvCache, *, input_grad=True):
     H, W = cache.x_shape[2:]
     dbias = channel_sum(dy, xp=xp) if cache.has_bias else None
     if cache.layout != "batched":  # the fast forms (hicd_core/conv_layouts.py)
-        from . import conv_layouts
-
         return conv_layouts.BACKWARD[cache.layout](dy, cache, input_grad, dbias, xp=xp)
     w2 = xp.reshape(cache.weight, (O, C * kh * kw))
     dy2 = xp.reshape(dy, (N, O, Ho * Wo))
-    dweight = _weight_grad(dy2, cache.cols, cache.weight.shape, xp=xp)
+    dweight = weight_grad(dy2, cache.cols, cache.weight.shape, xp=xp)
     if not input_grad:
         return None, dweight, dbias
     dcols = xp.matmul(xp.matrix_transpose(w2), dy2)
@@ -623,8 +547,6 @@ def conv_transpose2d_forward(x, weight, bias=None, *, stride=2, padding=1, outpu
         raise ValueError(f"conv_transpose2d: kernel {k}x{k} with padding {padding} leaves no output for {tuple(x.shape)}")
     layout = _layout(xp, k, k, stride, padding, Ho, Wo, layout)
     if layout == "phases":  # the input gradient by output phases (hicd_core/conv_layouts.py)
-        from . import conv_layouts
-
         y = conv_layouts.halving_input_grad(x, weight, Ho, Wo, xp=xp)
     else:
         dcols = xp.matmul(xp.matrix_transpose(xp.reshape(weight, (C, O * k * k))), xp.reshape(x, (N, C, H * W)))

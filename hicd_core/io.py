@@ -47,9 +47,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ._version import __version__
 from .errors import CheckpointError, NonFiniteError, RunLockError
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "check_state", "atomic_path", "array_digest", "run_lock", "remove_stale_temps",
+__all__ = ["save_checkpoint", "load_checkpoint", "check_state", "atomic_path", "array_digest", "run_lock", "remove_stale_temps",
            "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "hicd-checkpoint"
@@ -221,10 +222,16 @@ def _json_attr(f, key, source):
 _META_KEYS = ("format", "format_version", "step", "config", "model_config", "rng_state", "optimizer", "extra")
 
 
+def _text_attr(f, key):
+    value = f.attrs.get(key)
+    return value.decode() if isinstance(value, bytes) else (None if value is None else str(value))
+
+
 def _meta_digest(attrs) -> str:
     """SHA-256 over the metadata attributes, so a flipped byte in them cannot pass unnoticed."""
     h = hashlib.sha256()
-    for key in _META_KEYS:
+    # the writer's version joined the metadata in 0.2.0: covered when present, so older files still verify
+    for key in _META_KEYS + (("hicd_version",) if "hicd_version" in attrs else ()):
         value = attrs.get(key)
         value = value.decode() if isinstance(value, bytes) else value
         h.update(f"{key}={value!s}\n".encode())
@@ -301,6 +308,7 @@ def _checkpoint_image(state, opt_state, step, rng_state, config, extra, model_co
     with h5py.File(buffer, "w", userblock_size=USERBLOCK) as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["hicd_version"] = __version__
         f.attrs["step"] = int(step)
         f.attrs["config"] = json.dumps(config or {})
         f.attrs["model_config"] = json.dumps(model_config)
@@ -332,7 +340,8 @@ def load_checkpoint(path) -> dict:
     -------
     dict with keys ``params``, ``buffers`` (name -> NumPy array), ``optim`` (the
     optimizer's ``state_dict`` or None), ``step``, ``config``, ``model_config``,
-    ``rng_state``, ``extra``, ``path``.
+    ``rng_state``, ``extra``, ``path``, ``hicd_version`` (the release that wrote it; None
+    for files written before 0.2.0).
 
     Raises
     ------
@@ -372,7 +381,7 @@ def load_checkpoint(path) -> dict:
                                       "hicd release that wrote it")
             if digest != _meta_digest(f.attrs):
                 raise CheckpointError(f"{source}: metadata attributes are corrupted (SHA-256 mismatch)")
-            out = {"path": source, "step": int(f.attrs.get("step", 0))}
+            out = {"path": source, "step": int(f.attrs.get("step", 0)), "hicd_version": _text_attr(f, "hicd_version")}
             for key in ("config", "model_config", "rng_state", "optimizer", "extra"):
                 out[key] = _json_attr(f, key, source)
             for group in ("params", "buffers"):
@@ -418,18 +427,3 @@ def check_state(state: dict, expected: dict, dtype: str, source: str) -> None:
                 raise CheckpointError(f"{source}: {group}/{name} has shape {tuple(host.shape)}, expected {tuple(arr.shape)}")
             if str(host.dtype) != dtype:
                 raise CheckpointError(f"{source}: {group}/{name} has dtype {host.dtype}, expected {dtype}")
-
-
-def load_model(path, xp=None):
-    """The network a checkpoint file describes (``TinySiamCD`` or ``FCSiamDiff``, its widths), ready for evaluation."""
-    from .networks import model_from_config  # the models import check_state from here
-
-    ck = load_checkpoint(path)
-    mc = ck["model_config"]
-    dtype = str(next(iter(ck["params"].values())).dtype)
-    try:
-        model = model_from_config(mc, xp=xp, dtype=dtype)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid model_config {mc!r} ({exc})") from None
-    model.load_state_dict(ck, source=str(path))
-    return model, ck

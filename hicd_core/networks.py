@@ -9,10 +9,12 @@ distil into a student of the other.
 
 from __future__ import annotations
 
+from .errors import CheckpointError
 from .fc_siam import FCSiamDiff
+from .io import load_checkpoint
 from .model import TinySiamCD
 
-__all__ = ["MODELS", "DEFAULT_MODEL", "build_model", "model_from_config", "model_name"]
+__all__ = ["MODELS", "DEFAULT_MODEL", "build_model", "model_from_config", "model_name", "load_model"]
 
 #: name -> class; the name is what ``TrainConfig.model`` and ``hicd train --model`` take.
 MODELS = {"tiny-siam-cd": TinySiamCD, "fc-siam-diff": FCSiamDiff}
@@ -47,3 +49,16 @@ def model_from_config(mc: dict, *, xp=None, dtype="float32"):
         raise ValueError(f"unknown architecture {arch!r}; this hicd builds {sorted(_BY_ARCH)}")
     return build_model(_BY_ARCH[arch], mc["widths"], mc.get("in_channels", 3), dropout=mc.get("dropout"), xp=xp,
                        dtype=dtype, input_mean=mc.get("input_mean"), input_std=mc.get("input_std"))
+
+
+def load_model(path, xp=None):
+    """The network a checkpoint file describes (``TinySiamCD`` or ``FCSiamDiff``, its widths), ready for evaluation."""
+    ck = load_checkpoint(path)
+    mc = ck["model_config"]
+    dtype = str(next(iter(ck["params"].values())).dtype)
+    try:
+        model = model_from_config(mc, xp=xp, dtype=dtype)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model_config {mc!r} ({exc})") from None
+    model.load_state_dict(ck, source=str(path))
+    return model, ck

@@ -31,10 +31,9 @@ from .distill import feature_mse_loss, hicd_loss
 from .errors import CheckpointError, NonFiniteError
 from .functional import bce_with_logits, soft_dice
 from .infer import evaluate
-from .io import atomic_path, load_checkpoint, load_model, remove_stale_temps, run_lock, save_checkpoint
+from .io import atomic_path, load_checkpoint, remove_stale_temps, run_lock, save_checkpoint
 from .metrics import METRIC_KEYS
-from .model import TinySiamCD
-from .networks import DEFAULT_MODEL, MODELS, build_model, model_name
+from .networks import DEFAULT_MODEL, MODELS, build_model, load_model, model_name
 from .optim import SGD, AdamW, make_schedule
 from .parallel import average_gradients, shard
 from .progress import Progress

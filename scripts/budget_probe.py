@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from hicd_core import backend  # noqa: E402
 from hicd_core.data import load_splits  # noqa: E402
 from hicd_core.experiment import PROFILES, run_summary, train_student, write_json  # noqa: E402
-from hicd_core.io import load_model  # noqa: E402
+from hicd_core.networks import load_model  # noqa: E402
 import reproduce  # noqa: E402,F401  (defines PROFILES["converged"])
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from hicd_core import backend  # noqa: E402
 from hicd_core.experiment import write_json  # noqa: E402
 from hicd_core.infer import predict_probability  # noqa: E402
-from hicd_core.io import load_model  # noqa: E402
+from hicd_core.networks import load_model  # noqa: E402
 from hicd_core.metrics import ConfusionMatrix  # noqa: E402
 from reproduce import PROFILES, folder_splits  # noqa: E402
 

@@ -50,6 +50,54 @@ def test_torch_and_jax_are_imported_only_by_their_adapters():
     assert "import hicd_core.torch" not in (PACKAGE / "__init__.py").read_text()
 
 
+def package_imports(path: Path) -> set[str]:
+    """The hicd_core modules a module imports, at its top or inside functions, as dotted names below the package."""
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    here = list(rel.parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = here[: len(here) - (node.level - 1)]
+            target = base + (node.module.split(".") if node.module else [])
+            names = [target + [a.name] for a in node.names] if not node.module else [target]
+            for parts in names:  # "from . import x" names a module; "from .m import f" the module m
+                module = ".".join(parts)
+                if (PACKAGE / Path(*parts)).with_suffix(".py").exists() or (PACKAGE / Path(*parts)).is_dir():
+                    found.add(module)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hicd_core."):
+            found.add(node.module.removeprefix("hicd_core."))
+    return {m.removesuffix(".__init__") for m in found}
+
+
+def test_the_package_has_no_import_cycles():
+    """No module imports, even lazily, a module that imports it back (directly or through others)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+        graph[name] = package_imports(path) - {name}
+    cycles = []
+
+    def visit(node, stack, on_stack, done):
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, set())):
+            if nxt in on_stack:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in done:
+                visit(nxt, stack, on_stack, done)
+        on_stack.discard(node)
+        stack.pop()
+        done.add(node)
+
+    done = set()
+    for node in sorted(graph):
+        if node not in done:
+            visit(node, [], set(), done)
+    # a package's __init__ re-exporting its modules is no cycle of the modules themselves
+    cycles = [c for c in cycles if not any(m in ("", "data") for m in c)]
+    assert not cycles, f"import cycles: {[' -> '.join(c) for c in cycles]}"
+
+
 def test_round_trip_keeps_values_and_dtype(xp):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     x = to_xp(xp, a)

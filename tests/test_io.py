@@ -358,3 +358,18 @@ def test_a_real_full_disk_during_training_is_one_line(tmp_path):
         assert not list((folder / "run").glob(".*.tmp-*"))
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_checkpoints_and_the_package_report_one_version(tmp_path):
+    from pathlib import Path
+
+    import hicd_core
+    from hicd_core import _version
+    from hicd_core.model import TinySiamCD
+
+    path = io.save_checkpoint(tmp_path / "v.h5", model=TinySiamCD(widths=(2, 2, 2, 2)))
+    assert io.load_checkpoint(path)["hicd_version"] == hicd_core.__version__ == _version.__version__
+    setup = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    assert "version=VERSION" in setup and "_version.py" in setup
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    assert f"## {hicd_core.__version__}" in changelog

@@ -246,7 +246,7 @@ def test_multispectral_train_checkpoint_predict(tmp_path, count, capsys):
     data = _band_folder(tmp_path / "data", count)
     common = ["--data", str(data), "--epochs", "1", "--batch-size", "2", "--no-progress", "--normalize"]
     assert cli_main(["train", *common, "--out", str(tmp_path / "t")]) == 0
-    from hicd_core.io import load_model
+    from hicd_core.networks import load_model
 
     teacher, ck = load_model(tmp_path / "t" / "best.h5")
     assert teacher.in_channels == count and len(ck["model_config"]["input_mean"]) == count
@@ -272,7 +272,7 @@ def test_band_selection_trains_and_is_the_default_at_prediction(tmp_path, capsys
     data = _band_folder(tmp_path / "data", 13)
     assert cli_main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "2", "--no-progress",
                      "--bands", "4", "3", "2", "8", "--out", str(tmp_path / "t")]) == 0
-    from hicd_core.io import load_model
+    from hicd_core.networks import load_model
 
     model, ck = load_model(tmp_path / "t" / "best.h5")
     assert model.in_channels == 4 and ck["config"]["bands"] == [4, 3, 2, 8]
