@@ -142,8 +142,9 @@ def _train_parser(sub):
     t.add_argument("--pos-weight", type=_pos_weight, default=None,
                    help="weight of the change pixels in the BCE (imbalanced real scenes, e.g. 5, or 'auto': "
                         "no-change over change pixels of the training labels; default 1)")
-    t.add_argument("--normalize", action="store_true",
-                   help="standardise the input channels with statistics of the training set (stored in the checkpoint)")
+    t.add_argument("--normalize", nargs="?", const="set", choices=["set", "image"], default=None,
+                   help="standardise the input channels with statistics of the training set ('set', the default "
+                        "of a bare --normalize) or each image by its own ('image'); stored in the checkpoint")
     t.add_argument("--change-crop-rate", type=_rate, default=0.0,
                    help="share of training crops drawn around a change pixel (with --crop; e.g. 0.5)")
     t.add_argument("--patience", type=_positive_int, default=None,
@@ -294,7 +295,7 @@ def cmd_train(args):
     cfg = TrainConfig(role=args.role, setting=args.setting, epochs=args.epochs, batch_size=args.batch_size,
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
-                      pos_weight=args.pos_weight, normalize=args.normalize, change_crop_rate=args.change_crop_rate,
+                      pos_weight=args.pos_weight, normalize={None: False, "set": True}.get(args.normalize, args.normalize), change_crop_rate=args.change_crop_rate,
                       patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout)
     teacher = None

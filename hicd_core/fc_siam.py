@@ -111,7 +111,7 @@ class FCSiamDiff(ModelState):
     widths : tuple of 4 ints
         Encoder stage widths (16, 32, 64, 128 as published).
     in_channels : int
-    xp, dtype, seed, input_mean, input_std, conv_layout
+    xp, dtype, seed, input_mean, input_std, per_image_norm, conv_layout
         As for ``TinySiamCD``.
     dropout : float
         Channel-dropout rate after every block in training (0 switches it off).
@@ -131,7 +131,7 @@ class FCSiamDiff(ModelState):
     size_multiple = 16
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
-                 input_mean=None, input_std=None, conv_layout="auto", dropout=DEFAULT_DROPOUT):
+                 input_mean=None, input_std=None, per_image_norm=False, conv_layout="auto", dropout=DEFAULT_DROPOUT):
         widths = tuple(int(w) for w in widths)
         if len(widths) != 4 or min(widths) < 1:
             raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
@@ -148,15 +148,12 @@ class FCSiamDiff(ModelState):
         rng = backend.host_rng(seed)
         self.params, self.buffers = _initial_parameters(self.blocks, self.ups, widths[0], rng, self.xp, dtype)
         self._dropout_rng = backend.host_rng([seed, 1])  # masks when forward is given no rng
-        self.input_norm = InputNormalisation(input_mean, input_std, self.in_channels, self.xp, dtype)
+        self.input_norm = InputNormalisation(input_mean, input_std, self.in_channels, self.xp, dtype, per_image_norm)
         self.input_mean, self.input_std = self.input_norm.mean, self.input_norm.std
 
     def config(self) -> dict:
-        cfg = {"arch": "FCSiamDiff", "widths": list(self.widths), "in_channels": self.in_channels,
-               "dropout": self.dropout}
-        if self.input_mean is not None:
-            cfg["input_mean"], cfg["input_std"] = list(self.input_mean), list(self.input_std)
-        return cfg
+        return {"arch": "FCSiamDiff", "widths": list(self.widths), "in_channels": self.in_channels,
+                "dropout": self.dropout, **self.input_norm.config()}
 
     # ----------------------------------------------------------------------- one block
 

@@ -89,12 +89,21 @@ def _initial_parameters(layers, widths, rng, xp, dtype):
     return params, buffers
 
 
-class InputNormalisation:
-    """``(x - mean) / std`` per input channel, or the identity when ``mean`` and ``std`` are None."""
+#: The variance floor of per-image normalisation (inputs in [0, 1]: a standard deviation of at least 0.01),
+#: so that a nearly constant image or tile is not blown up into its noise.
+PER_IMAGE_EPS = 1e-4
 
-    def __init__(self, mean, std, channels, xp, dtype):
+
+class InputNormalisation:
+    """``(x - mean) / std`` per input channel with fixed statistics (a training set's), or each image by its own
+    (``per_image``: ``(x - mean_hw x) / sqrt(var_hw x + PER_IMAGE_EPS)`` per image and channel), or the identity."""
+
+    def __init__(self, mean, std, channels, xp, dtype, per_image=False):
         if (mean is None) != (std is None):
             raise ValueError("give both input_mean and input_std, or neither")
+        if per_image and mean is not None:
+            raise ValueError("per-image normalisation takes no input_mean / input_std (each image gives its own)")
+        self.per_image = bool(per_image)
         self.mean = self.std = self._shift = self._scale = None
         if mean is None:
             return
@@ -110,9 +119,21 @@ class InputNormalisation:
         self._scale = xp.reshape(xp.asarray([1.0 / v for v in std], dtype=kind), shape)
 
     def __call__(self, x):
+        if self.per_image:
+            xp = array_namespace(x)
+            centred = x - xp.mean(x, axis=(2, 3), keepdims=True)
+            return centred / xp.sqrt(xp.mean(centred * centred, axis=(2, 3), keepdims=True) + PER_IMAGE_EPS)
         if self._shift is None:
             return x
         return (x - self._shift) * self._scale
+
+    def config(self) -> dict:
+        """The entries of a network's ``config()`` that rebuild this normalisation."""
+        if self.per_image:
+            return {"per_image_norm": True}
+        if self.mean is None:
+            return {}
+        return {"input_mean": list(self.mean), "input_std": list(self.std)}
 
 
 class ForwardCache(NamedTuple):
@@ -199,6 +220,10 @@ class TinySiamCD(ModelState):
         before the encoder (``hicd_core.data.channel_stats`` computes them from a
         training set). They are part of ``config()`` and so of every checkpoint.
         None: the images go in as they are (SPEC section 4).
+    per_image_norm : bool
+        Standardise each image (t1 and t2 separately) by its own per-channel mean and standard
+        deviation instead (``InputNormalisation``; a tile's own when predicting by tiles);
+        exclusive with ``input_mean`` / ``input_std``; part of ``config()``.
     conv_layout : str
         The im2col layout of every convolution (``functional.CONV_LAYOUTS``; "auto" by
         default): a choice of speed, not of the model, so not part of ``config()``.
@@ -216,7 +241,7 @@ class TinySiamCD(ModelState):
     size_multiple = 8
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
-                 input_mean=None, input_std=None, conv_layout="auto"):
+                 input_mean=None, input_std=None, per_image_norm=False, conv_layout="auto"):
         self.widths, self.in_channels, self.dtype = _checked_config(widths, in_channels, dtype, conv_layout)
         self.seed = seed
         self.xp = xp if xp is not None else backend.namespace("numpy")
@@ -224,14 +249,12 @@ class TinySiamCD(ModelState):
         self.layers = layer_table(self.widths, self.in_channels)
         self.params, self.buffers = _initial_parameters(self.layers, self.widths, backend.host_rng(seed), self.xp,
                                                         dtype)
-        self.input_norm = InputNormalisation(input_mean, input_std, self.in_channels, self.xp, dtype)
+        self.input_norm = InputNormalisation(input_mean, input_std, self.in_channels, self.xp, dtype, per_image_norm)
         self.input_mean, self.input_std = self.input_norm.mean, self.input_norm.std
 
     def config(self) -> dict:
-        cfg = {"arch": "TinySiamCD", "widths": list(self.widths), "in_channels": self.in_channels}
-        if self.input_mean is not None:
-            cfg["input_mean"], cfg["input_std"] = list(self.input_mean), list(self.input_std)
-        return cfg
+        return {"arch": "TinySiamCD", "widths": list(self.widths), "in_channels": self.in_channels,
+                **self.input_norm.config()}
 
     def _cbr_forward(self, x, name, training, sync=None):
         y, cache, mean, var = cbr_forward(x, *_cbr_arrays(self, name), stride=self.layers[name][2], training=training,

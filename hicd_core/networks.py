@@ -31,7 +31,7 @@ def build_model(name, widths, in_channels=3, *, dropout=None, **kwargs):
     """A new network ``name`` (one of ``MODELS``); ``dropout`` None takes the network's own default.
 
     ``kwargs`` go to the constructor (``xp``, ``dtype``, ``seed``, ``input_mean``, ``input_std``,
-    ``conv_layout``). TinySiamCD has no dropout: a rate above 0 for it is a ``ValueError``.
+    ``per_image_norm``, ``conv_layout``). TinySiamCD has no dropout: a rate above 0 for it is a ``ValueError``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
@@ -48,7 +48,8 @@ def model_from_config(mc: dict, *, xp=None, dtype="float32"):
     if arch not in _BY_ARCH:
         raise ValueError(f"unknown architecture {arch!r}; this hicd builds {sorted(_BY_ARCH)}")
     return build_model(_BY_ARCH[arch], mc["widths"], mc.get("in_channels", 3), dropout=mc.get("dropout"), xp=xp,
-                       dtype=dtype, input_mean=mc.get("input_mean"), input_std=mc.get("input_std"))
+                       dtype=dtype, input_mean=mc.get("input_mean"), input_std=mc.get("input_std"),
+                       per_image_norm=bool(mc.get("per_image_norm", False)))
 
 
 def load_model(path, xp=None):

@@ -256,9 +256,10 @@ class TrainConfig:
     ``pos_weight`` weights the change pixels in the BCE (``"auto"``: the ratio of no-change to
     change pixels over the training labels, ``data.change_fraction``, the inverse-frequency class
     weighting of Daudt et al. 2018; the log records the value); ``normalize`` standardises
-    the input channels with statistics of the training set (a student that starts
-    from the teacher takes the teacher's), stored with the model in every
-    checkpoint; ``change_crop_rate`` is the share of training crops drawn around a
+    the input channels with statistics of the training set (``True``) or each image by
+    its own (``"image"``: t1 and t2 separately, a crop's or a tile's own statistics; a
+    student that starts from the teacher takes the teacher's), stored with the model in
+    every checkpoint; ``change_crop_rate`` is the share of training crops drawn around a
     change pixel; ``patience`` stops training once validation F1 has not improved
     for that many epochs (``epochs`` is then the maximum budget; the learning-rate
     schedule spans the whole budget); ``smoothing`` selects the best model (and counts
@@ -288,7 +289,7 @@ class TrainConfig:
     dice_weight: float = 0.0
     ignore_index: int | None = None
     pos_weight: float | str | None = None
-    normalize: bool = False
+    normalize: bool | str = False
     change_crop_rate: float = 0.0
     patience: int | None = None
     smoothing: int = 1
@@ -320,6 +321,9 @@ class TrainConfig:
             raise ValueError(f"student_init must be 'teacher' or 'fresh', got {self.student_init!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.normalize not in (True, False, "image"):
+            raise ValueError(f"normalize must be True (the training set's statistics), False or 'image' (each "
+                             f"image by its own), got {self.normalize!r}")
         if self.pos_weight is not None and self.pos_weight != "auto" and not (
                 isinstance(self.pos_weight, (int, float)) and 0 < self.pos_weight < float("inf")):
             raise ValueError(f"pos_weight must be a positive finite number or 'auto', got {self.pos_weight!r}")
@@ -455,9 +459,8 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     if from_teacher and model_name(teacher) != cfg.model:
         raise ValueError(f"a student that starts from the teacher needs the teacher's network: the teacher is "
                          f"{model_name(teacher)!r}, the student {cfg.model!r} (use student_init='fresh')")
-    mean, std = _normalisation(cfg, train_set, teacher if from_teacher else None)
     model = build_model(cfg.model, cfg.widths, in_channels, dropout=cfg.dropout, xp=xp, seed=cfg.seed,
-                        input_mean=mean, input_std=std)
+                        **_normalisation(cfg, train_set, teacher if from_teacher else None))
     if cfg.crop is not None and cfg.crop % model.size_multiple:
         raise ValueError(f"crop {cfg.crop} must be a multiple of {model.size_multiple} for {cfg.model!r}")
     if from_teacher:
@@ -637,12 +640,17 @@ def _band_count(train_set) -> int:
 
 
 def _normalisation(cfg, train_set, teacher):
-    """Input ``(mean, std)`` of a new model: the teacher's when starting from it, else the training set's."""
+    """The input normalisation of a new model, as constructor keywords: the teacher's when starting from it,
+    else each image's own (``normalize="image"``), the training set's (``normalize=True``) or none."""
     if teacher is not None:
-        return teacher.input_mean, teacher.input_std
+        return {"input_mean": teacher.input_mean, "input_std": teacher.input_std,
+                "per_image_norm": teacher.input_norm.per_image}
+    if cfg.normalize == "image":
+        return {"per_image_norm": True}
     if not cfg.normalize:
-        return None, None
-    return channel_stats(_base_dataset(train_set))
+        return {}
+    mean, std = channel_stats(_base_dataset(train_set))
+    return {"input_mean": mean, "input_std": std}
 
 
 def _read_log(path):

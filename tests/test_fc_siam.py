@@ -195,3 +195,24 @@ def test_overfits_one_batch():
         losses.append(float(loss))
         opt.step(model.params, model.backward(dlogits, cache))
     assert losses[-1] < 0.25 * losses[0], losses
+
+
+@pytest.mark.parametrize("network", ["tiny-siam-cd", "fc-siam-diff"])
+def test_per_image_normalisation_standardises_each_image_and_is_saved(network, tmp_path):
+    from hicd_core import io
+    from hicd_core.networks import build_model, load_model
+
+    rng = np.random.default_rng(7)
+    model = build_model(network, SMALL, per_image_norm=True, dtype="float64")
+    x = rng.random((3, 3, 16, 16)) * 0.3 + 0.2
+    y = model.input_norm(x)
+    want = (x - x.mean(axis=(2, 3), keepdims=True)) / np.sqrt(x.var(axis=(2, 3), keepdims=True) + 1e-4)
+    np.testing.assert_allclose(y, want, rtol=1e-12)
+    # a brighter, more contrasted copy of an image is the same input after normalisation (up to the floor)
+    np.testing.assert_allclose(model.input_norm(x * 2.0 + 0.1), model.input_norm(x), rtol=0.02, atol=0.02)
+    assert model.config()["per_image_norm"] is True
+    io.save_checkpoint(tmp_path / "m.h5", model=model)
+    loaded, _ = load_model(tmp_path / "m.h5")
+    assert loaded.input_norm.per_image and loaded.input_mean is None
+    with pytest.raises(ValueError, match="per-image normalisation takes no input_mean"):
+        build_model(network, SMALL, per_image_norm=True, input_mean=[0.0] * 3, input_std=[1.0] * 3)
