@@ -20,8 +20,8 @@ students that used a teacher, that teacher's best validation F1, which tells a t
 retrained on another host apart: the same seed and recipe give another model there).
 Rows already there are skipped, so an interrupted run resumes where it stopped
 (a finished model's checkpoint is reused when its folder still exists). The
-report ``docs/RESULTS*.md`` and its plots are rebuilt after every row; its
-hand-written part lives in ``docs/results*_notes.md``.
+report ``docs/studies/<study>.md`` and its plots (``docs/studies/images/``) are rebuilt after
+every row; its hand-written part lives in ``docs/studies/<study>_notes.md``.
 
 Studies (``--data`` and ``--protocol`` choose one):
 
@@ -85,21 +85,21 @@ LABELS = {name: STUDENTS[name][0] for name in VARIANTS}
 LABELS["hicd"] = "student HiCD full"
 METHODS = ("teacher HQ/HQ", "teacher HQ/LQ") + tuple(LABELS[v] for v in VARIANTS)
 
-# The 6-epoch sweep (see docs/results_notes.md for how it was chosen on validation):
+# The 6-epoch sweep (see docs/studies/reproduce_notes.md for how it was chosen on validation):
 # 64x64 scenes, 320 training pairs, the same budget and learning rate for every model.
 PROFILES["sweep"] = Profile(size=64, n_train=320, n_val=64, n_test=128, teacher_epochs=6, student_epochs=6,
                             lr=2e-3, student_lr=2e-3)
 # The converged protocol on the same scenes: every model stops once validation F1 has not
 # improved for `patience` epochs; the maximum budgets are large enough that runs stop by
-# patience rather than by budget (docs/results_converged_notes.md says how this was checked).
+# patience rather than by budget (docs/studies/converged_notes.md says how this was checked).
 PROFILES["converged"] = Profile(size=64, n_train=320, n_val=64, n_test=128, teacher_epochs=60, student_epochs=40,
                                 lr=2e-3, student_lr=2e-3, patience=8)
 # Real LEVIR-CD sample tiles: 256x256, random 64x64 training crops, 16 crops per tile per epoch
-# (the configuration of docs/RESULTS_LEVIR.md, fixed-epoch).
+# (the configuration of docs/studies/levir.md, fixed-epoch).
 PROFILES["levir"] = Profile(size=256, crop=64, batch_size=8, teacher_epochs=10, student_epochs=6,
                             lr=2e-3, student_lr=2e-3, repeats=16)
 # Real scenes with the recipe for imbalanced change (chosen on the SZTAKI validation scenes,
-# docs/results_sztaki_notes.md): normalised inputs, change pixels weighted in the BCE plus
+# docs/studies/sztaki_notes.md): normalised inputs, change pixels weighted in the BCE plus
 # soft Dice, half of the crops drawn around change, early stopping, whole-scene tiled validation.
 PROFILES["real"] = Profile(size=128, crop=128, batch_size=8, teacher_epochs=40, student_epochs=40,
                            lr=2e-3, student_lr=2e-3, patience=10, dice_weight=1.0, pos_weight=5.0, normalize=True,
@@ -107,7 +107,7 @@ PROFILES["real"] = Profile(size=128, crop=128, batch_size=8, teacher_epochs=40, 
 
 # The same recipe with the best model chosen by the mean validation F1 of 3 epochs: on the
 # SZTAKI study's two validation scenes F1 jumps 10-25 points from epoch to epoch, so the best
-# single epoch is often a spike (docs/results_sztaki_notes.md). Decided before any run with it;
+# single epoch is often a spike (docs/studies/sztaki_notes.md). Decided before any run with it;
 # its rows go to a study of their own (--tag sztaki-smoothed) and are reported either way.
 PROFILES["real-smoothed"] = replace(PROFILES["real"], smoothing=3)
 
@@ -496,9 +496,8 @@ def evaluate_scenes(model, dataset, prof):
 
 def study_paths(args, tag):
     results = Path(args.results or ROOT / "results" / f"{tag}.json")
-    report_name = "RESULTS.md" if tag == "reproduce" else f"RESULTS_{tag.upper().replace('-', '_')}.md"
-    report = Path(args.report or ROOT / "docs" / report_name)
-    notes = ROOT / "docs" / ("results_notes.md" if tag == "reproduce" else f"results_{tag}_notes.md")
+    report = Path(args.report or ROOT / "docs" / "studies" / f"{tag}.md")
+    notes = ROOT / "docs" / "studies" / f"{tag}_notes.md"
     return results, results.with_name(results.stem + "_meta.json"), report, report.parent / "images" / f"{tag}_f1.png", notes
 
 
@@ -530,7 +529,7 @@ def parse_args(argv):
                                                     "and the model)")
     parser.add_argument("--out", default="runs/reproduce", help="checkpoints (reused when present)")
     parser.add_argument("--results", default=None, help="rows JSON (default results/<study>.json)")
-    parser.add_argument("--report", default=None, help="report path (default docs/RESULTS*.md)")
+    parser.add_argument("--report", default=None, help="report path (default docs/studies/<study>.md)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--no-progress", action="store_true")

@@ -60,7 +60,7 @@ def verdict(rows):
     d = f1["student HiCD"] - f1["student baseline"]
     word = "above" if d > 0 else "below" if d < 0 else "level with"
     return (f"verdict: the HiCD student is {abs(d):.2f} F1 {word} the baseline student in this run (one seed, "
-            "students from the teacher); across seeds and trained to convergence: docs/RESULTS_CONVERGED.md")
+            "students from the teacher); across seeds and trained to convergence: docs/studies/converged.md")
 
 
 def save_png(array, path, scale=1):

@@ -193,7 +193,7 @@ def self_product_operand(x, xp):
     On NumPy a C-ordered copy: NumPy sends a product of a matrix with its own transposed
     view to BLAS ``syrk``, which at the sizes of the correlations (64 x 16 to 64 x 128
     per window) is several times slower than the ``gemm`` a separate operand gets; the
-    values were the same in every case compared (docs/perf/NOTES.md). Elsewhere the view.
+    values were the same in every case compared (docs/perf/HISTORY.md). Elsewhere the view.
     """
     t = xp.matrix_transpose(x)
     return np.ascontiguousarray(t) if is_numpy_namespace(xp) else t

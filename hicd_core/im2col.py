@@ -80,7 +80,7 @@ def weight_grad(dy2, cols, shape, *, xp):
     """``sum_n dy2[n] cols[n]^T`` for ``dy2 (N, O, L)``, ``cols (N, K, L)``, reshaped to ``shape``.
 
     Computed as ``(sum_n cols[n] dy2[n]^T)^T``: OpenBLAS runs the product faster with the
-    long side (K = C kh kw) as rows than with O rows (measured in docs/perf/NOTES.md).
+    long side (K = C kh kw) as rows than with O rows (measured in docs/perf/HISTORY.md).
     """
     dwt = xp.sum(xp.matmul(cols, xp.matrix_transpose(dy2)), axis=0)  # (K, O)
     return xp.reshape(xp.matrix_transpose(dwt), shape)

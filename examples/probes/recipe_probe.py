@@ -1,6 +1,6 @@
-"""Probe a teacher recipe on a real folder's validation scenes (how docs/results_sztaki_notes.md chose it).
+"""Probe a teacher recipe on a real folder's validation scenes (how docs/studies/sztaki_notes.md chose it).
 
-    python scripts/recipe_probe.py NAME '{"normalize": true, "pos_weight": 5.0, "change_crop_rate": 0.5}'
+    python examples/probes/recipe_probe.py NAME '{"normalize": true, "pos_weight": 5.0, "change_crop_rate": 0.5}'
 
 Trains one teacher (seed 0) on the training scenes of ``--data`` (default the SZTAKI
 AirChange scenes with the split of ``examples/reproduce.py``), random 128x128 crops,
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 

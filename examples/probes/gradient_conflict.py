@@ -1,6 +1,6 @@
 """Does the HiCD loss pull against the task loss? Cosine of their parameter gradients on validation batches.
 
-    python scripts/gradient_conflict.py runs/reproduce/converged/seed0 --setting resolution-x4
+    python examples/probes/gradient_conflict.py runs/reproduce/converged/seed0 --setting resolution-x4
 
 For the student checkpoints of one seed and setting of a ``reproduce.py`` run folder
 (``<folder>/<setting>/student-*/best.h5`` and ``last.h5``) and that seed's teacher, it
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from hicd_core import backend  # noqa: E402

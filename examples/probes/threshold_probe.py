@@ -1,6 +1,6 @@
 """Would another decision threshold make the SZTAKI teachers better? Validation scenes only.
 
-    python scripts/threshold_probe.py runs/reproduce/sztaki/seed1/teacher/best.h5 ...
+    python examples/probes/threshold_probe.py runs/reproduce/sztaki/seed1/teacher/best.h5 ...
 
 Evaluates each checkpoint (clean pairs, as the teacher HQ/HQ rows) on the validation
 scenes of ``--data`` (default the SZTAKI AirChange scenes with the split of
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 

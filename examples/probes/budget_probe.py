@@ -1,6 +1,6 @@
 """Is the converged protocol's student budget large enough? A student trained with a longer budget, validation only.
 
-    python scripts/budget_probe.py --setting resolution-x8 --seed 0 --variant baseline --epochs 60
+    python examples/probes/budget_probe.py --setting resolution-x8 --seed 0 --variant baseline --epochs 60
 
 Trains one student of the converged protocol (``PROFILES["converged"]``: synthetic 64x64
 scenes of ``--seed``, fresh initialisation, patience 8, cosine learning rate over the budget)
@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 

@@ -1,6 +1,6 @@
 """Why does HiCD not beat a converged baseline? One HiCD variant of the converged protocol, validation only.
 
-    python scripts/variant_probe.py --setting resolution-x8 --seed 2 --variant cosine
+    python examples/probes/variant_probe.py --setting resolution-x8 --seed 2 --variant cosine
 
 Trains one fresh student of the converged protocol (``PROFILES["converged"]``: synthetic
 64x64 scenes of ``--seed``, patience 8 within 40 epochs, cosine learning rate) with the
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
