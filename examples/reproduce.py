@@ -355,7 +355,7 @@ def _save(img, path):
 
 def bar_plot(rows, settings, path):
     """Grouped bars (F1 per method, one group per setting) with ±1 std error bars, drawn with Pillow."""
-    W, H, left, bottom, top = 1100, 500, 60, 80, 20
+    W, H, left, bottom, top = 1100, 530, 60, 96, 36
     img, d = _canvas(W, H)
     if img is None:
         return None
@@ -378,11 +378,14 @@ def bar_plot(rows, settings, path):
             xc = (xa + xb) / 2
             d.line([(xc, y_of(min(f1 + sd, 100))), (xc, y_of(max(f1 - sd, 0)))], fill="black", width=1)
         d.text((x0 + group_w * 0.25, H - bottom + 8), s, fill="black")
+    d.text((left, H - bottom + 24), "quality setting of t2 (held-out test set; teacher HQ/HQ: the clean test set)",
+           fill="black")
     for k, lab in enumerate(labels):
-        x, y = left + (k % 4) * 260, H - bottom + 26 + (k // 4) * 14
+        x, y = left + (k % 4) * 260, H - bottom + 42 + (k // 4) * 14
         d.rectangle([x, y + 2, x + 10, y + 10], fill=COLOURS[k % len(COLOURS)])
         d.text((x + 14, y), lab, fill="black")
-    d.text((5, top), "F1", fill="black")
+    d.text((left, 6), "F1 of the change class (%), mean over seeds, error bars ±1 standard deviation", fill="black")
+    d.text((5, top - 16), "F1 (%)", fill="black")
     return _save(img, path)
 
 
@@ -396,7 +399,7 @@ def curve_plot(rows, settings, path, methods=("student baseline", "student HiCD 
         return None
     labels = sorted({lab for (_, lab) in curves})
     panels = [s for s in settings if any(k[0] == s for k in curves)]
-    pw, ph, left, top, bottom = 330, 260, 40, 20, 60
+    pw, ph, left, top, bottom = 330, 280, 40, 36, 60
     img, d = _canvas(pw * len(panels) + 20, ph + bottom)
     if img is None:
         return None
@@ -408,7 +411,12 @@ def curve_plot(rows, settings, path, methods=("student baseline", "student HiCD 
         for v in range(0, 101, 20):
             d.line([(x0, y_of(v)), (x0 + pw - left - 10, y_of(v))], fill=(225, 225, 225))
             d.text((x0 - 25, y_of(v) - 6), f"{v}", fill="black")
-        d.text((x0 + 5, ph - 15), f"{s}: val F1 by epoch (1-{longest})", fill="black")
+        step = max(1, (longest + 4) // 5)
+        for e in range(1, longest + 1, step):  # epoch ticks along the x axis
+            d.line([(x_of(e), y_of(0)), (x_of(e), y_of(0) + 3)], fill="black")
+            d.text((x_of(e) - 4, y_of(0) + 4), f"{e}", fill="black")
+        d.text((x0 + 5, ph - 4), f"{s}: epoch", fill="black")
+        d.text((x0 - 25, 6), "validation F1 (%), mean over seeds", fill="black")
         for k, lab in enumerate(labels):
             cs = curves.get((s, lab), [])
             points = []
@@ -419,7 +427,7 @@ def curve_plot(rows, settings, path, methods=("student baseline", "student HiCD 
             if len(points) > 1:
                 d.line(points, fill=COLOURS[(k + 2) % len(COLOURS)], width=2)
     for k, lab in enumerate(labels):
-        x, y = left + (k % 2) * 300, ph + 10 + (k // 2) * 14
+        x, y = left + (k % 2) * 300, ph + 14 + (k // 2) * 14
         d.rectangle([x, y + 2, x + 10, y + 10], fill=COLOURS[(k + 2) % len(COLOURS)])
         d.text((x + 14, y), lab, fill="black")
     return _save(img, path)

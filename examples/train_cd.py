@@ -63,11 +63,35 @@ def verdict(rows):
             "students from the teacher); across seeds and trained to convergence: docs/studies/converged.md")
 
 
-def save_png(array, path, scale=1):
-    """Write the panel (nearest-neighbour enlarged by ``scale``); skipped with a note without Pillow."""
+def panel_titles(models):
+    """The column titles of ``prediction_panel``, in its column order."""
+    names = {"hicd": "HiCD"}
+    titles = ["t1", "t2 (degraded)", "label"]
+    for name in models:
+        titles += (["teacher,\nHQ pair", "teacher,\nLQ pair"] if name == "teacher"
+                   else [f"{names.get(name, name)}\nstudent"])
+    return titles
+
+
+def save_png(array, path, scale=1, titles=None, gap=3):
+    """Write the panel (nearest-neighbour enlarged by ``scale``), with a band of column ``titles`` above it
+    (equal columns, ``gap`` pixels apart before scaling); skipped with a note without Pillow."""
     if scale != 1:
         array = np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
     try:
+        if titles:
+            from PIL import Image, ImageDraw
+
+            band = 30
+            img = Image.new("RGB", (array.shape[1], array.shape[0] + band), "white")
+            img.paste(Image.fromarray(array), (0, band))
+            draw = ImageDraw.Draw(img)
+            column = (array.shape[1] + gap * scale) / len(titles)
+            for k, title in enumerate(titles):
+                box = draw.multiline_textbbox((0, 0), title, align="center")
+                draw.multiline_text((k * column + (column - gap * scale - (box[2] - box[0])) / 2, 2), title,
+                                    fill="black", align="center")
+            array = np.asarray(img)
         write_png(array, path)
     except ImportError as exc:
         print(f"{exc}: skipping {path}")
@@ -107,7 +131,7 @@ def main(argv=None):
     write_json(out / "results.json", {"setting": args.setting, "seed": args.seed, "seconds": result["seconds"],
                                       "data": args.data or "synthetic", "rows": result["rows"]})
     save_png(prediction_panel(result["models"], result["test_hq"], result["test_lq"]), out / "predictions.png",
-             scale=2 if profile.size <= 64 else 1)
+             scale=2 if profile.size <= 64 else 1, titles=panel_titles(result["models"]))
     print(f"\nwrote {out / 'results.json'} and {out / 'predictions.png'}")
     return result
 
