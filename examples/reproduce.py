@@ -5,6 +5,7 @@
     python examples/reproduce.py --data ../shared/data/sztaki-airchange --settings resolution-x4 multi
     python examples/reproduce.py --data path/to/any/A-B-label/folder --label-threshold 128
     python examples/reproduce.py --report-only                # rebuild the report and the plots
+    python examples/reproduce.py --summary                    # the README's table over every study
 
 For each seed one teacher is trained on HQ/HQ pairs (it does not depend on the
 quality setting); then, for each setting, the rows ``teacher HQ/HQ``,
@@ -516,6 +517,36 @@ TITLES = {"reproduce": "Reproducing the HiCD claim: the 6-epoch sweep on synthet
           "levir": "HiCD on the LEVIR-CD sample tiles"}
 
 
+#: The studies of the README's summary, in its order: (tag, what it is).
+SUMMARY = (("reproduce", "synthetic, 6-epoch sweep"), ("converged", "synthetic, converged"),
+           ("sztaki", "SZTAKI AirChange"), ("sztaki-smoothed", "SZTAKI, 3-epoch selection"),
+           ("levir", "LEVIR-CD samples"), ("converged-fc-siam-diff", "synthetic, converged, FC-Siam-diff"),
+           ("sztaki-fc-siam-diff", "SZTAKI AirChange, FC-Siam-diff"))
+
+
+def summary_table(settings=SETTINGS, root=ROOT):
+    """The README's table: per study (rows) and setting (columns), HiCD full − baseline (fresh students, paired by
+    seed) with its 95 % t interval; the studies whose rows exist, each linked to its report."""
+    lines = ["| study (seeds) | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
+    for tag, what in SUMMARY:
+        path = root / "results" / f"{tag}.json"
+        if not path.exists():
+            continue
+        rows = load_rows(path)
+        cells, seeds = [], set()
+        for s in settings:
+            d, _, used = paired(rows, s, "student HiCD full", "student baseline")
+            if d is None:
+                cells.append("–")
+                continue
+            seeds |= set(used)
+            f1 = {(r["method"], r["seed"]): r["f1"] for r in rows if r["setting"] == s and r.get("init", "fresh") == "fresh"}
+            ci = t_interval([f1[("student HiCD full", x)] - f1[("student baseline", x)] for x in used])
+            cells.append(f"{d:+.2f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""))
+        lines.append(f"| [{what}](docs/studies/{tag}.md) ({min(seeds)}-{max(seeds)}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
@@ -540,6 +571,8 @@ def parse_args(argv):
     parser.add_argument("--report", default=None, help="report path (default docs/studies/<study>.md)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the README's table (HiCD full - baseline per study and setting) and stop")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.data is not None and not Path(args.data).is_dir():
@@ -565,6 +598,9 @@ def choose_study(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.summary:
+        print(summary_table())
+        return []
     backend.keep_host_memory()  # reuse freed host memory across steps (see its docstring)
     tag, profile, _ = choose_study(args)
     results, meta_path, report, plot, notes = study_paths(args, tag)

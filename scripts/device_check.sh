@@ -59,6 +59,10 @@ for layout in auto flat; do
     tail -n 1 "$OUT/$name"
   done
 done
+# the second network (FC-Siam-diff, SPEC 4b), its task step against its CUDA twin
+timeout 120 python3 benchmarks/bench.py --backend cupy --model fc-siam-diff --mode task --batch 16 --size 256 --steps 20 \
+  --vs-torch --json > "$OUT/bench_fc_task.json" 2>&1 || status=1
+tail -n 1 "$OUT/bench_fc_task.json"
 timeout 90 python3 benchmarks/bench_loss.py --backend cupy --repeats 50 > "$OUT/bench_loss.json" 2>&1 || status=1
 tail -n 1 "$OUT/bench_loss.json"
 timeout 120 python3 benchmarks/profile_layers.py --backend cupy --batch 16 --size 256 --torch > "$OUT/profile_cupy.jsonl" 2>&1 || status=1
