@@ -40,7 +40,6 @@ from typing import NamedTuple
 from . import backend
 from .backend import array_namespace
 from .functional import (
-    CONV_LAYOUTS,
     absdiff_backward,
     absdiff_forward,
     cbr_backward,
@@ -58,7 +57,15 @@ from .functional import (
     maxpool2x2_backward,
     maxpool2x2_forward,
 )
-from .model import BN_EPS, BN_MOMENTUM, DEFAULT_WIDTHS, TAP_NAMES, InputNormalisation, ModelState, check_inputs
+from .model import (
+    BN_EPS,
+    BN_MOMENTUM,
+    DEFAULT_WIDTHS,
+    InputNormalisation,
+    ModelState,
+    checked_config,
+    checked_tap_grads,
+)
 
 __all__ = ["FCSiamDiff", "STAGE_DEPTHS", "fc_layer_table", "DEFAULT_DROPOUT"]
 
@@ -132,21 +139,14 @@ class FCSiamDiff(ModelState):
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
                  input_mean=None, input_std=None, per_image_norm=False, conv_layout="auto", dropout=DEFAULT_DROPOUT):
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != 4 or min(widths) < 1:
-            raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
-        if dtype not in ("float32", "float64"):
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        if conv_layout not in CONV_LAYOUTS:
-            raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {conv_layout!r}")
+        self.widths, self.in_channels, self.dtype = checked_config(widths, in_channels, dtype, conv_layout)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
-        self.widths, self.in_channels, self.dtype = widths, int(in_channels), dtype
         self.dropout, self.seed, self.conv_layout = float(dropout), seed, conv_layout
         self.xp = xp if xp is not None else backend.namespace("numpy")
-        self.blocks, self.ups = fc_layer_table(widths, self.in_channels)
+        self.blocks, self.ups = fc_layer_table(self.widths, self.in_channels)
         rng = backend.host_rng(seed)
-        self.params, self.buffers = _initial_parameters(self.blocks, self.ups, widths[0], rng, self.xp, dtype)
+        self.params, self.buffers = _initial_parameters(self.blocks, self.ups, self.widths[0], rng, self.xp, dtype)
         self._dropout_rng = backend.host_rng([seed, 1])  # masks when forward is given no rng
         self.input_norm = InputNormalisation(input_mean, input_std, self.in_channels, self.xp, dtype, per_image_norm)
         self.input_mean, self.input_std = self.input_norm.mean, self.input_norm.std
@@ -210,11 +210,7 @@ class FCSiamDiff(ModelState):
             ``"d1"``: change features (N, w1, H, W).
         cache : FCForwardCache (pass to ``backward``), or None with ``keep_cache=False``
         """
-        xp = array_namespace(x1, x2)
-        if training and not keep_cache:
-            raise ValueError("keep_cache=False is for evaluation only (training=False): training needs the cache")
-        check_inputs(x1, x2, self.in_channels, self.size_multiple)
-        n = x1.shape[0]
+        xp, n = self._checked_pair(x1, x2, training, keep_cache)
         mode = None
         if keep_cache:
             masks = self._mask_source(n, rng, sync) if training and self.dropout > 0 else None
@@ -257,10 +253,7 @@ class FCSiamDiff(ModelState):
     def backward(self, dlogits, cache: FCForwardCache, tap_grads=None):
         """Parameter gradients from ``dlogits`` plus optional gradients for taps (as ``TinySiamCD.backward``)."""
         xp = array_namespace(dlogits)
-        tap_grads = dict(tap_grads or {})
-        unknown = set(tap_grads) - set(TAP_NAMES)
-        if unknown:
-            raise ValueError(f"unknown taps {sorted(unknown)}; available: {TAP_NAMES}")
+        tap_grads = checked_tap_grads(tap_grads)
         grads = {}
         dd, grads["head.weight"], grads["head.bias"] = conv2d_backward(dlogits, cache.head)
         if tap_grads.get("d1") is not None:

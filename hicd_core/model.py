@@ -42,7 +42,7 @@ from .functional import (
 )
 
 __all__ = ["TinySiamCD", "ModelState", "InputNormalisation", "DEFAULT_WIDTHS", "TAP_NAMES", "DECODER",
-           "layer_table", "fold_conv_biases", "check_inputs"]
+           "layer_table", "fold_conv_biases", "check_inputs", "checked_config", "checked_tap_grads"]
 
 DEFAULT_WIDTHS = (16, 32, 64, 128)
 TAP_NAMES = ("E1", "E2", "E3", "E4", "d1")
@@ -178,6 +178,22 @@ class ModelState:
     def num_parameters(self) -> int:
         return sum(math.prod(p.shape) for p in self.params.values())
 
+    def _checked_pair(self, x1, x2, training, keep_cache):
+        """The namespace and batch size of a forward pass's inputs, checked (both networks' first step)."""
+        if training and not keep_cache:
+            raise ValueError("keep_cache=False is for evaluation only (training=False): training needs the cache")
+        check_inputs(x1, x2, self.in_channels, self.size_multiple)
+        return array_namespace(x1, x2), x1.shape[0]
+
+
+def checked_tap_grads(tap_grads) -> dict:
+    """``tap_grads`` as a dict (None: empty), its names checked against ``TAP_NAMES``."""
+    tap_grads = dict(tap_grads or {})
+    unknown = set(tap_grads) - set(TAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown taps {sorted(unknown)}; available: {TAP_NAMES}")
+    return tap_grads
+
 
 def fold_conv_biases(state: dict, params: dict) -> dict:
     """``state`` with each ``<layer>.conv.bias`` that ``params`` lacks folded into ``<layer>.bn.running_mean``.
@@ -242,7 +258,7 @@ class TinySiamCD(ModelState):
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
                  input_mean=None, input_std=None, per_image_norm=False, conv_layout="auto"):
-        self.widths, self.in_channels, self.dtype = _checked_config(widths, in_channels, dtype, conv_layout)
+        self.widths, self.in_channels, self.dtype = checked_config(widths, in_channels, dtype, conv_layout)
         self.seed = seed
         self.xp = xp if xp is not None else backend.namespace("numpy")
         self.conv_layout = conv_layout
@@ -295,11 +311,7 @@ class TinySiamCD(ModelState):
             ``"d1"``: change features (N, w1, H, W).
         cache : ForwardCache (pass to ``backward``), or None with ``keep_cache=False``
         """
-        xp = array_namespace(x1, x2)
-        if training and not keep_cache:
-            raise ValueError("keep_cache=False is for evaluation only (training=False): training needs the cache")
-        check_inputs(x1, x2, self.in_channels, self.size_multiple)
-        n = x1.shape[0]
+        xp, n = self._checked_pair(x1, x2, training, keep_cache)
         if keep_cache:
             cbr = lambda h, name: self._cbr_forward(h, name, training, sync)  # noqa: E731
         else:
@@ -333,10 +345,7 @@ class TinySiamCD(ModelState):
             sum the contributions of both phases).
         """
         xp = array_namespace(dlogits)
-        tap_grads = dict(tap_grads or {})
-        unknown = set(tap_grads) - set(TAP_NAMES)
-        if unknown:
-            raise ValueError(f"unknown taps {sorted(unknown)}; available: {TAP_NAMES}")
+        tap_grads = checked_tap_grads(tap_grads)
         grads = {}
         dd, grads["head.weight"], grads["head.bias"] = conv2d_backward(dlogits, cache.head)
         if tap_grads.get("d1") is not None:
@@ -358,7 +367,7 @@ class TinySiamCD(ModelState):
 # --------------------------------------------------------------------------- the walks of forward and backward
 
 
-def _checked_config(widths, in_channels, dtype, conv_layout):
+def checked_config(widths, in_channels, dtype, conv_layout):
     """The constructor's settings checked: ``(widths as a tuple, in_channels as an int, dtype)``."""
     widths = tuple(int(w) for w in widths)
     if len(widths) != 4 or min(widths) < 1:

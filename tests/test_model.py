@@ -129,13 +129,17 @@ def test_folded_evaluation_forward_matches_unfolded(xp):
         model.forward(x1, x2, training=True, keep_cache=False)
 
 
-def test_backends_agree(xp):
+@pytest.mark.parametrize("network, size", [("tiny-siam-cd", 8), ("fc-siam-diff", 16)])
+def test_backends_agree(xp, network, size):
+    """Both networks on every backend, dropout masks included (drawn on the host from the same rng)."""
+    from hicd_core.networks import build_model
+
     rng = np.random.default_rng(3)
-    x1, x2 = pair(rng)
-    ref_model = TinySiamCD(widths=SMALL, dtype="float64", seed=1)
-    model = TinySiamCD(widths=SMALL, dtype="float64", seed=1, xp=xp)
-    logits_ref, _, cache_ref = ref_model.forward(x1, x2)
-    logits, taps, cache = model.forward(to_xp(xp, x1), to_xp(xp, x2))
+    x1, x2 = pair(rng, size=size)
+    ref_model = build_model(network, SMALL, dtype="float64", seed=1)
+    model = build_model(network, SMALL, dtype="float64", seed=1, xp=xp)
+    logits_ref, _, cache_ref = ref_model.forward(x1, x2, rng=np.random.default_rng(2))
+    logits, taps, cache = model.forward(to_xp(xp, x1), to_xp(xp, x2), rng=np.random.default_rng(2))
     np.testing.assert_allclose(to_np(logits), logits_ref, rtol=1e-10, atol=1e-12)
     dl = rng.standard_normal(logits_ref.shape)
     g_ref = ref_model.backward(dl, cache_ref)
@@ -159,9 +163,12 @@ def test_state_dict_round_trip_and_errors():
     assert all(np.array_equal(before[k], b.params[k]) for k in before)  # nothing half-loaded
 
 
-def test_overfits_one_batch():
+@pytest.mark.parametrize("network", ["tiny-siam-cd", "fc-siam-diff"])
+def test_overfits_one_batch(network):
+    from hicd_core.networks import build_model
+
     rng = np.random.default_rng(4)
-    model = TinySiamCD(widths=(8, 8, 16, 16), seed=0)
+    model = build_model(network, (8, 8, 16, 16), seed=0, dropout=0.0 if network == "fc-siam-diff" else None)
     x1 = rng.random((4, 3, 16, 16)).astype(np.float32)
     x2 = x1.copy()
     label = np.zeros((4, 16, 16), np.uint8)
