@@ -5,6 +5,7 @@
     python examples/train_cd.py --setting multi --seed 1
     python examples/train_cd.py --data path/to/LEVIR-CD --crop 64
     python examples/train_cd.py --backend cupy        # on a GPU
+    python examples/train_cd.py --model fc-siam-diff --dropout 0   # the second network (SPEC 4b)
 
 With no arguments it generates the built-in synthetic scenes (no download),
 trains the teacher on high-quality pairs, then two students on pairs whose t2
@@ -32,6 +33,7 @@ from hicd_core.cli import OneLineParser  # noqa: E402
 from hicd_core.data import SETTINGS  # noqa: E402
 from hicd_core.experiment import PROFILES, format_table, run_comparison, write_json  # noqa: E402
 from hicd_core.data.folder import image_grid, to_uint8, write_png  # noqa: E402
+from hicd_core.networks import DEFAULT_MODEL, MODELS  # noqa: E402
 
 
 def prediction_panel(models, test_hq, test_lq, n=4, gap=3):
@@ -106,6 +108,10 @@ def main(argv=None):
     parser.add_argument("--crop", type=int, default=None, help="training crop size for real data")
     parser.add_argument("--out", default=None, help="output folder (default runs/<time>)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS),
+                        help=f"the network of all three models (default {DEFAULT_MODEL})")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="dropout rate of networks with dropout (fc-siam-diff: 0.2 as published by default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.data is not None and not Path(args.data).exists():
@@ -120,6 +126,7 @@ def main(argv=None):
     profile = PROFILES["quick" if args.quick else "default"]
     if args.crop:
         profile = replace(profile, crop=args.crop)
+    profile = replace(profile, model=args.model, dropout=args.dropout)
     result = run_comparison(out, setting=args.setting, seed=args.seed, data=args.data, profile=profile,
                             backend_name=args.backend, progress=not args.no_progress)
     table = format_table(result["rows"])
