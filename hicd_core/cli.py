@@ -149,6 +149,9 @@ def _train_parser(sub):
                    help="share of training crops drawn around a change pixel (with --crop; e.g. 0.5)")
     t.add_argument("--patience", type=_positive_int, default=None,
                    help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
+    t.add_argument("--ema", type=_probability, default=None, metavar="DECAY",
+                   help="validate, select and save best.h5 with an exponential moving average of the weights "
+                        "(decay per step, e.g. 0.99; default off)")
     t.add_argument("--smoothing", type=_positive_int, default=1,
                    help="select the best model (and count --patience) by the mean validation F1 of this many "
                         "epochs (default 1: each epoch's own)")
@@ -297,7 +300,8 @@ def cmd_train(args):
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize={None: False, "set": True}.get(args.normalize, args.normalize), change_crop_rate=args.change_crop_rate,
                       patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
-                      seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout)
+                      seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
+                      ema=args.ema)
     teacher = None
     if args.role == "student":
         overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau,

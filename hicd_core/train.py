@@ -273,6 +273,11 @@ class TrainConfig:
     input channels are those of the training images. ``model`` names the network
     (``networks.MODELS``: ``"tiny-siam-cd"``, SPEC 4, or ``"fc-siam-diff"``, SPEC 4b) and
     ``dropout`` its dropout rate (None: the network's own default; TinySiamCD has none).
+    ``ema``: the decay ``d`` of an exponential moving average of the weights, updated after every
+    step (``w_avg = d w_avg + (1 - d) w``); validation, model selection and ``best.h5`` then use the
+    averaged weights (with the network's running BatchNorm statistics), which smooths the
+    epoch-to-epoch jumps of a small validation set; ``last.h5`` keeps the trained weights and the
+    average (as the optimizer's ``ema`` slot), so runs resume bit for bit. None: off.
     """
 
     role: str = "teacher"
@@ -297,6 +302,7 @@ class TrainConfig:
     bands: tuple | None = None
     model: str = DEFAULT_MODEL
     dropout: float | None = None
+    ema: float | None = None
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
     student_init: str = "teacher"
@@ -321,6 +327,8 @@ class TrainConfig:
             raise ValueError(f"student_init must be 'teacher' or 'fresh', got {self.student_init!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if self.ema is not None and not (isinstance(self.ema, float) and 0.0 < self.ema < 1.0):
+            raise ValueError(f"ema must be a decay in (0, 1) (or None: off), got {self.ema!r}")
         if self.normalize not in (True, False, "image"):
             raise ValueError(f"normalize must be True (the training set's statistics), False or 'image' (each "
                              f"image by its own), got {self.normalize!r}")
@@ -424,6 +432,7 @@ class _Run:
     xp: object
     comm: object = None
     pos_weight: float | None = None  # the BCE's change-pixel weight (cfg.pos_weight, or the "auto" value)
+    ema: dict | None = None  # the averaged weights (cfg.ema), name -> array
     epoch: int = 0
     step: int = 0
     best: dict = field(default_factory=lambda: {"f1": -1.0})
@@ -476,8 +485,9 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     if pos_weight == "auto":  # no-change : change over the training labels
         fraction = change_fraction(_base_dataset(train_set), ignore_value=cfg.ignore_index)
         pos_weight = round((1.0 - fraction) / fraction, 4)
+    ema = None if cfg.ema is None else dict(model.params)  # arrays are replaced, never written in place
     return _Run(cfg, out_dir, model, _make_optimizer(cfg, model.params), rng, batches, schedule, val_view,
-                teacher, xp, comm, pos_weight)
+                teacher, xp, comm, pos_weight, ema)
 
 
 def _restore(run: _Run, resume: bool) -> None:
@@ -493,6 +503,8 @@ def _restore(run: _Run, resume: bool) -> None:
                              "use another --out folder or the same options")
         run.model.load_state_dict(ck, source=str(last_path))
         run.optimizer.load_state_dict(_without_folded_biases(ck["optim"], run.model.params), source=str(last_path))
+        if run.ema is not None:
+            run.ema = _restored_average(ck, run.model, last_path)
         run.rng.bit_generator.state = ck["rng_state"]
         run.epoch, run.best = ck["extra"]["epoch"], ck["extra"]["best"]
         run.stopped = bool(ck["extra"].get("stopped", False))
@@ -519,6 +531,9 @@ def _train_epoch(run: _Run, progress, log_every):
                                comm=run.comm, rng=backend.host_rng([cfg.seed, 2, run.step]))
         except NonFiniteError as exc:
             raise run.non_finite(exc, "at") from None
+        if run.ema is not None:
+            d = cfg.ema
+            run.ema = {k: run.ema[k] * d + p * (1.0 - d) for k, p in run.model.params.items()}
         for k, v in terms.items():
             sums[k] = v if k not in sums else sums[k] + v
         count += 1
@@ -541,8 +556,9 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
     """Validate, decide on early stopping, write ``best.h5`` (when improved), ``last.h5`` and the log."""
     cfg = run.cfg
     last_path, best_path, log_path = run.paths
-    metrics = evaluate(run.model, run.val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
-                       tile=cfg.eval_tile, comm=run.comm)
+    with _averaged_weights(run.model, run.ema):
+        metrics = evaluate(run.model, run.val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
+                           tile=cfg.eval_tile, comm=run.comm)
     record = {"epoch": run.epoch + 1, "step": run.step, "lr": run.schedule(run.step - 1),
               "train": {k: float(v) / count for k, v in sums.items()},
               "val": {k: metrics[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),
@@ -563,13 +579,13 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
         record["stopped"] = True
     extra = {"epoch": run.epoch + 1, "best": run.best, "stopped": run.stopped}
     config = dict(cfg.to_dict(), world_size=1 if run.comm is None else run.comm.size)
-    state = dict(model=run.model, optimizer=run.optimizer, step=run.step, rng_state=run.rng.bit_generator.state,
-                 config=config, extra=extra)
+    state = dict(step=run.step, rng_state=run.rng.bit_generator.state, config=config, extra=extra)
     if run.writer:
         try:
-            if improved:
-                save_checkpoint(best_path, **state)
-            save_checkpoint(last_path, **state)
+            if improved:  # the model selection chose: the averaged weights when averaging
+                with _averaged_weights(run.model, run.ema):
+                    save_checkpoint(best_path, model=run.model, optimizer=run.optimizer, **state)
+            save_checkpoint(last_path, model=run.model, optimizer=_WithAverage(run.optimizer, run.ema), **state)
         except NonFiniteError as exc:
             raise run.non_finite(exc, "after") from None
         _write_log(log_path, run.history)
@@ -592,6 +608,41 @@ def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log
         if on_epoch is not None:
             on_epoch(record)
     return FitResult(run.model, run.history, run.best, out_dir)
+
+
+@contextlib.contextmanager
+def _averaged_weights(model, ema):
+    """The model with the averaged weights ``ema`` in place of its own inside the block (nothing without them)."""
+    if ema is None:
+        yield model
+        return
+    trained, model.params = model.params, ema
+    try:
+        yield model
+    finally:
+        model.params = trained
+
+
+class _WithAverage:
+    """The optimizer's state plus the averaged weights as its ``ema`` slot, for ``save_checkpoint``."""
+
+    def __init__(self, optimizer, ema):
+        self.optimizer, self.ema = optimizer, ema
+
+    def state_dict(self):
+        state = self.optimizer.state_dict()
+        if self.ema is not None:
+            state["ema"] = {k: backend.to_host(v).copy() for k, v in self.ema.items()}
+        return state
+
+
+def _restored_average(ck, model, path):
+    """The averaged weights of ``last.h5`` (its optimizer's ``ema`` slot), on the model's device."""
+    saved = (ck["optim"] or {}).get("ema")
+    if not isinstance(saved, dict) or set(saved) != set(model.params):
+        raise CheckpointError(f"{path}: the run averages its weights (ema) but the checkpoint holds no average "
+                              "for every parameter")
+    return {k: backend.from_host(saved[k], model.xp, dtype=model.dtype) for k in model.params}
 
 
 def _without_folded_biases(optim_state, params):

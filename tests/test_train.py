@@ -573,3 +573,37 @@ def test_pos_weight_auto_is_the_no_change_to_change_ratio_of_the_training_labels
     empty = ArrayDataset(data.t1[:2], data.t2[:2], np.zeros_like(labels[:2]))
     with pytest.raises(Exception, match="no training label has a change pixel"):
         change_fraction(empty)
+
+
+def test_averaged_weights_select_the_model_and_resume_bitwise(tmp_path):
+    """With ema the validation and best.h5 use the average, last.h5 carries it, and a stopped run resumes."""
+    data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
+    cfg = TrainConfig(epochs=2, batch_size=8, widths=(4, 4, 8, 8), ema=0.9)
+    fit(cfg, data, data, tmp_path / "whole", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        fit(cfg, data, data, tmp_path / "split", progress=False, on_epoch=stop)
+    fit(cfg, data, data, tmp_path / "split", resume=True, progress=False)
+    a, _, _ = _arrays(tmp_path / "whole" / "last.h5")
+    b, _, _ = _arrays(tmp_path / "split" / "last.h5")
+    assert set(a) == set(b)
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    last, best = io.load_checkpoint(tmp_path / "whole" / "last.h5"), io.load_checkpoint(tmp_path / "whole" / "best.h5")
+    average = last["optim"]["ema"]
+    resumed = io.load_checkpoint(tmp_path / "split" / "last.h5")["optim"]["ema"]
+    assert set(resumed) == set(average) and all(np.array_equal(resumed[k], average[k]) for k in average)
+    assert not all(np.array_equal(average[k], last["params"][k]) for k in average)  # an average, not the weights
+    if best["extra"]["epoch"] == 2:
+        assert all(np.array_equal(best["params"][k], average[k]) for k in average)
+    model, _ = load_model(tmp_path / "whole" / "best.h5")
+    assert evaluate(model, data)["f1"] == best["extra"]["best"]["f1"]  # best.h5 is the model that was validated
+    with pytest.raises(ValueError, match="ema must be a decay in"):
+        TrainConfig(ema=1.0)
