@@ -151,7 +151,10 @@ def torch_step(args, host_batch, windows, change_window):
     from bench_loss import torch_hicd_loss
 
     device = "cuda" if args.backend == "cupy" else "cpu"
-    Twin = torch_fc_twin(torch, DEFAULT_WIDTHS) if args.model == "fc-siam-diff" else torch_twin(torch, DEFAULT_WIDTHS)
+    if args.model == "fc-siam-diff":
+        Twin = torch_fc_twin(torch, DEFAULT_WIDTHS, 0.2 if args.dropout is None else args.dropout)
+    else:
+        Twin = torch_twin(torch, DEFAULT_WIDTHS)
     student, teacher = Twin().to(device), Twin().to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -182,6 +185,8 @@ def torch_step(args, host_batch, windows, change_window):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Time one training step of a network.")
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODELS))
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="dropout rate of fc-siam-diff, ours and the twin (default 0.2, as published)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "array_api_strict"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
@@ -207,8 +212,8 @@ def main(argv=None):
 
     host_batch = make_batch(args.batch, args.size)
     x1, x2, x2_hq, label = (backend.from_host(a, xp) for a in host_batch)
-    student = build_model(args.model, DEFAULT_WIDTHS, xp=xp, seed=0, conv_layout=args.conv_layout)
-    teacher = (build_model(args.model, DEFAULT_WIDTHS, xp=xp, seed=1, conv_layout=args.conv_layout)
+    student = build_model(args.model, DEFAULT_WIDTHS, xp=xp, seed=0, conv_layout=args.conv_layout, dropout=args.dropout)
+    teacher = (build_model(args.model, DEFAULT_WIDTHS, xp=xp, seed=1, conv_layout=args.conv_layout, dropout=args.dropout)
                if args.mode == "hicd" else None)
     opt = AdamW(student.params, lr=1e-3, weight_decay=1e-2)
     windows, change_window = default_windows(args.size)
@@ -219,7 +224,7 @@ def main(argv=None):
 
     ms, times = median_ms(step, sync, args.steps)
     result = {
-        "bench": "train step", "model": args.model, "mode": args.mode, "backend": args.backend, "dtype": "float32",
+        "bench": "train step", "model": args.model, "dropout": args.dropout, "mode": args.mode, "backend": args.backend, "dtype": "float32",
         "batch": args.batch, "size": args.size, "steps": args.steps, "windows": list(windows),
         "conv_layout": args.conv_layout,
         "keep_host_memory": kept,

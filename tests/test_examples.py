@@ -26,6 +26,14 @@ def test_bench_prints_json():
     assert result["mode"] == "hicd" and result["median_ms"] > 0 and result["peak_mem_mb"] > 0
 
 
+def test_bench_times_fc_siam_diff_against_its_twin():
+    pytest.importorskip("torch")
+    line = run_script("benchmarks/bench.py", "--model", "fc-siam-diff", "--dropout", "0", "--steps", "1", "--batch",
+                      "1", "--size", "16", "--vs-torch", "--json").strip().splitlines()[-1]
+    result = json.loads(line)
+    assert result["model"] == "fc-siam-diff" and result["dropout"] == 0.0 and result["ratio"] > 0
+
+
 def test_bench_loss_prints_json():
     result = json.loads(run_script("benchmarks/bench_loss.py", "--batch", "1", "--repeats", "1",
                                    "--no-torch").strip().splitlines()[-1])
