@@ -5,7 +5,7 @@
 Trains one teacher (seed 0) on the training scenes of ``--data`` (default the SZTAKI
 AirChange scenes with the split of ``examples/reproduce.py``), random 128x128 crops,
 16 per scene and epoch, batch 8, lr 2e-3, cosine over ``epochs`` (default 40), with
-the ``TrainConfig`` fields given as JSON, and appends its validation F1 per epoch to
+the ``TrainConfig`` fields given as JSON (which override those settings), and appends its validation F1 per epoch to
 ``results/recipe_probe.json`` under NAME. Only validation scenes are evaluated.
 """
 
@@ -39,7 +39,8 @@ def main(argv=None):
     fields = json.loads(args.fields)
     epochs = fields.pop("epochs", 40)
     train, val, _, described, _ = folder_splits(args.data, PROFILES["real"], out=Path(args.out), seed=0)
-    cfg = TrainConfig(role="teacher", epochs=epochs, batch_size=8, crop=128, lr=2e-3, eval_tile=256, seed=0, **fields)
+    settings = dict(batch_size=8, crop=128, lr=2e-3, eval_tile=256, seed=0)  # the fields given override these
+    cfg = TrainConfig(role="teacher", epochs=epochs, **{**settings, **fields})
     curve, started = [], time.perf_counter()
 
     def on_epoch(r):
