@@ -5,8 +5,8 @@
 Trains one teacher (seed 0) on the training scenes of ``--data`` (default the SZTAKI
 AirChange scenes with the split of ``examples/reproduce.py``), random 128x128 crops,
 16 per scene and epoch, batch 8, lr 2e-3, cosine over ``epochs`` (default 40), with
-the ``TrainConfig`` fields given as JSON (which override those settings), and appends its validation F1 per epoch to
-``results/recipe_probe.json`` under NAME. Only validation scenes are evaluated.
+the ``TrainConfig`` fields given as JSON (which override those settings), and appends
+its validation F1 per epoch to ``results/recipe_probe.json`` under NAME. Only validation scenes are evaluated.
 """
 
 from __future__ import annotations
