@@ -166,3 +166,20 @@ def test_framework_examples_train_and_report_f1(script, framework):
     pytest.importorskip(framework)
     out = run_script(script, "--steps", "3", "--size", "16")
     assert "student step    3" in out and "HiCD student F1" in out
+
+
+def test_recipe_probe_table_reads_rows(tmp_path):
+    rows = [{"name": "a", "fields": {"normalize": True, "pos_weight": 5.0, "dice_weight": 1.0, "change_crop_rate": 0.5,
+                                     "weight_decay": 0.1}, "val_f1": [float(i % 7) for i in range(40)],
+             "best_val_f1": 6.0, "best_epoch": 7},
+            {"name": "b", "fields": {}, "val_f1": [1.0, 3.0], "best_val_f1": 3.0, "best_epoch": 2}]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    lines = run_script("examples/probes/recipe_probe.py", "--results", str(path), "--table").strip().splitlines()
+    assert len(lines) == 4
+    a = [c.strip() for c in lines[2].split("|")[1:-1]]
+    plateau = sum(i % 7 for i in range(20, 40)) / 20
+    assert a[:6] == ["`a`", "`real`, weight_decay 0.1", "6.00", "7", "40", f"{39 % 7:.2f}"] and a[6] == f"{plateau:.2f}"
+    assert lines[3].split("|")[2].strip() == "none of `real`" and lines[3].split("|")[7].strip() == "-"
+    only = run_script("examples/probes/recipe_probe.py", "--results", str(path), "--table", "b").strip().splitlines()
+    assert len(only) == 3 and "`b`" in only[2]

@@ -7,6 +7,13 @@ AirChange scenes with the split of ``examples/reproduce.py``), random 128x128 cr
 16 per scene and epoch, batch 8, lr 2e-3, cosine over ``epochs`` (default 40), with
 the ``TrainConfig`` fields given as JSON (which override those settings), and appends
 its validation F1 per epoch to ``results/recipe_probe.json`` under NAME. Only validation scenes are evaluated.
+
+    python examples/probes/recipe_probe.py --table [NAME ...]
+
+prints the rows (all, or those named) as the Markdown table of the notes: best validation F1
+and its epoch, the last epoch's, the mean over epochs 21-40 (the plateau after the peak) and
+the mean absolute change from one epoch to the next after epoch 10 (how much of a lottery
+picking the best epoch is).
 """
 
 from __future__ import annotations
@@ -29,12 +36,18 @@ from reproduce import folder_splits  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name")
-    parser.add_argument("fields", help="TrainConfig fields as JSON")
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("fields", nargs="?", help="TrainConfig fields as JSON")
+    parser.add_argument("--table", nargs="*", metavar="NAME", help="print the rows (all, or NAME ...) and stop")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
     parser.add_argument("--out", default="runs/recipe_probe")
     parser.add_argument("--results", default=str(ROOT / "results" / "recipe_probe.json"))
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(table(json.loads(Path(args.results).read_text()), args.table))
+        return
+    if args.name is None or args.fields is None:
+        parser.error("NAME and FIELDS are needed to run a probe")
     backend.keep_host_memory()
     fields = json.loads(args.fields)
     epochs = fields.pop("epochs", 40)
@@ -55,6 +68,30 @@ def main(argv=None):
                  "best_val_f1": max(curve), "best_epoch": curve.index(max(curve)) + 1,
                  "seconds": round(time.perf_counter() - started, 1)})
     write_json(results, rows)
+
+
+# the recipe of the TinySiamCD studies (PROFILES["real"]); the table names only what a probe changes
+REAL = {"normalize": True, "pos_weight": 5.0, "dice_weight": 1.0, "change_crop_rate": 0.5}
+
+
+def table(rows, names=()):
+    """The rows (those named, in the file's order; all without names) as a Markdown table."""
+    lines = ["| probe | fields | best | at epoch | epochs | last | mean 21-40 | mean jump after 10 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if names and r["name"] not in names:
+            continue
+        v = r["val_f1"]
+        plateau = f"{sum(v[20:40]) / len(v[20:40]):.2f}" if len(v) >= 40 else "-"
+        jumps = [abs(b - a) for a, b in zip(v[10:], v[11:])]
+        jump = f"{sum(jumps) / len(jumps):.2f}" if jumps else "-"
+        missing = [k for k in REAL if k not in r["fields"]]
+        changed = [f"{k} {v_}" for k, v_ in r["fields"].items() if REAL.get(k, object()) != v_]
+        fields = ("none of `real`" if len(missing) == len(REAL) else
+                  "`real`" + "".join(f", no {k}" for k in missing)) + "".join(f", {c}" for c in changed)
+        lines.append(f"| `{r['name']}` | {fields} | {r['best_val_f1']:.2f} | {r['best_epoch']} | {len(v)} | "
+                     f"{v[-1]:.2f} | {plateau} | {jump} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
