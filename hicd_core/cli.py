@@ -50,6 +50,7 @@ _positive = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite numb
 _probability = _checked(float, lambda v: 0 < v < 1, "a probability strictly between 0 and 1")
 _rate = _checked(float, lambda v: 0 <= v <= 1, "a rate in [0, 1]")
 _dropout_rate = _checked(float, lambda v: 0 <= v < 1, "a rate in [0, 1)")
+_strength = _checked(float, lambda v: 0 <= v < 1, "a strength in [0, 1)")
 
 
 def _pos_weight(text):
@@ -147,6 +148,9 @@ def _train_parser(sub):
                         "of a bare --normalize) or each image by its own ('image'); stored in the checkpoint")
     t.add_argument("--change-crop-rate", type=_rate, default=0.0,
                    help="share of training crops drawn around a change pixel (with --crop; e.g. 0.5)")
+    t.add_argument("--colour-jitter", type=_strength, default=0.0, metavar="STRENGTH",
+                   help="random gain 1 +- STRENGTH and offset +- STRENGTH/2 per channel of t1 and t2, each its own "
+                        "(default 0: off)")
     t.add_argument("--patience", type=_positive_int, default=None,
                    help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
     t.add_argument("--ema", type=_probability, default=None, metavar="DECAY",
@@ -299,7 +303,7 @@ def cmd_train(args):
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize={None: False, "set": True}.get(args.normalize, args.normalize), change_crop_rate=args.change_crop_rate,
-                      patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
+                      colour_jitter=args.colour_jitter, patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
                       ema=args.ema)
     teacher = None

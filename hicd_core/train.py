@@ -260,7 +260,9 @@ class TrainConfig:
     its own (``"image"``: t1 and t2 separately, a crop's or a tile's own statistics; a
     student that starts from the teacher takes the teacher's), stored with the model in
     every checkpoint; ``change_crop_rate`` is the share of training crops drawn around a
-    change pixel; ``patience`` stops training once validation F1 has not improved
+    change pixel; ``colour_jitter`` (0: off) gives t1 and t2 of every training crop a random gain
+    in ``1 ± colour_jitter`` and offset in ``± colour_jitter / 2`` per channel, each image its own
+    (``data.random_colour``); ``patience`` stops training once validation F1 has not improved
     for that many epochs (``epochs`` is then the maximum budget; the learning-rate
     schedule spans the whole budget); ``smoothing`` selects the best model (and counts
     the patience) by the mean validation F1 of the last ``smoothing`` epochs instead of
@@ -296,6 +298,7 @@ class TrainConfig:
     pos_weight: float | str | None = None
     normalize: bool | str = False
     change_crop_rate: float = 0.0
+    colour_jitter: float = 0.0
     patience: int | None = None
     smoothing: int = 1
     eval_tile: int | None = None
@@ -337,6 +340,8 @@ class TrainConfig:
             raise ValueError(f"pos_weight must be a positive finite number or 'auto', got {self.pos_weight!r}")
         if not 0.0 <= self.change_crop_rate <= 1.0:
             raise ValueError(f"change_crop_rate must be in [0, 1], got {self.change_crop_rate}")
+        if isinstance(self.colour_jitter, bool) or not 0.0 <= self.colour_jitter < 1.0:
+            raise ValueError(f"colour_jitter must be a strength in [0, 1), got {self.colour_jitter!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or None), got {self.patience}")
         if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, numbers.Integral) or self.smoothing < 1:
@@ -477,7 +482,7 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     rng = backend.host_rng(cfg.seed)
     batches = TrainBatches(train_set, cfg.batch_size, rng=rng, crop=cfg.crop,
                            setting=cfg.setting if student else None, augment=cfg.augment,
-                           change_rate=cfg.change_crop_rate)
+                           change_rate=cfg.change_crop_rate, colour=cfg.colour_jitter)
     schedule = make_schedule(cfg.schedule, cfg.epochs * len(batches), cfg.lr,
                              **({"warmup_steps": cfg.warmup_steps} if cfg.schedule == "cosine" else {}))
     val_view = DegradedView(val_set, cfg.setting, cfg.val_seed) if student else val_set

@@ -22,8 +22,10 @@ from hicd_core.data import (
     degrade_with_params,
     open_dataset,
     pack_dataset,
+    random_colour,
     random_crop_flip,
     synthetic_pairs,
+    TrainBatches,
 )
 from hicd_core.data import degradations as D
 from tests.conftest import LEVIR_SAMPLES, SZTAKI
@@ -311,6 +313,41 @@ def test_change_rate_zero_keeps_the_random_stream_and_no_change_falls_back():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     crop = random_crop_flip(t, t, label, np.random.default_rng(5), 16, change_rate=1.0)  # no change pixel
     assert crop[0].shape == (3, 16, 16)
+
+
+def test_random_colour_gain_and_offset_per_channel_within_bounds():
+    t = np.random.default_rng(1).random((3, 20, 20)).astype(np.float32) + 0.1
+    assert random_colour(t, np.random.default_rng(0), 0.0) is t  # off: the image itself
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    random_colour(t, rng, 0.0)
+    assert rng.bit_generator.state == state  # off draws nothing
+    for seed in range(20):
+        out = random_colour(t, np.random.default_rng(seed), 0.3)
+        assert out.dtype == np.float32 and out.shape == t.shape
+        for c in range(3):  # each channel is an affine map of its own with gain in 1 +- 0.3, offset in +- 0.15
+            gain, offset = np.polyfit(t[c].ravel(), out[c].ravel(), 1)
+            assert 0.7 - 1e-4 <= gain <= 1.3 + 1e-4 and abs(offset) <= 0.15 + 1e-4
+    a, b = (random_colour(t, np.random.default_rng(3), 0.3) for _ in range(2))
+    assert np.array_equal(a, b)  # seeded
+
+
+def test_train_batches_colour_draws_t1_and_t2_apart_and_zero_keeps_the_stream():
+    rng = np.random.default_rng(4)
+    data = [(rng.random((3, 16, 16)).astype(np.float32),) * 2 + (np.zeros((16, 16), np.uint8),) for _ in range(4)]
+
+    def first(colour):
+        batches = TrainBatches(data, 2, rng=np.random.default_rng(9), crop=8, colour=colour)
+        return next(iter(batches.epoch()))
+
+    plain, again = first(0.0), first(0.0)
+    default = next(iter(TrainBatches(data, 2, rng=np.random.default_rng(9), crop=8).epoch()))
+    assert all(np.array_equal(x, y) for x, y in zip(plain[:2] + plain[3:], default[:2] + default[3:]))
+    assert np.array_equal(plain[0], plain[1]) and np.array_equal(again[0], plain[0])  # t1 == t2 here
+    x1, x2, _, label = first(0.4)
+    assert not np.allclose(x1, x2) and label.shape == (2, 8, 8)  # t1 and t2 drew their own colour
+    with pytest.raises(ValueError, match="colour"):
+        TrainBatches(data, 2, rng=np.random.default_rng(0), colour=1.5)
 
 
 def test_channel_stats_and_in_memory_cache():

@@ -265,6 +265,12 @@ def test_smoothed_selection_skips_a_one_epoch_spike_and_counts_patience_on_the_m
         TrainConfig(smoothing=0)
 
 
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True])
+def test_colour_jitter_must_be_a_strength(bad):
+    with pytest.raises(ValueError, match="colour_jitter must be a strength in"):
+        TrainConfig(colour_jitter=bad)
+
+
 def test_a_second_run_into_a_locked_folder_fails_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
     from hicd_core import RunLockError
 

@@ -5,7 +5,8 @@
 Trains one teacher (seed 0) on the training scenes of ``--data`` (default the SZTAKI
 AirChange scenes with the split of ``examples/reproduce.py``), random 128x128 crops,
 16 per scene and epoch, batch 8, lr 2e-3, cosine over ``epochs`` (default 40), with
-the ``TrainConfig`` fields given as JSON (which override those settings), and appends
+the ``TrainConfig`` fields given as JSON (which override those settings; ``repeats`` sets
+the crops per scene and epoch, ``epochs`` the budget), and appends
 its validation F1 per epoch to ``results/recipe_probe.json`` under NAME. Only validation scenes are evaluated.
 
     python examples/probes/recipe_probe.py --table [NAME ...]
@@ -22,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,9 +53,11 @@ def main(argv=None):
     backend.keep_host_memory()
     fields = json.loads(args.fields)
     epochs = fields.pop("epochs", 40)
-    train, val, _, described, _ = folder_splits(args.data, PROFILES["real"], out=Path(args.out), seed=0)
     settings = dict(batch_size=8, crop=128, lr=2e-3, eval_tile=256, seed=0)  # the fields given override these
-    cfg = TrainConfig(role="teacher", epochs=epochs, **{**settings, **fields})
+    config = {k: v for k, v in {**settings, **fields}.items() if k != "repeats"}  # repeats: crops per scene and epoch
+    prof = replace(PROFILES["real"], repeats=fields.get("repeats", PROFILES["real"].repeats))
+    train, val, _, described, _ = folder_splits(args.data, prof, out=Path(args.out), seed=0)
+    cfg = TrainConfig(role="teacher", epochs=epochs, **config)
     curve, started = [], time.perf_counter()
 
     def on_epoch(r):

@@ -17,6 +17,7 @@ from .folder import (
     validate_dataset,
     open_dataset,
     pack_dataset,
+    random_colour,
     random_crop_flip,
 )
 from .synthetic import synthetic_pair, synthetic_pairs
@@ -34,6 +35,7 @@ __all__ = [
     "pack_dataset",
     "build_degraded_set",
     "open_dataset",
+    "random_colour",
     "random_crop_flip",
     "InMemory",
     "channel_stats",

@@ -49,6 +49,7 @@ __all__ = [
     "build_degraded_set",
     "open_dataset",
     "random_crop_flip",
+    "random_colour",
     "change_fraction",
     "validate_dataset",
     "InMemory",
@@ -555,6 +556,23 @@ def random_crop_flip(t1, t2, label, rng, crop: int | None = None, *, flips=True,
         if flip:
             t1, t2, label = t1[:, :, ::-1], t2[:, :, ::-1], label[:, ::-1]
     return np.ascontiguousarray(t1), np.ascontiguousarray(t2), np.ascontiguousarray(label)
+
+
+def random_colour(image, rng, strength):
+    """``image (C, H, W)`` with a random gain and offset per channel: ``x g_c + o_c``.
+
+    ``g_c`` is uniform in ``[1 - strength, 1 + strength]`` and ``o_c`` in ``[-strength / 2,
+    strength / 2]`` (images in [0, 1]; the result is not clipped). Applied to t1 and t2 with
+    draws of their own, it imitates the illumination, season and sensor differences between
+    two dates that a change detector must not call change. ``strength`` 0 returns the image
+    and draws nothing, so the random stream is that of no colour augmentation.
+    """
+    if strength == 0.0:
+        return image
+    C = image.shape[0]
+    gain = rng.uniform(1.0 - strength, 1.0 + strength, size=(C, 1, 1))
+    offset = rng.uniform(-strength / 2, strength / 2, size=(C, 1, 1))
+    return (image * gain + offset).astype(image.dtype, copy=False)
 
 
 class InMemory:

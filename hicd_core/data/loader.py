@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .degradations import degrade
-from .folder import random_crop_flip
+from .folder import random_colour, random_crop_flip
 
 __all__ = ["iterate_batches", "TrainBatches"]
 
@@ -41,17 +41,23 @@ class TrainBatches:
     flip / 90-degree rotation shared by the pair and the label (when
     ``augment``), and, for students, a freshly degraded t2 whose degradation
     seed is drawn from the same generator. ``change_rate``: the share of crops
-    drawn around a change pixel (``random_crop_flip``). The generator's state is therefore all
+    drawn around a change pixel (``random_crop_flip``); ``colour``: the strength of a random gain
+    and offset per channel, drawn for t1 and t2 separately before t2 is degraded
+    (``random_colour``; 0: off). The generator's state is therefore all
     a checkpoint needs to replay the data exactly.
     """
 
-    def __init__(self, dataset, batch_size, *, rng, crop=None, setting=None, augment=True, change_rate=0.0):
+    def __init__(self, dataset, batch_size, *, rng, crop=None, setting=None, augment=True, change_rate=0.0,
+                 colour=0.0):
         if len(dataset) < batch_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one batch of {batch_size}")
         if not 0.0 <= change_rate <= 1.0:
             raise ValueError(f"change_rate must be in [0, 1], got {change_rate}")
+        if not 0.0 <= colour < 1.0:
+            raise ValueError(f"colour must be a strength in [0, 1), got {colour}")
         self.dataset, self.batch_size, self.rng = dataset, batch_size, rng
         self.crop, self.setting, self.augment, self.change_rate = crop, setting, augment, float(change_rate)
+        self.colour = float(colour)
 
     def __len__(self):
         return len(self.dataset) // self.batch_size
@@ -65,6 +71,7 @@ class TrainBatches:
                 if self.crop is not None or self.augment:
                     t1, t2, label = random_crop_flip(t1, t2, label, self.rng, self.crop, flips=self.augment,
                                                      change_rate=self.change_rate if self.crop else 0.0)
+                t1, t2 = random_colour(t1, self.rng, self.colour), random_colour(t2, self.rng, self.colour)
                 x1s.append(t1)
                 hqs.append(t2)
                 labels.append(label)
