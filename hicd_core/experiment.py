@@ -49,8 +49,9 @@ class Profile:
     is set (training stops once validation F1 has not improved for ``patience``
     epochs); ``smoothing``, ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and
     ``eval_tile`` are the ``TrainConfig`` fields of the same names, and so are ``model`` (the network,
-    ``networks.MODELS``), ``dropout``, ``ema`` and ``weight_decay`` (the optimizer's, teacher and
-    students alike); ``repeats``: how many random crops of each training scene make one epoch (real data).
+    ``networks.MODELS``), ``dropout``, ``ema``, ``weight_decay`` (the optimizer's, teacher and
+    students alike) and ``colour_jitter``; ``repeats``: how many random crops of each training scene
+    make one epoch (real data).
     """
 
     size: int = 64
@@ -75,6 +76,7 @@ class Profile:
     dropout: float | None = None
     ema: float | None = None
     weight_decay: float = 1e-2
+    colour_jitter: float = 0.0
 
 
 PROFILES = {
@@ -116,7 +118,8 @@ def _base_config(prof, seed):
                        lr=prof.lr, seed=seed, patience=prof.patience, smoothing=prof.smoothing,
                        dice_weight=prof.dice_weight, pos_weight=prof.pos_weight, normalize=prof.normalize,
                        change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile, model=prof.model,
-                       dropout=prof.dropout, ema=prof.ema, weight_decay=prof.weight_decay)
+                       dropout=prof.dropout, ema=prof.ema, weight_decay=prof.weight_decay,
+                       colour_jitter=prof.colour_jitter)
 
 
 def train_teacher(out_dir, splits, prof, *, seed=0, xp=None, progress=True, log=print):

@@ -183,3 +183,19 @@ def test_recipe_probe_table_reads_rows(tmp_path):
     assert lines[3].split("|")[2].strip() == "none of `real`" and lines[3].split("|")[7].strip() == "-"
     only = run_script("examples/probes/recipe_probe.py", "--results", str(path), "--table", "b").strip().splitlines()
     assert len(only) == 3 and "`b`" in only[2]
+
+
+def test_reproduce_picks_a_networks_own_profile_unless_one_is_named(tmp_path):
+    reproduce = _reproduce_module()
+    args = reproduce.parse_args(["--protocol", "converged", "--model", "fc-siam-diff"])
+    assert reproduce.choose_study(args) == ("converged-fc-siam-diff", "converged-fc-siam-diff", None)
+    prof = reproduce.PROFILES["converged-fc-siam-diff"]
+    assert prof.model == "fc-siam-diff" and prof.dropout == 0.0
+    assert reproduce.choose_study(reproduce.parse_args(["--model", "fc-siam-diff"]))[1] == "sweep"  # none of its own
+    named = reproduce.parse_args(["--protocol", "converged", "--model", "fc-siam-diff", "--profile", "converged"])
+    assert reproduce.choose_study(named)[1] == "converged"
+    assert reproduce.choose_study(reproduce.parse_args(["--protocol", "converged"]))[:2] == ("converged", "converged")
+    real = reproduce.PROFILES["real-fc-siam-diff"]
+    assert (real.model, real.dropout, real.weight_decay, real.colour_jitter, real.ema) == ("fc-siam-diff", 0.0, 0.1,
+                                                                                          0.2, 0.99)
+    assert reproduce.PROFILES["real"].colour_jitter == 0.0 and reproduce.PROFILES["real"].weight_decay == 1e-2
