@@ -566,6 +566,8 @@ def parse_args(argv):
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="train the teachers and record their rows, no students (a study's first stage)")
     parser.add_argument("--student-init", nargs="+", default=["fresh"], choices=["fresh", "teacher"],
                         help="how students start (both: every variant is trained both ways)")
     parser.add_argument("--protocol", default="sweep", choices=["sweep", "converged"],
@@ -667,7 +669,7 @@ def main(argv=None):
         for setting in args.settings:
             wanted = [(m, "fresh") for m in METHODS[:2] if (setting, m, seed, "fresh") not in done]
             wanted += [(v, init) for init in args.student_init for v in args.variants
-                       if (setting, LABELS[v], seed, init) not in done]
+                       if (setting, LABELS[v], seed, init) not in done and not args.teacher_only]
             if not wanted:
                 continue
             started = time.perf_counter()

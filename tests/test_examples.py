@@ -69,7 +69,9 @@ def test_reproduce_writes_rows_report_and_resumes(tmp_path):
     args = ("examples/reproduce.py", "--profile", "quick", "--settings", "single", "--seeds", "0",
             "--variants", "baseline", "--out", str(tmp_path / "runs"), "--results", str(results),
             "--report", str(report), "--no-progress")
-    run_script(*args)
+    run_script(*args, "--teacher-only")  # the first stage: the teacher's rows, no student
+    assert [r["method"] for r in json.loads(results.read_text())] == ["teacher HQ/HQ", "teacher HQ/LQ"]
+    run_script(*args)  # the students, with the teacher reused
     rows = json.loads(results.read_text())
     assert [r["method"] for r in rows] == ["teacher HQ/HQ", "teacher HQ/LQ", "student baseline"]
     assert all(set(r) == {"setting", "method", "seed", "init", "best_epoch", "epochs_run", "val_f1", "f1", "iou",
