@@ -201,3 +201,21 @@ def test_reproduce_picks_a_networks_own_profile_unless_one_is_named(tmp_path):
     assert (real.model, real.dropout, real.weight_decay, real.colour_jitter, real.ema) == ("fc-siam-diff", 0.0, 0.1,
                                                                                           0.2, 0.99)
     assert reproduce.PROFILES["real"].colour_jitter == 0.0 and reproduce.PROFILES["real"].weight_decay == 1e-2
+
+
+def test_recipe_probe_runs_and_prints_its_model_per_validation_scene(tmp_path):
+    from PIL import Image
+
+    data = write_scenes(tmp_path / "data", [(40, 48)] * 6)
+    for path in (data / "label").iterdir():  # binary masks: the probe reads unnamed folders without a threshold
+        Image.fromarray(np.where(np.asarray(Image.open(path)) >= 128, 255, 0).astype(np.uint8)).save(path)
+    common = ("--data", str(data), "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "rows.json"))
+    fields = {"epochs": 1, "crop": 16, "repeats": 1, "eval_tile": 32, "batch_size": 2}
+    run_script("examples/probes/recipe_probe.py", "p", json.dumps(fields), *common)
+    assert [r["name"] for r in json.loads((tmp_path / "rows.json").read_text())] == ["p"]
+    lines = run_script("examples/probes/recipe_probe.py", "--scenes", "p", *common).strip().splitlines()
+    val = (tmp_path / "runs" / "list" / "val.txt").read_text().split()
+    assert len(lines) == 2 + len(val) >= 3 and {line.split("|")[2].strip() for line in lines[2:]} == set(val)
+    missing = subprocess.run([sys.executable, "examples/probes/recipe_probe.py", "--scenes", "q", *common], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "no selected model of probe 'q'" in missing.stderr

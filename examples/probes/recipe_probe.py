@@ -15,6 +15,12 @@ prints the rows (all, or those named) as the Markdown table of the notes: best v
 and its epoch, the last epoch's, the mean over epochs 21-40 (the plateau after the peak) and
 the mean absolute change from one epoch to the next after epoch 10 (how much of a lottery
 picking the best epoch is).
+
+    python examples/probes/recipe_probe.py --scenes NAME [NAME ...] [--out DIR]
+
+evaluates each named probe's selected model (``DIR/NAME/best.h5``, the runs of ``--out``) on
+every validation scene by itself and prints F1, precision and recall per scene: which scene
+a recipe wins or loses on, and whether it misses change or over-calls it.
 """
 
 from __future__ import annotations
@@ -41,12 +47,17 @@ def main(argv=None):
     parser.add_argument("name", nargs="?")
     parser.add_argument("fields", nargs="?", help="TrainConfig fields as JSON")
     parser.add_argument("--table", nargs="*", metavar="NAME", help="print the rows (all, or NAME ...) and stop")
+    parser.add_argument("--scenes", nargs="+", metavar="NAME",
+                        help="print each named probe's validation F1, precision and recall per scene and stop")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
     parser.add_argument("--out", default="runs/recipe_probe")
     parser.add_argument("--results", default=str(ROOT / "results" / "recipe_probe.json"))
     args = parser.parse_args(argv)
     if args.table is not None:
         print(table(json.loads(Path(args.results).read_text()), args.table))
+        return
+    if args.scenes:
+        print(scene_table(args.scenes, args.data, Path(args.out)))
         return
     if args.name is None or args.fields is None:
         parser.error("NAME and FIELDS are needed to run a probe")
@@ -95,6 +106,25 @@ def table(rows, names=()):
                   "`real`" + "".join(f", no {k}" for k in missing)) + "".join(f", {c}" for c in changed)
         lines.append(f"| `{r['name']}` | {fields} | {r['best_val_f1']:.2f} | {r['best_epoch']} | {len(v)} | "
                      f"{v[-1]:.2f} | {plateau} | {jump} |")
+    return "\n".join(lines)
+
+
+def scene_table(names, data, out):
+    """Each probe's ``best.h5`` on every validation scene by itself, as a Markdown table."""
+    from hicd_core.data import Subset
+    from hicd_core.infer import evaluate
+    from hicd_core.networks import load_model
+
+    _, val, _, _, _ = folder_splits(data, PROFILES["real"], out=out, seed=0)
+    lines = ["| probe | scene | F1 | precision | recall |", "|---|---|---:|---:|---:|"]
+    for name in names:
+        path = out / name / "best.h5"
+        if not path.exists():
+            raise SystemExit(f"recipe_probe: no selected model of probe {name!r} at {path}")
+        model = load_model(path)[0]
+        for i, scene in enumerate(val.names):
+            r = evaluate(model, Subset(val, [i]), batch_size=1, tile=PROFILES["real"].eval_tile)
+            lines.append(f"| `{name}` | {scene} | {r['f1']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} |")
     return "\n".join(lines)
 
 
