@@ -219,3 +219,20 @@ def test_recipe_probe_runs_and_prints_its_model_per_validation_scene(tmp_path):
     missing = subprocess.run([sys.executable, "examples/probes/recipe_probe.py", "--scenes", "q", *common], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no selected model of probe 'q'" in missing.stderr
+
+
+def test_selection_probe_correlates_the_selected_validation_f1_with_test_f1(tmp_path):
+    def row(setting, val, test):
+        return {"setting": setting, "method": "student baseline", "seed": 0, "f1": test, "best_epoch": 2,
+                "val_f1": [0.0, val, 1.0]}
+    rows = [row("a", v, 2 * v + 1) for v in (1.0, 2.0, 3.0)] + [row("b", v, -v) for v in (1.0, 2.0, 4.0)]
+    rows.append({"setting": "a", "method": "teacher HQ/HQ", "seed": 0, "f1": 99.0, "best_epoch": 1, "val_f1": [5.0]})
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(rows))
+    (tmp_path / "study_meta.json").write_text(json.dumps({"profile": "p: Profile(smoothing=1)"}))
+    lines = run_script("examples/probes/selection_probe.py", str(path)).strip().splitlines()
+    cells = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[3:-1]] for line in lines[2:]}
+    assert cells["a"] == ["3", "1", "1.00"] and cells["b"] == ["3", "1", "-1.00"] and cells["all"][0] == "6"
+    (tmp_path / "study_meta.json").write_text(json.dumps({"profile": "p: Profile(smoothing=2)"}))  # mean of epochs 1-2
+    smoothed = run_script("examples/probes/selection_probe.py", str(path)).strip().splitlines()
+    assert [c.strip() for c in smoothed[3].split("|")[3:-1]] == ["3", "2", "1.00"]
