@@ -17,7 +17,9 @@ times a PyTorch twin (same network, batch, thread count, float32) in the same
 run and prints the ratio ``median_ms / torch_median_ms``; with ``--interleave`` the
 two steps are timed in alternating blocks of five (ours, twin, ours, ...), so that both
 see the same phases of a noisy machine, and ``median_ms`` comes from those blocks. The
-twin lives here, never in ``hicd_core``.
+twin lives here, never in ``hicd_core``. ``--threads N`` runs our convolutions' image blocks on
+N host threads with BLAS at one thread during our step (``backend.conv_threads``, as
+``TrainConfig(threads=N)`` trains); the twin keeps its own threads.
 """
 
 from __future__ import annotations
@@ -197,6 +199,9 @@ def main(argv=None):
     parser.add_argument("--interleave", action="store_true",
                         help="with --vs-torch: time ours and the twin in alternating blocks of steps")
     parser.add_argument("--profile", action="store_true", help="print the top functions of a profiled step")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="host threads of our convolutions (backend.conv_threads: image blocks on a pool, "
+                             "BLAS at one thread during our step; default 1: BLAS's own threads)")
     parser.add_argument("--conv-layout", default="auto", choices=["auto", "batched", "merged", "flat"],
                         help="im2col layout of the convolutions (hicd_core.functional.CONV_LAYOUTS)")
     parser.add_argument("--no-keep-memory", action="store_true",
@@ -220,13 +225,14 @@ def main(argv=None):
     distill = DistillConfig(method="hicd", windows=windows, change_window=change_window) if args.mode == "hicd" else None
 
     def step():
-        return train_step(student, opt, x1, x2, label, teacher=teacher, teacher_x2=x2_hq, distill=distill)
+        with backend.conv_threads(args.threads):
+            return train_step(student, opt, x1, x2, label, teacher=teacher, teacher_x2=x2_hq, distill=distill)
 
     ms, times = median_ms(step, sync, args.steps)
     result = {
         "bench": "train step", "model": args.model, "dropout": args.dropout, "mode": args.mode, "backend": args.backend, "dtype": "float32",
         "batch": args.batch, "size": args.size, "steps": args.steps, "windows": list(windows),
-        "conv_layout": args.conv_layout,
+        "conv_layout": args.conv_layout, "threads": args.threads,
         "keep_host_memory": kept,
         "median_ms": round(ms, 3), "min_ms": round(min(times), 3),
         "pairs_per_s": round(args.batch / ms * 1e3, 1),

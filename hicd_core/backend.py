@@ -14,8 +14,10 @@ library itself for namespaces that conform already (array-api-strict).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import numbers
 import os
 import sys
 import threading
@@ -40,6 +42,8 @@ __all__ = [
     "device",
     "keep_host_memory",
     "run_independent",
+    "conv_threads",
+    "conv_thread_count",
     "nccl_available",
     "nccl_unique_id",
     "NCCLComm",
@@ -336,6 +340,51 @@ def run_independent(jobs, xp, threads=1, costs=None):
         futures = {i: executor.submit(jobs[i]) for i in order}
         wait(futures.values())
     return [futures[i].result() for i in range(len(jobs))]
+
+
+_CONV_THREADS = 1  # set by conv_threads(): the host threads of the "flat" convolutions' image blocks
+
+
+def conv_thread_count() -> int:
+    """The host threads the convolutions' image blocks run on now (1 outside ``conv_threads``)."""
+    return _CONV_THREADS
+
+
+@contextlib.contextmanager
+def conv_threads(threads):
+    """Within the block, NumPy's convolutions run their image blocks on ``threads`` host threads.
+
+    The "flat" and "phases" convolutions of ``hicd_core.conv_layouts`` already work through
+    the batch in blocks of images; with ``threads > 1`` the blocks become jobs of
+    ``run_independent`` (a batch of one block is cut into ``threads``), and BLAS is held at
+    one thread for the whole block (threadpoolctl, the ``cpu`` extra): the images' products
+    and window copies then run side by side, where OpenBLAS's own threads split each small
+    per-image product and leave NumPy's copies on one core (docs/PERFORMANCE.md). Each image's
+    output is computed as before; a weight gradient is summed over more blocks, so results
+    move by float32 rounding against one thread (the same for the same count). ``threads=1``
+    changes nothing. CuPy and the other namespaces ignore it. Not for use from several
+    threads at once (it sets a process-wide count).
+    """
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    global _CONV_THREADS
+    threads = int(threads)
+    if threads == 1:
+        previous, _CONV_THREADS = _CONV_THREADS, 1
+        try:
+            yield
+        finally:
+            _CONV_THREADS = previous
+        return
+    if not _threadpoolctl_available():
+        raise ImportError(f"threads={threads} needs threadpoolctl: pip install 'hicd[cpu]' (or threads=1)")
+    _, blas = _POOL.get(threads)
+    previous, _CONV_THREADS = _CONV_THREADS, threads
+    try:
+        with blas.limit(limits=1, user_api="blas"):
+            yield
+    finally:
+        _CONV_THREADS = previous
 
 
 # --------------------------------------------------------------------------- NCCL (the device half of data parallelism)

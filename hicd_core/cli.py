@@ -151,6 +151,9 @@ def _train_parser(sub):
     t.add_argument("--colour-jitter", type=_strength, default=0.0, metavar="STRENGTH",
                    help="random gain 1 +- STRENGTH and offset +- STRENGTH/2 per channel of t1 and t2, each its own "
                         "(default 0: off)")
+    t.add_argument("--threads", type=_positive_int, default=1,
+                   help="host threads for the convolutions on NumPy (default 1; more needs threadpoolctl, "
+                        "the cpu extra)")
     t.add_argument("--patience", type=_positive_int, default=None,
                    help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
     t.add_argument("--ema", type=_probability, default=None, metavar="DECAY",
@@ -303,7 +306,7 @@ def cmd_train(args):
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize={None: False, "set": True}.get(args.normalize, args.normalize), change_crop_rate=args.change_crop_rate,
-                      colour_jitter=args.colour_jitter, patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
+                      colour_jitter=args.colour_jitter, threads=args.threads, patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
                       ema=args.ema)
     teacher = None

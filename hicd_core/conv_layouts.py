@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .backend import device, is_cupy_namespace
+from .backend import conv_thread_count, device, is_cupy_namespace, is_numpy_namespace, run_independent
 from .im2col import batched_forward, col2im, contiguous, im2col, weight_grad
 
 __all__ = ["FORWARD", "BACKWARD", "MergedCache", "FlatCache", "PhasesCache", "merged_forward", "merged_backward",
@@ -152,6 +152,30 @@ def _blocks(N, image_bytes, *, xp):
     return [(s, min(s + b, N)) for s in range(0, N, b)]
 
 
+def _thread_blocks(N, image_bytes, *, xp):
+    """``(blocks, threads)``: ``_blocks``, and the host threads they run on (``backend.conv_threads``);
+    with more than one thread, at least as many blocks as threads where the batch allows."""
+    blocks = _blocks(N, image_bytes, xp=xp)
+    threads = conv_thread_count() if is_numpy_namespace(xp) else 1
+    if threads > 1 and len(blocks) < threads and N > 1:
+        b = -(-N // threads)
+        blocks = [(s, min(s + b, N)) for s in range(0, N, b)]
+    return blocks, threads
+
+
+def _in_blocks(job, blocks, threads, *, xp):
+    """``[job(s, e) for (s, e) in blocks]``, on ``threads`` host threads when more than one."""
+    return run_independent([lambda s=s, e=e: job(s, e) for s, e in blocks], xp, threads)
+
+
+def _summed(parts):
+    """The parts added left to right (the order of the one-thread loop)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def flat_product_first(C, O):
     """Whether a "flat" convolution of ``C`` to ``O`` channels multiplies first (``_flat_conv``)."""
     return C >= 2 * O
@@ -176,9 +200,9 @@ def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
     else:
         w2 = xp.reshape(weight, (O, C * k * k))
         image_bytes = C * k * k * L * itemsize
-    blocks = _blocks(N, image_bytes, xp=xp)
-    y = None if len(blocks) == 1 else xp.empty((N, O, Ho, Wo), dtype=flat.dtype, device=device(flat))
-    for s, e in blocks:
+    blocks, threads = _thread_blocks(N, image_bytes, xp=xp)
+
+    def product(s, e):  # (e - s, O, Ho Wp)
         if product_first:
             z = xp.reshape(xp.matmul(wk, flat[s:e, ...]), (e - s, k * k, O, P))
             prod = z[:, 0, :, :L] + z[:, 1, :, 1 : 1 + L]
@@ -186,11 +210,13 @@ def _flat_conv(flat, weight, bias, Ho, Wo, Wp, *, xp):
                 for j in range(k):
                     if i * k + j > 1:
                         prod += z[:, i * k + j, :, i * Wp + j : i * Wp + j + L]
-        else:
-            prod = xp.matmul(w2, _flat_im2col(flat[s:e, ...], k, Wp, L, xp=xp))
-        if y is None:
-            return _flat_unpad(prod, Ho, Wo, Wp, bias, xp=xp)
-        _flat_unpad_into(y, s, e, prod, Wp, bias, xp=xp)
+            return prod
+        return xp.matmul(w2, _flat_im2col(flat[s:e, ...], k, Wp, L, xp=xp))
+
+    if len(blocks) == 1:
+        return _flat_unpad(product(0, N), Ho, Wo, Wp, bias, xp=xp)
+    y = xp.empty((N, O, Ho, Wo), dtype=flat.dtype, device=device(flat))
+    _in_blocks(lambda s, e: _flat_unpad_into(y, s, e, product(s, e), Wp, bias, xp=xp), blocks, threads, xp=xp)
     return y
 
 
@@ -231,26 +257,28 @@ def flat_backward(dy, cache: FlatCache, input_grad, dbias, *, xp):
     dyflat = flat_padded(dy, cache.padding, xp=xp)
     if not input_grad and C < O:
         dyg = dyflat[:, :, q : q + L]  # dy on the padded-width grid, zero in the junk columns
-        dweight = None
-        for s, e in _blocks(N, C * k * k * L * itemsize, xp=xp):
-            part = weight_grad(dyg[s:e, ...], _flat_im2col(cache.padded[s:e, ...], k, Wp, L, xp=xp), cache.weight.shape,
-                                xp=xp)
-            dweight = part if dweight is None else dweight + part
-        return None, dweight, dbias
+        blocks, threads = _thread_blocks(N, C * k * k * L * itemsize, xp=xp)
+        parts = _in_blocks(lambda s, e: weight_grad(dyg[s:e, ...], _flat_im2col(cache.padded[s:e, ...], k, Wp, L, xp=xp),
+                                                    cache.weight.shape, xp=xp), blocks, threads, xp=xp)
+        return None, _summed(parts), dbias
     xg = cache.padded[:, :, q : q + L]  # x on the padded-width grid
     wt = flipped_taps(cache.weight, xp=xp)
-    blocks = _blocks(N, O * k * k * L * itemsize, xp=xp)
-    g, dx = None, None
-    if input_grad and len(blocks) > 1:
-        dx = xp.empty(cache.x_shape, dtype=dy.dtype, device=device(dy))
-    for s, e in blocks:
-        dcols = _flat_im2col(dyflat[s:e, ...], k, Wp, L, xp=xp)  # (b, O k k, L)
+    blocks, threads = _thread_blocks(N, O * k * k * L * itemsize, xp=xp)
+    if len(blocks) == 1:
+        dcols = _flat_im2col(dyflat, k, Wp, L, xp=xp)  # (N, O k k, L)
+        g = xp.sum(xp.matmul(dcols, xp.matrix_transpose(xg)), axis=0)  # (O k k, C)
+        dx = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp) if input_grad else None
+        return dx, unflipped_weight_grad(g, cache.weight.shape, xp=xp), dbias
+    dx = xp.empty(cache.x_shape, dtype=dy.dtype, device=device(dy)) if input_grad else None
+
+    def block(s, e):  # this block's share of the weight gradient; its rows of dx
+        dcols = _flat_im2col(dyflat[s:e, ...], k, Wp, L, xp=xp)  # (e - s, O k k, L)
         part = xp.sum(xp.matmul(dcols, xp.matrix_transpose(xg[s:e, ...])), axis=0)  # (O k k, C)
-        g = part if g is None else g + part
-        if input_grad and dx is None:  # a single block
-            dx = _flat_unpad(xp.matmul(wt, dcols), H, W, Wp, None, xp=xp)
-        elif input_grad:
+        if input_grad:
             _flat_unpad_into(dx, s, e, xp.matmul(wt, dcols), Wp, None, xp=xp)
+        return part
+
+    g = _summed(_in_blocks(block, blocks, threads, xp=xp))
     return dx, unflipped_weight_grad(g, cache.weight.shape, xp=xp), dbias
 
 
@@ -308,11 +336,15 @@ def halving_input_grad(dy, weight, H, W, *, xp):
         ((1, 1), taps((2, 0), (2, 2), (0, 2), (0, 0)), 0),
     ]
     dx = xp.empty((N, C, H, W), dtype=dy.dtype, device=device(dy))
-    for s, e in _blocks(N, 4 * O * L * (xp.finfo(dy.dtype).bits // 8), xp=xp):
+
+    def block(s, e):
         dcols = xp.concat([g[s:e, :, sy * Wq + sx : sy * Wq + sx + L] for sy, sx in ((0, 1), (0, 0), (1, 0), (1, 1))], axis=1)
         for (a, b), wm, first in phases:
             part = xp.matmul(wm, dcols[:, first * O : first * O + wm.shape[1], :])  # (e - s, C, L)
             dx[s:e, :, a::2, b::2] = xp.reshape(part, (e - s, C, Ho, Wq))[..., :Wo]
+
+    blocks, threads = _thread_blocks(N, 4 * O * L * (xp.finfo(dy.dtype).bits // 8), xp=xp)
+    _in_blocks(block, blocks, threads, xp=xp)
     return dx
 
 

@@ -280,6 +280,10 @@ class TrainConfig:
     averaged weights (with the network's running BatchNorm statistics), which smooths the
     epoch-to-epoch jumps of a small validation set; ``last.h5`` keeps the trained weights and the
     average (as the optimizer's ``ema`` slot), so runs resume bit for bit. None: off.
+    ``threads``: host threads for the convolutions on NumPy (``backend.conv_threads``; more than
+    one needs threadpoolctl, the ``cpu`` extra, and holds BLAS at one thread while training);
+    each image's values are the same, weight gradients move by float32 rounding against one
+    thread. CuPy ignores it.
     """
 
     role: str = "teacher"
@@ -306,6 +310,7 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     dropout: float | None = None
     ema: float | None = None
+    threads: int = 1
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
     student_init: str = "teacher"
@@ -342,6 +347,8 @@ class TrainConfig:
             raise ValueError(f"change_crop_rate must be in [0, 1], got {self.change_crop_rate}")
         if isinstance(self.colour_jitter, bool) or not 0.0 <= self.colour_jitter < 1.0:
             raise ValueError(f"colour_jitter must be a strength in [0, 1), got {self.colour_jitter!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral) or self.threads < 1:
+            raise ValueError(f"threads must be a positive int, got {self.threads!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or None), got {self.patience}")
         if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, numbers.Integral) or self.smoothing < 1:
@@ -414,7 +421,7 @@ def fit(cfg: TrainConfig, train_set, val_set, out_dir, *, xp=None, teacher=None,
     if comm is not None:
         shard(cfg.batch_size, comm)  # a batch that does not split evenly fails on every rank, before any file
         comm.prepare(xp)  # the transport for this backend's arrays (NCCL on CuPy where it can), on every rank
-    with run_lock(out_dir) if writer else contextlib.nullcontext():
+    with run_lock(out_dir) if writer else contextlib.nullcontext(), backend.conv_threads(cfg.threads):
         if writer:
             remove_stale_temps(out_dir)
         return _fit(cfg, train_set, val_set, Path(out_dir), xp=xp, teacher=teacher, resume=resume, progress=progress,
@@ -675,7 +682,9 @@ def _same_config(saved: dict, current: dict) -> bool:
         defaults = {f.name: f.default for f in fields(cls) if f.default is not MISSING}
         return {**{k: v for k, v in defaults.items() if k in current and k not in saved}, **saved}
 
-    saved = {k: v for k, v in saved.items() if k != "world_size"}  # a run resumes on any number of ranks
+    free = ("world_size", "threads")  # a run resumes on any number of ranks and of host threads
+    saved = {k: v for k, v in saved.items() if k not in free}
+    current = {k: v for k, v in current.items() if k not in free}
     saved = with_defaults(saved, current, TrainConfig)
     if isinstance(saved.get("distill"), dict) and isinstance(current.get("distill"), dict):
         saved["distill"] = with_defaults(saved["distill"], current["distill"], DistillConfig)

@@ -325,6 +325,56 @@ def test_flat_conv_in_blocks_matches_reference(xp, monkeypatch, block, channels)
     np.testing.assert_allclose(to_np(db2), to_np(db), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("channels", [(2, 4), (4, 2), (6, 2)])  # im2col; im2col; product first (C >= 2 O)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_flat_conv_on_host_threads_matches_reference(threads, channels):
+    """Under ``backend.conv_threads`` the image blocks run on a pool (a one-block batch cut in
+    pieces): the reference's values, and one thread's up to the weight gradient's rounding."""
+    pytest.importorskip("threadpoolctl")
+    from hicd_core import backend
+
+    xp = F.array_namespace(np.zeros(1))
+    rng = np.random.default_rng(12)
+    C, O = channels
+    x, w, b = rng.standard_normal((5, C, 6, 6)), rng.standard_normal((O, C, 3, 3)), rng.standard_normal(O)
+    dy = rng.standard_normal((5, O, 6, 6))
+    y1, cache1 = F.conv2d_forward(x, w, b, stride=1, padding=1, layout="flat")
+    one = F.conv2d_backward(dy, cache1)
+    weight_only = F.conv2d_backward(dy, cache1, input_grad=False)
+    with backend.conv_threads(threads):
+        assert backend.conv_thread_count() == threads and len(CL._thread_blocks(5, 1, xp=xp)[0]) >= threads
+        cache = check_conv_against_reference(xp, rng, x, w, b, 1, 1, "flat")
+        y, cache = F.conv2d_forward(x, w, b, stride=1, padding=1, layout="flat")
+        many = F.conv2d_backward(dy, cache)
+        weight_only_many = F.conv2d_backward(dy, cache, input_grad=False)
+        # a stride-2 convolution's phase-wise input gradient runs in blocks too
+        x2 = rng.standard_normal((5, C, 6, 8))
+        check_conv_against_reference(xp, rng, x2, w, b, 2, 1, "flat")
+    assert backend.conv_thread_count() == 1
+    np.testing.assert_array_equal(y, y1)  # each image's output is computed alone either way
+    np.testing.assert_array_equal(many[0], one[0])
+    np.testing.assert_allclose(many[1], one[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(weight_only_many[1], weight_only[1], rtol=1e-12, atol=1e-12)
+
+
+def test_conv_threads_checks_its_count_and_restores_it(monkeypatch):
+    from hicd_core import backend
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be a positive int"):
+            with backend.conv_threads(bad):
+                pass
+    with pytest.raises(RuntimeError, match="inside"):
+        with backend.conv_threads(1):
+            raise RuntimeError("inside")
+    assert backend.conv_thread_count() == 1
+    monkeypatch.setattr(backend, "_threadpoolctl_available", lambda: False)
+    with pytest.raises(ImportError, match=r"threadpoolctl: pip install 'hicd\[cpu\]'"):
+        with backend.conv_threads(2):
+            pass
+    assert backend.conv_thread_count() == 1
+
+
 def test_flat_blocks_follow_flat_block_bytes(monkeypatch):
     """Blocks hold FLAT_BLOCK_BYTES // bytes-per-image images, at least one, at most the batch."""
     xp = F.array_namespace(np.zeros(1))

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,26 @@ def test_smoothed_selection_skips_a_one_epoch_spike_and_counts_patience_on_the_m
 def test_colour_jitter_must_be_a_strength(bad):
     with pytest.raises(ValueError, match="colour_jitter must be a strength in"):
         TrainConfig(colour_jitter=bad)
+
+
+def test_host_threads_train_the_same_network_and_a_run_resumes_with_another_count(tmp_path):
+    """``threads`` runs the convolutions' image blocks on host threads: the same run up to the
+    weight gradients' rounding; the count is not part of a run's identity (resume with any)."""
+    pytest.importorskip("threadpoolctl")
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive int"):
+            TrainConfig(threads=bad)
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    cfg = TrainConfig(role="teacher", epochs=2, batch_size=4, seed=0)
+    one = fit(cfg, data, data, tmp_path / "one", progress=False)
+    two = fit(replace(cfg, threads=2), data, data, tmp_path / "two", progress=False)
+    a, b = one.model.params, two.model.params
+    for name in a:
+        np.testing.assert_allclose(np.asarray(b[name]), np.asarray(a[name]), rtol=1e-4, atol=1e-5, err_msg=name)
+    again = fit(cfg, data, data, tmp_path / "two", resume=True, progress=False)  # one thread: the same run, finished
+    assert len(again.history) == 2
+    with pytest.raises(ValueError, match="configuration"):
+        fit(replace(cfg, lr=1e-3), data, data, tmp_path / "two", resume=True, progress=False)  # still checked
 
 
 def test_a_second_run_into_a_locked_folder_fails_and_a_dead_owners_lock_is_taken_over(tmp_path, capsys):
