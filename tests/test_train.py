@@ -634,3 +634,11 @@ def test_averaged_weights_select_the_model_and_resume_bitwise(tmp_path):
     assert evaluate(model, data)["f1"] == best["extra"]["best"]["f1"]  # best.h5 is the model that was validated
     with pytest.raises(ValueError, match="ema must be a decay in"):
         TrainConfig(ema=1.0)
+
+
+def test_cli_train_takes_threads(tmp_path):
+    pytest.importorskip("threadpoolctl")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--size", "32", "--n-train", "8", "--n-val", "8", "--epochs", "1", "--batch-size", "4",
+                     "--threads", "2", "--no-progress", "--out", str(out)]) == 0
+    assert io.load_checkpoint(out / "last.h5")["config"]["threads"] == 2
