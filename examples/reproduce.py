@@ -540,7 +540,7 @@ SUMMARY = (("reproduce", "synthetic, 6-epoch sweep"), ("converged", "synthetic, 
 
 def summary_table(settings=SETTINGS, root=ROOT):
     """The README's table: per study (rows) and setting (columns), HiCD full − baseline (fresh students, paired by
-    seed) with its 95 % t interval; the studies whose rows exist, each linked to its report."""
+    seed) with its 95 % t interval; the studies with a pair of students, each linked to its report."""
     lines = ["| study (seeds) | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
     for tag, what in SUMMARY:
         path = root / "results" / f"{tag}.json"
@@ -557,6 +557,8 @@ def summary_table(settings=SETTINGS, root=ROOT):
             f1 = {(r["method"], r["seed"]): r["f1"] for r in rows if r["setting"] == s and r.get("init", "fresh") == "fresh"}
             ci = t_interval([f1[("student HiCD full", x)] - f1[("student baseline", x)] for x in used])
             cells.append(f"{d:+.2f}" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""))
+        if not seeds:  # only teachers so far (a study's first stage): no paired student yet
+            continue
         lines.append(f"| [{what}](docs/studies/{tag}.md) ({min(seeds)}-{max(seeds)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

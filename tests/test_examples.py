@@ -236,3 +236,20 @@ def test_selection_probe_correlates_the_selected_validation_f1_with_test_f1(tmp_
     (tmp_path / "study_meta.json").write_text(json.dumps({"profile": "p: Profile(smoothing=2)"}))  # mean of epochs 1-2
     smoothed = run_script("examples/probes/selection_probe.py", str(path)).strip().splitlines()
     assert [c.strip() for c in smoothed[3].split("|")[3:-1]] == ["3", "2", "1.00"]
+
+
+def test_summary_lists_studies_with_paired_students_and_skips_a_teacher_only_study(tmp_path):
+    reproduce = _reproduce_module()
+    (tmp_path / "results").mkdir()
+
+    def row(method, seed, f1, setting="multi"):
+        return {"setting": setting, "method": method, "seed": seed, "init": "fresh", "f1": f1}
+    teachers = [row("teacher HQ/HQ", s, 50.0) for s in (0, 1)]
+    (tmp_path / "results" / "sztaki-fc-siam-diff.json").write_text(json.dumps(teachers))
+    pairs = teachers + [row("student baseline", s, 40.0 + s) for s in (0, 1, 2)] + \
+        [row("student HiCD full", s, 41.0 + 2 * s) for s in (0, 1, 2)]
+    (tmp_path / "results" / "sztaki.json").write_text(json.dumps(pairs))
+    lines = reproduce.summary_table(settings=("resolution-x4", "multi"), root=tmp_path).splitlines()
+    assert len(lines) == 3 and "sztaki.md) (0-2)" in lines[2]
+    cells = [c.strip() for c in lines[2].split("|")[2:-1]]
+    assert cells[0] == "–" and cells[1].startswith("+2.00 [")  # differences 1, 2, 3: mean 2
