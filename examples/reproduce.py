@@ -329,6 +329,11 @@ def verdict(rows, settings):
     for init in sorted({r.get("init", "fresh") for r in rows}):
         wins, measured, versus_fmse = 0, 0, []
         for s in settings:
+            d, sd, seeds = paired(rows, s, "teacher HQ/HQ", "student baseline", init)
+            if d is not None:  # what the teacher knows on clean pairs beyond what the baseline learns on degraded ones
+                ci = interval_text(rows, s, "teacher HQ/HQ", "student baseline", init)
+                lines.append(f"- {s}, students {init}: teacher HQ/HQ − baseline = {d:+.2f} F1, the room to distil "
+                             f"(paired by seed, std {sd:.2f}, seeds {seeds}" + (f"; {ci}" if ci else "") + ")")
             d, sd, seeds = paired(rows, s, "student HiCD full", "student baseline", init)
             if d is not None:
                 measured += 1

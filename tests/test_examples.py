@@ -253,3 +253,13 @@ def test_summary_lists_studies_with_paired_students_and_skips_a_teacher_only_stu
     assert len(lines) == 3 and "sztaki.md) (0-2)" in lines[2]
     cells = [c.strip() for c in lines[2].split("|")[2:-1]]
     assert cells[0] == "–" and cells[1].startswith("+2.00 [")  # differences 1, 2, 3: mean 2
+
+
+def test_the_verdict_states_the_teachers_room_to_distil():
+    reproduce = _reproduce_module()
+    rows = [{"setting": "multi", "method": m, "seed": s, "f1": f1}
+            for s in (0, 1) for m, f1 in (("teacher HQ/HQ", 50.0 + s), ("student baseline", 40.0),
+                                         ("student HiCD full", 41.0))]
+    text = reproduce.verdict(rows, ["multi"])
+    assert "- multi, students fresh: teacher HQ/HQ − baseline = +10.50 F1, the room to distil" in text
+    assert "HiCD full − baseline = +1.00 F1" in text
