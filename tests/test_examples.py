@@ -263,3 +263,24 @@ def test_the_verdict_states_the_teachers_room_to_distil():
     text = reproduce.verdict(rows, ["multi"])
     assert "- multi, students fresh: teacher HQ/HQ − baseline = +10.50 F1, the room to distil" in text
     assert "HiCD full − baseline = +1.00 F1" in text
+
+
+def test_gap_probe_pairs_methods_by_seed_on_validation_test_and_each_scene(tmp_path):
+    def row(method, seed, val, test, scenes):
+        return {"setting": "x", "method": method, "seed": seed, "init": "fresh", "f1": test, "best_epoch": 1,
+                "val_f1": [val], "f1_per_scene": dict(zip(("a", "b"), scenes))}
+    rows = [row("teacher HQ/HQ", s, 50.0 + s, 40.0, (30.0, 50.0 + s)) for s in range(3)]
+    rows += [row("student baseline", s, 48.0, 45.0 + s, (20.0, 60.0)) for s in range(3)]
+    rows.append(row("student HiCD full", 0, 49.0, 45.0, (20.0, 60.0)))  # one seed: a mean, no interval
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(rows))
+    lines = run_script("examples/probes/gap_probe.py", str(path)).strip().splitlines()
+    assert lines[0].split("|")[4:-1] == [" validation (selected) ", " test, pooled ", " test, a ", " test, b "]
+    teacher = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert teacher[:3] == ["x", "teacher HQ/HQ − baseline", "3"]
+    assert teacher[3].startswith("+3.00 [") and teacher[3].endswith("(3/3 above 0)")  # 2, 3, 4
+    assert teacher[4].startswith("-6.00 [") and teacher[4].endswith("(0/3 above 0)")  # -5, -6, -7
+    assert teacher[5] == "+10.00 [+10.00, +10.00] (3/3 above 0)"
+    hicd = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert hicd[2] == "1" and hicd[3] == "+1.00 (1/1 above 0)" and hicd[4] == "+0.00 (0/1 above 0)"
+    assert len(lines) == 4  # no feature-MSE rows: no line

@@ -1,0 +1,93 @@
+"""Where do two methods of a study differ: on the validation scenes, on the pooled test set,
+on which test scene? (issue 27, item 3: why do baseline students beat their teachers?)
+
+    python examples/probes/gap_probe.py results/sztaki-fc-siam-diff.json
+
+For every setting and pair of methods (teacher HQ/HQ − student baseline, HiCD full − baseline,
+feature-MSE − baseline where present), paired by seed: the mean difference of the selected
+validation F1 (the F1 that chose each model; the teacher's is on clean validation pairs, the
+students' on degraded ones), of the pooled test F1 and of each test scene's F1, each with its
+95 % interval (t over seeds) and how many seeds went each way. Nothing is trained; only the
+committed rows are read. A gap that shows on one test scene and not on validation is a property
+of that scene, which no choice made on validation could have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "examples" / "probes"))
+
+from reproduce import t_interval  # noqa: E402
+from selection_probe import selected_val_f1  # noqa: E402
+
+PAIRS = (("teacher HQ/HQ", "student baseline"), ("student HiCD full", "student baseline"),
+         ("student feature-MSE", "student baseline"))
+
+
+def measures(row, smoothing):
+    """``{name: F1}`` of one row: selected validation, pooled test, and each test scene."""
+    out = {}
+    if "val_f1" in row and "best_epoch" in row:
+        out["validation (selected)"] = selected_val_f1(row, smoothing)
+    out["test, pooled"] = row["f1"]
+    for scene, f1 in sorted(row.get("f1_per_scene", {}).items()):
+        out[f"test, {scene}"] = f1
+    return out
+
+
+def cell(diffs):
+    """'mean [lo, hi] (up/n)' of paired differences; '–' without any."""
+    if not diffs:
+        return "–"
+    ci = t_interval(diffs)
+    up = sum(d > 0 for d in diffs)
+    span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+    return f"{statistics.mean(diffs):+.2f}{span} ({up}/{len(diffs)} above 0)"
+
+
+def study_table(path):
+    rows = json.loads(Path(path).read_text())
+    meta = Path(path).with_name(Path(path).stem + "_meta.json")
+    smoothing = 1
+    if meta.exists():
+        found = re.search(r"smoothing=(\d+)", str(json.loads(meta.read_text()).get("profile", "")))
+        smoothing = int(found.group(1)) if found else 1
+    rows = [r for r in rows if r.get("init", "fresh") == "fresh"]
+    by = {(r["setting"], r["method"], r["seed"]): measures(r, smoothing) for r in rows}
+    names = list(dict.fromkeys(k for m in by.values() for k in m))
+    lines = ["| setting | difference | seeds | " + " | ".join(names) + " |",
+             "|---|---|---:|" + "---:|" * len(names)]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        for a, b in PAIRS:
+            seeds = sorted({s for (st, m, s) in by if st == setting and m == a}
+                           & {s for (st, m, s) in by if st == setting and m == b})
+            if not seeds:
+                continue
+            cells = []
+            for name in names:
+                d = [by[(setting, a, s)][name] - by[(setting, b, s)][name] for s in seeds
+                     if name in by[(setting, a, s)] and name in by[(setting, b, s)]]
+                cells.append(cell(d))
+            lines.append(f"| {setting} | {a} − {b.removeprefix('student ')} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="rows JSON of examples/reproduce.py")
+    args = parser.parse_args(argv)
+    if not Path(args.results).exists():
+        sys.exit(f"gap_probe: no rows at {args.results}")
+    print("\n".join(study_table(args.results)))
+
+
+if __name__ == "__main__":
+    main()
