@@ -18,7 +18,7 @@ import math
 from typing import NamedTuple
 
 from . import conv_layouts
-from .backend import array_namespace, device, from_host, is_cupy_namespace
+from .backend import array_namespace, conv_thread_count, device, from_host, is_cupy_namespace, is_numpy_namespace
 from .im2col import batched_forward, col2im, im2col, weight_grad
 
 __all__ = [
@@ -196,10 +196,57 @@ def channel_sum(x, *, xp):
     vector is several times faster than NumPy's or CuPy's reduction over the
     non-contiguous axes (0, 2, 3).
     """
+    return xp.sum(_image_channel_sums(x, xp=xp), axis=0)
+
+
+def _image_channel_sums(x, *, xp):
+    """Per-image, per-channel sums of (N, C, H, W) -> (N, C): one matrix-vector product per image."""
     N, C, H, W = x.shape
     ones = xp.ones((H * W, 1), dtype=x.dtype, device=device(x))
-    per_image = xp.matmul(xp.reshape(x, (N, C, H * W)), ones)  # (N, C, 1)
-    return xp.sum(xp.reshape(per_image, (N, C)), axis=0)
+    return xp.reshape(xp.matmul(xp.reshape(x, (N, C, H * W)), ones), (N, C))
+
+
+# The layers between the convolutions (BatchNorm, ReLU) follow ``backend.conv_threads``: on NumPy
+# with more than one thread their passes run image block by image block on the host threads
+# (NumPy's elementwise kernels use one core each). Every image's values are computed by the same
+# operations as at once, and per-channel sums still add the same per-image sums in the same
+# order, so the results do not depend on the thread count.
+
+
+def _image_split(x, xp):
+    """``(blocks, threads)`` of ``x``'s images for the host threads, or None: all at once (one
+    thread, not NumPy, a single image)."""
+    if x.shape[0] < 2 or conv_thread_count() < 2 or not is_numpy_namespace(xp):
+        return None
+    return conv_layouts._thread_blocks(x.shape[0], math.prod(x.shape[1:]) * (xp.finfo(x.dtype).bits // 8), xp=xp)
+
+
+def _by_images(fn, arrays, split, *, xp):
+    """``fn(*arrays)`` of arrays shaped like ``arrays[0]``: at once (``split`` None), or block by
+    block of images on the host threads, written into one output."""
+    if split is None:
+        return fn(*arrays)
+    out = xp.empty_like(arrays[0])
+
+    def job(s, e):
+        out[s:e, ...] = fn(*(a[s:e, ...] for a in arrays))
+
+    conv_layouts._in_blocks(job, *split, xp=xp)
+    return out
+
+
+def _channel_sums(fn, arrays, split, *, xp):
+    """``channel_sum(fn(*arrays))``, by image blocks on the host threads where ``split`` says so."""
+    if split is None:
+        return channel_sum(fn(*arrays), xp=xp)
+    N, C = arrays[0].shape[:2]
+    per_image = xp.empty((N, C), dtype=arrays[0].dtype)
+
+    def job(s, e):
+        per_image[s:e, ...] = _image_channel_sums(fn(*(a[s:e, ...] for a in arrays)), xp=xp)
+
+    conv_layouts._in_blocks(job, *split, xp=xp)
+    return xp.sum(per_image, axis=0)
 
 
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, sync=None):
@@ -246,26 +293,28 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         if tuple(a.shape) != (C,):
             raise ValueError(f"batchnorm2d: {name} must have shape ({C},), got {tuple(a.shape)}")
     shape = (1, C, 1, 1)
+    split = _image_split(x, xp) if gamma.dtype == x.dtype else None  # the output takes x's dtype
     if training:
         m = x.shape[0] * x.shape[2] * x.shape[3] * (1 if sync is None else sync.size)
         if m < 2:
             raise ValueError(f"batchnorm2d in training needs more than one value per channel, got input {tuple(x.shape)}")
-        def total(a):  # per-channel sums of this batch, or of the global batch across ranks
-            sums = channel_sum(a, xp=xp)
+        def total(fn, a):  # per-channel sums of fn(a) over this batch, or over the global batch across ranks
+            sums = _channel_sums(fn, (a,), split, xp=xp)
             return sums if sync is None else sync.allreduce_sum(sums)
 
-        mean = total(x) * (1.0 / m)
-        centred = x - xp.reshape(mean, shape)
-        var = total(centred * centred) * (1.0 / m)
+        mean = total(lambda a: a, x) * (1.0 / m)
+        centred = _by_images(lambda a: a - xp.reshape(mean, shape), (x,), split, xp=xp)
+        var = total(lambda c: c * c, centred) * (1.0 / m)
         inv_std = 1.0 / xp.sqrt(var + eps)
         new_mean = running_mean * (1.0 - momentum) + mean * momentum
         new_var = running_var * (1.0 - momentum) + var * (momentum * m / (m - 1))
     else:
         inv_std = 1.0 / xp.sqrt(running_var + eps)
-        centred = x - xp.reshape(running_mean, shape)
+        centred = _by_images(lambda a: a - xp.reshape(running_mean, shape), (x,), split, xp=xp)
         new_mean, new_var = running_mean, running_var
     # y = gamma xhat + beta with xhat = centred inv_std, folded into one scale per channel
-    y = centred * xp.reshape(gamma * inv_std, shape) + xp.reshape(beta, shape)
+    scale, shift = xp.reshape(gamma * inv_std, shape), xp.reshape(beta, shape)
+    y = _by_images(lambda c: c * scale + shift, (centred,), split, xp=xp)
     return y, BatchNormCache(centred, xp.reshape(inv_std, shape), gamma, training, sync if training else None), \
         new_mean, new_var
 
@@ -287,11 +336,12 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
     C = dy.shape[1]
     shape = (1, C, 1, 1)
     inv_std = xp.reshape(cache.inv_std, (C,))
-    dbeta = channel_sum(dy, xp=xp)
-    dgamma = channel_sum(dy * cache.centred, xp=xp) * inv_std
+    split = _image_split(dy, xp)
+    dbeta = _channel_sums(lambda g: g, (dy,), split, xp=xp)
+    dgamma = _channel_sums(lambda g, c: g * c, (dy, cache.centred), split, xp=xp) * inv_std
     a = cache.gamma * inv_std
     if not cache.training:
-        return dy * xp.reshape(a, shape), dgamma, dbeta
+        return _by_images(lambda g: g * xp.reshape(a, shape), (dy,), split, xp=xp), dgamma, dbeta
     m = dy.shape[0] * dy.shape[2] * dy.shape[3]
     sum_dy, sum_dgamma = dbeta, dgamma
     if cache.sync is not None:
@@ -299,7 +349,8 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
         sum_dy, sum_dgamma, m = both[:C], both[C:], m * cache.sync.size
     b = -a * inv_std * sum_dgamma * (1.0 / m)
     c = -a * sum_dy * (1.0 / m)
-    dx = dy * xp.reshape(a, shape) + cache.centred * xp.reshape(b, shape) + xp.reshape(c, shape)
+    a, b, c = xp.reshape(a, shape), xp.reshape(b, shape), xp.reshape(c, shape)
+    dx = _by_images(lambda g, centred: g * a + centred * b + c, (dy, cache.centred), split, xp=xp)
     return dx, dgamma, dbeta
 
 
@@ -313,14 +364,14 @@ class ReluCache(NamedTuple):
 def relu_forward(x):
     """``y = max(x, 0)``; backward ``dx = dy [x > 0]`` (the subgradient at 0 is 0)."""
     xp = array_namespace(x)
-    y = xp.maximum(x, 0.0)
+    y = _by_images(lambda a: xp.maximum(a, 0.0), (x,), _image_split(x, xp), xp=xp)
     return y, ReluCache(y)
 
 
 def relu_backward(dy, cache: ReluCache):
     xp = array_namespace(dy)
     # a multiply by the 0/1 mask is several times faster than where() in NumPy
-    return dy * xp.astype(cache.y > 0, dy.dtype)
+    return _by_images(lambda g, y: g * xp.astype(y > 0, g.dtype), (dy, cache.y), _image_split(dy, xp), xp=xp)
 
 
 # --------------------------------------------------------------------------- conv-BN-ReLU (SPEC 4's CBR)

@@ -357,6 +357,38 @@ def test_flat_conv_on_host_threads_matches_reference(threads, channels):
     np.testing.assert_allclose(weight_only_many[1], weight_only[1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_batchnorm_and_relu_on_host_threads_equal_one_thread(threads, dtype):
+    """Under ``backend.conv_threads`` BatchNorm's and ReLU's passes run image block by image block
+    on the pool: every output and gradient is bit for bit the one-thread value."""
+    pytest.importorskip("threadpoolctl")
+    from hicd_core import backend
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((5, 3, 6, 7)) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta = (rng.standard_normal(3).astype(dtype) for _ in range(2))
+    mean, var = rng.standard_normal(3).astype(dtype), rng.uniform(0.5, 2, 3).astype(dtype)
+
+    def run():
+        out = []
+        for training in (True, False):
+            y, cache, m, v = F.batchnorm2d_forward(x, gamma, beta, mean, var, training=training)
+            out += [y, m, v, *F.batchnorm2d_backward(dy, cache)]
+        r, relu_cache = F.relu_forward(x)
+        return out + [r, F.relu_backward(dy, relu_cache)]
+
+    one = run()
+    with backend.conv_threads(threads):
+        xp = F.array_namespace(x)
+        assert F._image_split(x, xp) is not None and F._image_split(x[:1], xp) is None
+        many = run()
+    for a, b in zip(many, one):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
 def test_conv_threads_checks_its_count_and_restores_it(monkeypatch):
     from hicd_core import backend
 
