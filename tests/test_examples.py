@@ -219,6 +219,13 @@ def test_recipe_probe_runs_and_prints_its_model_per_validation_scene(tmp_path):
     missing = subprocess.run([sys.executable, "examples/probes/recipe_probe.py", "--scenes", "q", *common], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no selected model of probe 'q'" in missing.stderr
+    # scale_probe: the clean view is the recipe probe's own per-scene table; every view has a row
+    best = str(tmp_path / "runs" / "p" / "best.h5")
+    scaled = run_script("examples/probes/scale_probe.py", best, "--data", str(data), "--out", str(tmp_path / "runs"))
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in scaled.strip().splitlines()]
+    assert rows[0][3:] == val and [r[1] for r in rows[2:]] == ["clean", "t2 at 1/4", "both at 1/2", "both at 1/4"]
+    per_scene = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in lines[2:]}
+    assert rows[2][3:] == [per_scene[name] for name in val]
 
 
 def test_selection_probe_correlates_the_selected_validation_f1_with_test_f1(tmp_path):
