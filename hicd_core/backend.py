@@ -352,7 +352,7 @@ def conv_thread_count() -> int:
 
 @contextlib.contextmanager
 def conv_threads(threads):
-    """Within the block, NumPy's convolutions run their image blocks on ``threads`` host threads.
+    """Within the block, NumPy's convolutions, BatchNorm and ReLU run their images on ``threads`` host threads.
 
     The "flat" and "phases" convolutions of ``hicd_core.conv_layouts`` already work through
     the batch in blocks of images; with ``threads > 1`` the blocks become jobs of

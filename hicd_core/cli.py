@@ -152,8 +152,8 @@ def _train_parser(sub):
                    help="random gain 1 +- STRENGTH and offset +- STRENGTH/2 per channel of t1 and t2, each its own "
                         "(default 0: off)")
     t.add_argument("--threads", type=_positive_int, default=1,
-                   help="host threads for the convolutions on NumPy (default 1; more needs threadpoolctl, "
-                        "the cpu extra)")
+                   help="host threads for the convolutions, BatchNorm and ReLU on NumPy (default 1; "
+                        "more needs threadpoolctl, the cpu extra)")
     t.add_argument("--patience", type=_positive_int, default=None,
                    help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
     t.add_argument("--ema", type=_probability, default=None, metavar="DECAY",

@@ -280,8 +280,9 @@ class TrainConfig:
     averaged weights (with the network's running BatchNorm statistics), which smooths the
     epoch-to-epoch jumps of a small validation set; ``last.h5`` keeps the trained weights and the
     average (as the optimizer's ``ema`` slot), so runs resume bit for bit. None: off.
-    ``threads``: host threads for the convolutions on NumPy (``backend.conv_threads``; more than
-    one needs threadpoolctl, the ``cpu`` extra, and holds BLAS at one thread while training);
+    ``threads``: host threads for the convolutions, BatchNorm and ReLU on NumPy
+    (``backend.conv_threads``; more than one needs threadpoolctl, the ``cpu`` extra, and holds
+    BLAS at one thread while training);
     each image's values are the same, weight gradients move by float32 rounding against one
     thread. CuPy ignores it.
     """
