@@ -279,6 +279,7 @@ def test_gap_probe_pairs_methods_by_seed_on_validation_test_and_each_scene(tmp_p
     rows = [row("teacher HQ/HQ", s, 50.0 + s, 40.0, (30.0, 50.0 + s)) for s in range(3)]
     rows += [row("student baseline", s, 48.0, 45.0 + s, (20.0, 60.0)) for s in range(3)]
     rows.append(row("student HiCD full", 0, 49.0, 45.0, (20.0, 60.0)))  # one seed: a mean, no interval
+    rows.append(row("student feature-mse", 2, 47.0, 47.0, (20.0, 60.0)))
     path = tmp_path / "study.json"
     path.write_text(json.dumps(rows))
     lines = run_script("examples/probes/gap_probe.py", str(path)).strip().splitlines()
@@ -290,4 +291,5 @@ def test_gap_probe_pairs_methods_by_seed_on_validation_test_and_each_scene(tmp_p
     assert teacher[5] == "+10.00 [+10.00, +10.00] (3/3 above 0)"
     hicd = [c.strip() for c in lines[3].split("|")[1:-1]]
     assert hicd[2] == "1" and hicd[3] == "+1.00 (1/1 above 0)" and hicd[4] == "+0.00 (0/1 above 0)"
-    assert len(lines) == 4  # no feature-MSE rows: no line
+    assert lines[4].split("|")[2].strip() == "student feature-mse − baseline" and lines[4].split("|")[3].strip() == "1"
+    assert len(lines) == 5

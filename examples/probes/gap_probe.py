@@ -29,7 +29,7 @@ from reproduce import t_interval  # noqa: E402
 from selection_probe import selected_val_f1  # noqa: E402
 
 PAIRS = (("teacher HQ/HQ", "student baseline"), ("student HiCD full", "student baseline"),
-         ("student feature-MSE", "student baseline"))
+         ("student feature-mse", "student baseline"))
 
 
 def measures(row, smoothing):
