@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "examples" / "probes"))
 
 from reproduce import t_interval  # noqa: E402
-from selection_probe import selected_val_f1  # noqa: E402
+from selection_probe import selected_val_f1, study_smoothing  # noqa: E402
 
 PAIRS = (("teacher HQ/HQ", "student baseline"), ("student HiCD full", "student baseline"),
          ("student feature-mse", "student baseline"))
@@ -54,13 +53,8 @@ def cell(diffs):
 
 
 def study_table(path):
-    rows = json.loads(Path(path).read_text())
-    meta = Path(path).with_name(Path(path).stem + "_meta.json")
-    smoothing = 1
-    if meta.exists():
-        found = re.search(r"smoothing=(\d+)", str(json.loads(meta.read_text()).get("profile", "")))
-        smoothing = int(found.group(1)) if found else 1
-    rows = [r for r in rows if r.get("init", "fresh") == "fresh"]
+    rows = [r for r in json.loads(Path(path).read_text()) if r.get("init", "fresh") == "fresh"]
+    smoothing = study_smoothing(path)
     by = {(r["setting"], r["method"], r["seed"]): measures(r, smoothing) for r in rows}
     names = list(dict.fromkeys(k for m in by.values() for k in m))
     lines = ["| setting | difference | seeds | " + " | ".join(names) + " |",

@@ -35,13 +35,18 @@ def pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def study_smoothing(path):
+    """The ``smoothing`` of the profile that measured a study's rows (``<study>_meta.json``), 1 without one."""
+    meta = Path(path).with_name(Path(path).stem + "_meta.json")
+    if not meta.exists():
+        return 1
+    found = re.search(r"smoothing=(\d+)", str(json.loads(meta.read_text()).get("profile", "")))
+    return int(found.group(1)) if found else 1
+
+
 def study_lines(path):
     rows = json.loads(Path(path).read_text())
-    meta = Path(path).with_name(Path(path).stem + "_meta.json")
-    smoothing = 1
-    if meta.exists():
-        found = re.search(r"smoothing=(\d+)", str(json.loads(meta.read_text()).get("profile", "")))
-        smoothing = int(found.group(1)) if found else 1
+    smoothing = study_smoothing(path)
     students = [r for r in rows if r["method"].startswith("student") and "val_f1" in r and "best_epoch" in r]
     if not students:
         return [f"| `{path}` | all | 0 | - | - |"]
