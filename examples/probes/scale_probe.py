@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from hicd_core.data.degradations import resolution  # noqa: E402
 from hicd_core.experiment import PROFILES  # noqa: E402
-from reproduce import folder_splits  # noqa: E402
+from reproduce import evaluate_scenes, folder_splits  # noqa: E402
 
 VIEWS = {  # name: (factor of t1, factor of t2)
     "clean": (1, 1),
@@ -50,13 +50,11 @@ class ScaledView:
         return resolution(t1, self.factors[0]), resolution(t2, self.factors[1]), label
 
 
-def probe_lines(paths, data, *, tile, views=VIEWS, out=None):
+def probe_lines(paths, data, *, prof=PROFILES["real"], views=VIEWS, out=None):
     """Markdown rows ``| checkpoint | view | pooled F1 | scene F1 ... |`` and the header."""
-    from hicd_core.data import Subset
-    from hicd_core.infer import evaluate
     from hicd_core.networks import load_model
 
-    _, val, _, _, _ = folder_splits(data, PROFILES["real"], out=out, seed=0)
+    _, val, _, _, _ = folder_splits(data, prof, out=out, seed=0)
     lines = ["| checkpoint | view | pooled F1 | " + " | ".join(val.names) + " |",
              "|---|---|---:|" + "---:|" * len(val.names)]
     for path in paths:
@@ -64,10 +62,9 @@ def probe_lines(paths, data, *, tile, views=VIEWS, out=None):
             raise SystemExit(f"scale_probe: no checkpoint at {path}")
         model = load_model(path)[0]
         for view, (f1, f2) in views.items():
-            scaled = ScaledView(val, f1, f2)
-            pooled = evaluate(model, scaled, batch_size=1, tile=tile)["f1"]
-            scenes = [evaluate(model, Subset(scaled, [i]), batch_size=1, tile=tile)["f1"] for i in range(len(val))]
-            lines.append(f"| `{path}` | {view} | {pooled:.2f} | " + " | ".join(f"{f:.2f}" for f in scenes) + " |")
+            pooled, scenes = evaluate_scenes(model, ScaledView(val, f1, f2), prof)
+            lines.append(f"| `{path}` | {view} | {pooled['f1']:.2f} | "
+                         + " | ".join(f"{scenes[name]:.2f}" for name in val.names) + " |")
     return lines
 
 
@@ -80,7 +77,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
         sys.exit(f"scale_probe: --data {args.data}: no such folder")
-    print("\n".join(probe_lines(args.checkpoints, args.data, tile=PROFILES["real"].eval_tile, out=Path(args.out))))
+    print("\n".join(probe_lines(args.checkpoints, args.data, out=Path(args.out))))
 
 
 if __name__ == "__main__":
