@@ -506,14 +506,15 @@ measured so far:
 # --------------------------------------------------------------------------- the run
 
 
-def evaluate_scenes(model, dataset, prof):
-    """Pooled metrics over a test set (one confusion matrix) and F1 per scene, by name."""
+def evaluate_scenes(model, dataset, prof, *, tta=False):
+    """Pooled metrics over a test set (one confusion matrix) and F1 per scene, by name (``tta``: as in
+    ``infer.evaluate``; the studies evaluate without it)."""
     from hicd_core.metrics import ConfusionMatrix
 
     pooled, per_scene = ConfusionMatrix(), {}
     names = getattr(dataset, "names", [str(i) for i in range(len(dataset))])
     for i, name in enumerate(names):
-        m = evaluate(model, Subset(dataset, [i]), batch_size=1, tile=prof.eval_tile)
+        m = evaluate(model, Subset(dataset, [i]), batch_size=1, tile=prof.eval_tile, tta=tta)
         per_scene[name] = m["f1"]
         pooled.tp, pooled.fp, pooled.fn, pooled.tn = (pooled.tp + m["tp"], pooled.fp + m["fp"],
                                                       pooled.fn + m["fn"], pooled.tn + m["tn"])

@@ -186,6 +186,10 @@ def _train_parser(sub):
     _add_backend(t)
 
 
+TTA_HELP = ("average the logits over the eight flips and quarter turns of the pair (test-time averaging: "
+            "eight forward passes)")
+
+
 def _eval_parser(sub):
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset and setting",
                        description="Print the change metrics (percent) of a checkpoint on a dataset, with t2 "
@@ -199,6 +203,7 @@ def _eval_parser(sub):
     e.add_argument("--seed", type=int, default=54321, help="degradation seed of the test set")
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--tile", type=_multiple_of_8, default=None, help="predict scenes larger than this tile by tile")
+    e.add_argument("--tta", action="store_true", help=TTA_HELP)
     e.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     e.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
@@ -228,6 +233,7 @@ def _predict_parser(sub):
     p.add_argument("--bands", type=_positive_int, nargs="+", default=None,
                    help="1-based bands of both images, in the model's order (default: those the checkpoint "
                    "was trained on, else all)")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--align", action="store_true",
                    help="resample t2 onto t1's grid (CRS, transform, size; bilinear) instead of refusing a mismatch")
     p.add_argument("--no-progress", action="store_true")
@@ -364,8 +370,10 @@ def cmd_eval(args):
     data = _dataset(args)
     if args.setting is not None:
         data = DegradedView(data, args.setting, args.seed)
-    metrics = evaluate(model, data, batch_size=args.batch_size, ignore_index=args.ignore_index, tile=args.tile)
-    print(json.dumps({"checkpoint": args.checkpoint, "setting": args.setting, "n": len(data), **metrics}))
+    metrics = evaluate(model, data, batch_size=args.batch_size, ignore_index=args.ignore_index, tile=args.tile,
+                       tta=args.tta)
+    print(json.dumps({"checkpoint": args.checkpoint, "setting": args.setting, "n": len(data),
+                      **({"tta": True} if args.tta else {}), **metrics}))
 
 
 def _trained_bands(ck):
@@ -399,7 +407,8 @@ def cmd_predict(args):
         if args.overlay and not isinstance(t2, ArraySource):
             raise ValueError("--overlay draws on an RGB image read whole (PNG/JPEG t2); a GeoTIFF output opens "
                              "on top of the images in a GIS instead")
-        rows = stream_probability(model, t1, t2, tile=args.tile, overlap=args.overlap, progress=not args.no_progress)
+        rows = stream_probability(model, t1, t2, tile=args.tile, overlap=args.overlap, progress=not args.no_progress,
+                                   tta=args.tta)
         changed, valid_pixels = write_change_maps(rows, t1, t2, mask=args.output, probability=args.prob,
                                                   overlay=args.overlay, threshold=args.threshold)
     print(json.dumps({"output": args.output, "height": t1.height, "width": t1.width,

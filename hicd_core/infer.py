@@ -3,16 +3,70 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from . import backend
 from .functional import sigmoid
 from .data.loader import iterate_batches
 from .metrics import ConfusionMatrix
 
-__all__ = ["evaluate", "predict_probability", "stream_probability"]
+__all__ = ["evaluate", "predict_logits", "predict_probability", "stream_probability", "dihedral", "dihedral_inverse"]
+
+#: How many symmetries of the square test-time averaging uses (``tta=True``).
+SYMMETRIES = 8
 
 
-def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None, comm=None):
+def dihedral(x, k, *, xp):
+    """``x`` (..., H, W) under the ``k``-th symmetry of the square, ``0 <= k < 8``: ``k % 4`` quarter turns,
+    then a left-right flip when ``k >= 4`` (a quarter turn swaps H and W)."""
+    _check_symmetry(k)
+    for _ in range(k % 4):
+        x = xp.flip(_swap_last(x, xp=xp), axis=-1)
+    return xp.flip(x, axis=-1) if k >= 4 else x
+
+
+def dihedral_inverse(y, k, *, xp):
+    """Undo ``dihedral(., k)``: ``dihedral_inverse(dihedral(x, k), k) == x``."""
+    _check_symmetry(k)
+    if k >= 4:
+        y = xp.flip(y, axis=-1)
+    for _ in range(k % 4):
+        y = _swap_last(xp.flip(y, axis=-1), xp=xp)
+    return y
+
+
+def _swap_last(x, *, xp):
+    axes = list(range(x.ndim))
+    axes[-2], axes[-1] = axes[-1], axes[-2]
+    return xp.permute_dims(x, tuple(axes))
+
+
+def _check_symmetry(k):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k < SYMMETRIES:
+        raise ValueError(f"a symmetry of the square is numbered 0..{SYMMETRIES - 1}, got {k!r}")
+
+
+def predict_logits(model, x1, x2, *, tta=False):
+    """Evaluation-mode logits ``(N, 1, H, W)`` of a batch of pairs ``(N, C, H, W)`` in the model's namespace.
+
+    ``tta``: test-time averaging, the mean of the logits over the eight symmetries of the square
+    (``dihedral``), each undone on its output before averaging. A network trained with random flips and
+    quarter turns sees every one of them as a likely input; the mean is steadier than any single view and
+    costs eight forward passes. Sides must be multiples of the network's ``size_multiple`` (both after a
+    quarter turn too, which they are).
+    """
+    if not tta:
+        return model.predict_logits(x1, x2)
+    xp = model.xp
+    total = None
+    for k in range(SYMMETRIES):
+        z = model.predict_logits(dihedral(x1, k, xp=xp), dihedral(x2, k, xp=xp))
+        z = dihedral_inverse(z, k, xp=xp)
+        total = z if total is None else total + z
+    return total / SYMMETRIES
+
+
+def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None, comm=None, tta=False):
     """Change metrics of ``model`` (evaluation mode) over a whole dataset, from one confusion matrix.
 
     Images whose sides are not multiples of the network's ``size_multiple`` (8 or 16), or larger
@@ -20,7 +74,8 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
     are predicted tile by tile (``predict_probability``, overlap ``min(32, tile / 4)``).
     Samples of different sizes are batched separately. ``comm``: data-parallel ranks
     each predict every ``comm.size``-th sample and add their confusion counts (one
-    all-reduce), so every rank returns the metrics of the whole dataset.
+    all-reduce), so every rank returns the metrics of the whole dataset. ``tta``: the logits
+    averaged over the eight symmetries of the square (``predict_logits``).
     """
     xp = model.xp
     cm = ConfusionMatrix()
@@ -30,10 +85,10 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
         if H % model.size_multiple or W % model.size_multiple or (tile is not None and max(H, W) > tile):
             side = tile or 256
             for i in range(len(label)):
-                prob = predict_probability(model, t1[i], t2[i], tile=side, overlap=min(32, side // 4))
+                prob = predict_probability(model, t1[i], t2[i], tile=side, overlap=min(32, side // 4), tta=tta)
                 cm.update(prob >= threshold, backend.from_host(label[i], xp), ignore_index)
             continue
-        logits = model.predict_logits(backend.from_host(t1, xp), backend.from_host(t2, xp))
+        logits = predict_logits(model, backend.from_host(t1, xp), backend.from_host(t2, xp), tta=tta)
         # sigmoid(z) >= threshold  <=>  z >= logit(threshold)
         cut = math.log(threshold / (1.0 - threshold))
         cm.update(logits[:, 0, ...] >= cut, backend.from_host(label, xp), ignore_index)
@@ -50,7 +105,7 @@ def _starts(size, tile, stride):
     return sorted(set(starts))
 
 
-def predict_probability(model, t1, t2, *, tile=256, overlap=32):
+def predict_probability(model, t1, t2, *, tile=256, overlap=32, tta=False):
     """Change probability ``(H, W)`` for one pair of any size, by overlapping tiles.
 
     Parameters
@@ -64,6 +119,8 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32):
         Pixels shared by neighbouring windows; their logits are averaged with a
         weight that falls off linearly towards each window's border, which hides
         the seams.
+    tta : bool
+        Each window's logits averaged over the eight symmetries of the square (``predict_logits``).
 
     Returns
     -------
@@ -91,13 +148,13 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32):
     for y in _starts(Hp, tile, stride):
         for x in _starts(Wp, tile, stride):
             window = pair[:, :, y : y + tile, x : x + tile]
-            logits = model.predict_logits(window[0:1, ...], window[1:2, ...])[0, 0, ...]
+            logits = predict_logits(model, window[0:1, ...], window[1:2, ...], tta=tta)[0, 0, ...]
             acc[y : y + tile, x : x + tile] += logits * weight_tile
             norm[y : y + tile, x : x + tile] += weight_tile
     return sigmoid(acc[:H, :W] / norm[:H, :W])
 
 
-def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
+def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False, tta=False):
     """``predict_probability`` read and returned by rows, in memory bounded by the tile.
 
     Yields ``(row0, rows)``: host float32 probabilities ``rows`` of shape ``(n, W)``
@@ -111,7 +168,7 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
     model : TinySiamCD or FCSiamDiff
     t1, t2 : sources with ``count, height, width`` and ``read(y0, y1, x0, x1) -> (C, h, w)``
         (``data.raster.ArraySource``, ``data.raster.RasterSource``), or ``(C, H, W)`` arrays.
-    tile, overlap : as in ``predict_probability``.
+    tile, overlap, tta : as in ``predict_probability``.
     progress : bool
         A tqdm bar over the windows (when tqdm is installed).
     """
@@ -148,7 +205,7 @@ def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False):
                 norm = xp.concat([norm, xp.zeros((grow, Wp), dtype=model.dtype)])
             for x in xs:
                 pair = xp.stack([_read_window(src, y, x, tile, H, W, xp=xp, dtype=model.dtype) for src in (t1, t2)])
-                logits = model.predict_logits(pair[0:1, ...], pair[1:2, ...])[0, 0, ...]
+                logits = predict_logits(model, pair[0:1, ...], pair[1:2, ...], tta=tta)[0, 0, ...]
                 acc[y - lo : y - lo + tile, x : x + tile] += logits * weight_tile
                 norm[y - lo : y - lo + tile, x : x + tile] += weight_tile
                 bar.update(1)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hicd_core.data import ArrayDataset, DegradedView, synthetic_pairs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -226,6 +228,27 @@ def test_recipe_probe_runs_and_prints_its_model_per_validation_scene(tmp_path):
     assert rows[0][3:] == val and [r[1] for r in rows[2:]] == ["clean", "t2 at 1/4", "both at 1/2", "both at 1/4"]
     per_scene = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in lines[2:]}
     assert rows[2][3:] == [per_scene[name] for name in val]
+    # tta_probe: a teacher validated on the clean pairs, once as trained (the same table) and once averaged
+    tta = run_script("examples/probes/tta_probe.py", best, "--data", str(data), "--out", str(tmp_path / "runs"))
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in tta.strip().splitlines()]
+    assert rows[0][4:] == val and [r[1:3] for r in rows[2:]] == [["clean pairs", "off"], ["clean pairs", "8 views"]]
+    assert rows[2][4:] == [per_scene[name] for name in val]
+
+
+def test_tta_probe_validates_a_student_on_its_own_degraded_view():
+    sys.path.insert(0, str(ROOT / "examples" / "probes"))
+    try:
+        import tta_probe
+    finally:
+        sys.path.pop(0)
+    val = ArrayDataset(*synthetic_pairs(2, 16, seed=0))
+    assert tta_probe.validation_view(val, {"role": "teacher", "setting": None}) is val
+    view = tta_probe.validation_view(val, {"role": "student", "setting": "multi", "val_seed": 7})
+    expected = DegradedView(val, "multi", 7)
+    for i in range(len(val)):
+        for got, want in zip(view[i], expected[i]):
+            np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(view[0][1], val[0][1])
 
 
 def test_selection_probe_correlates_the_selected_validation_f1_with_test_f1(tmp_path):

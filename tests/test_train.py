@@ -186,6 +186,29 @@ def test_cli_eval_degrade_and_pack(tmp_path, tiny_checkpoint, capsys):
     assert cli_main(["eval", str(tiny_checkpoint), "--size", "16", "--n", "4", "--setting", "multi"]) == 0
 
 
+def test_cli_predict_and_eval_with_test_time_averaging(tmp_path, tiny_checkpoint, capsys):
+    a, b = write_pair(tmp_path, 64, 64)
+    turned = []
+    for name in ("a_turned.png", "b_turned.png"):  # the pair a quarter turn around
+        with PIL.open(tmp_path / name.replace("_turned", "")) as im:
+            PIL.fromarray(np.rot90(np.asarray(im))).save(tmp_path / name)
+        turned.append(tmp_path / name)
+    probs = {}
+    for key, pair, extra in (("plain", (a, b), []), ("tta", (a, b), ["--tta"]), ("turned", turned, ["--tta"])):
+        out, prob = tmp_path / f"{key}.png", tmp_path / f"{key}_prob.png"
+        assert cli_main(["predict", *map(str, pair), "-o", str(out), "--checkpoint", str(tiny_checkpoint),
+                         "--prob", str(prob), "--tile", "64", "--no-progress", *extra]) == 0
+        with PIL.open(prob) as im:
+            probs[key] = np.asarray(im).astype(int)
+    capsys.readouterr()
+    assert np.abs(probs["tta"] - probs["plain"]).max() > 1
+    # the averaged map turns with the pair (one grey level of rounding)
+    assert np.abs(np.rot90(probs["tta"]) - probs["turned"]).max() <= 1
+    assert cli_main(["eval", str(tiny_checkpoint), "--size", "16", "--n", "4", "--tta"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tta"] is True and 0 <= report["f1"] <= 100
+
+
 def test_console_script_help():
     out = run(["-m", "hicd_core.cli", "train", "--help"])
     assert out.returncode == 0 and "--resume" in out.stdout and "--setting" in out.stdout

@@ -1,0 +1,71 @@
+"""Does test-time averaging over the symmetries of the square help on the validation scenes? (issue 27)
+
+    python examples/probes/tta_probe.py runs/reproduce/sztaki-fc-siam-diff/seed1/teacher/best.h5 ...
+
+Each checkpoint (``best.h5`` of a teacher or a student of ``examples/reproduce.py``) is evaluated
+on the validation scenes of ``--data`` (the split of ``reproduce.py``) as its training run
+validated it: a teacher on the clean pairs, a student with t2 degraded by its setting and its
+validation seed (``TrainConfig.val_seed``). Each is evaluated twice: one forward pass, and the
+logits averaged over the eight flips and quarter turns of the pair (``infer.predict_logits(...,
+tta=True)``, ``hicd predict --tta``). The networks were trained with random flips and quarter
+turns, so every one of the eight views is an input like those they learned from. Only
+validation scenes are read; nothing is trained. Pooled F1 over the scenes, then each scene's F1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from hicd_core.data import DegradedView  # noqa: E402
+from hicd_core.experiment import PROFILES  # noqa: E402
+import reproduce  # noqa: E402
+
+
+def validation_view(val, config):
+    """The validation set a run with ``config`` (a checkpoint's ``TrainConfig`` as a dict) selected its model on."""
+    if config.get("role") == "student":
+        return DegradedView(val, config["setting"], config.get("val_seed", 12345))
+    return val
+
+
+def probe_lines(paths, data, *, prof=PROFILES["real"], out=None):
+    """Markdown rows ``| checkpoint | role | tta | pooled F1 | scene F1 ... |`` and the header."""
+    from hicd_core.networks import load_model
+
+    _, val, _, _, _ = reproduce.folder_splits(data, prof, out=out, seed=0)
+    lines = ["| checkpoint | validated on | tta | pooled F1 | " + " | ".join(val.names) + " |",
+             "|---|---|---|---:|" + "---:|" * len(val.names)]
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"tta_probe: no checkpoint at {path}")
+        model, ck = load_model(path)
+        config = ck.get("config") or {}
+        view = validation_view(val, config)
+        seen = "clean pairs" if view is val else f"t2 {config['setting']}"
+        for tta in (False, True):
+            pooled, scenes = reproduce.evaluate_scenes(model, view, prof, tta=tta)
+            lines.append(f"| `{path}` | {seen} | {'8 views' if tta else 'off'} | {pooled['f1']:.2f} | "
+                         + " | ".join(f"{scenes[name]:.2f}" for name in val.names) + " |")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", help="best.h5 files of examples/reproduce.py")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "tta_probe"),
+                        help="where a folder without a named split gets its split lists")
+    args = parser.parse_args(argv)
+    if not Path(args.data).is_dir():
+        sys.exit(f"tta_probe: --data {args.data}: no such folder")
+    print("\n".join(probe_lines(args.checkpoints, args.data, out=Path(args.out))))
+
+
+if __name__ == "__main__":
+    main()
