@@ -24,18 +24,19 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from hicd_core.data import DegradedView  # noqa: E402
 from hicd_core.experiment import PROFILES  # noqa: E402
+from hicd_core.train import TrainConfig  # noqa: E402
 import reproduce  # noqa: E402
 
 
 def validation_view(val, config):
     """The validation set a run with ``config`` (a checkpoint's ``TrainConfig`` as a dict) selected its model on."""
     if config.get("role") == "student":
-        return DegradedView(val, config["setting"], config.get("val_seed", 12345))
+        return DegradedView(val, config["setting"], config.get("val_seed", TrainConfig.val_seed))
     return val
 
 
 def probe_lines(paths, data, *, prof=PROFILES["real"], out=None):
-    """Markdown rows ``| checkpoint | role | tta | pooled F1 | scene F1 ... |`` and the header."""
+    """Markdown rows ``| checkpoint | validated on | tta | pooled F1 | scene F1 ... |`` and the header."""
     from hicd_core.networks import load_model
 
     _, val, _, _, _ = reproduce.folder_splits(data, prof, out=out, seed=0)
