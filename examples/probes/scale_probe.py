@@ -52,15 +52,10 @@ class ScaledView:
 
 def probe_lines(paths, data, *, prof=PROFILES["real"], views=VIEWS, out=None):
     """Markdown rows ``| checkpoint | view | pooled F1 | scene F1 ... |`` and the header."""
-    from hicd_core.networks import load_model
-
     _, val, _, _, _ = folder_splits(data, prof, out=out, seed=0)
     lines = ["| checkpoint | view | pooled F1 | " + " | ".join(val.names) + " |",
              "|---|---|---:|" + "---:|" * len(val.names)]
-    for path in paths:
-        if not Path(path).is_file():
-            raise SystemExit(f"scale_probe: no checkpoint at {path}")
-        model = load_model(path)[0]
+    for path, model, _ in checkpoints(paths, "scale_probe"):
         for view, (f1, f2) in views.items():
             pooled, scenes = evaluate_scenes(model, ScaledView(val, f1, f2), prof)
             lines.append(f"| `{path}` | {view} | {pooled['f1']:.2f} | "
@@ -68,16 +63,32 @@ def probe_lines(paths, data, *, prof=PROFILES["real"], views=VIEWS, out=None):
     return lines
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def checkpoints(paths, probe):
+    """``(path, model, checkpoint)`` for each ``best.h5`` path; a missing file stops ``probe`` naming it."""
+    from hicd_core.networks import load_model
+
+    for path in paths:
+        if not Path(path).is_file():
+            raise SystemExit(f"{probe}: no checkpoint at {path}")
+        yield (path, *load_model(path))
+
+
+def checkpoint_probe_main(probe, description, probe_lines, argv=None):
+    """The command line of a probe over checkpoints on the validation scenes of ``--data``: prints
+    ``probe_lines(checkpoints, data, out=)``."""
+    parser = argparse.ArgumentParser(prog=f"{probe}.py", description=description)
     parser.add_argument("checkpoints", nargs="+", help="best.h5 files of examples/reproduce.py")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "scale_probe"),
+    parser.add_argument("--out", default=str(ROOT / "runs" / probe),
                         help="where a folder without a named split gets its split lists")
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
-        sys.exit(f"scale_probe: --data {args.data}: no such folder")
+        sys.exit(f"{probe}: --data {args.data}: no such folder")
     print("\n".join(probe_lines(args.checkpoints, args.data, out=Path(args.out))))
+
+
+def main(argv=None):
+    checkpoint_probe_main("scale_probe", __doc__.splitlines()[0], probe_lines, argv)
 
 
 if __name__ == "__main__":

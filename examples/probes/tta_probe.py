@@ -14,18 +14,19 @@ validation scenes are read; nothing is trained. Pooled F1 over the scenes, then 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "examples" / "probes"))
 
 from hicd_core.data import DegradedView  # noqa: E402
 from hicd_core.experiment import PROFILES  # noqa: E402
 from hicd_core.train import TrainConfig  # noqa: E402
 import reproduce  # noqa: E402
+from scale_probe import checkpoint_probe_main, checkpoints  # noqa: E402
 
 
 def validation_view(val, config):
@@ -37,15 +38,10 @@ def validation_view(val, config):
 
 def probe_lines(paths, data, *, prof=PROFILES["real"], out=None):
     """Markdown rows ``| checkpoint | validated on | tta | pooled F1 | scene F1 ... |`` and the header."""
-    from hicd_core.networks import load_model
-
     _, val, _, _, _ = reproduce.folder_splits(data, prof, out=out, seed=0)
     lines = ["| checkpoint | validated on | tta | pooled F1 | " + " | ".join(val.names) + " |",
              "|---|---|---|---:|" + "---:|" * len(val.names)]
-    for path in paths:
-        if not Path(path).is_file():
-            raise SystemExit(f"tta_probe: no checkpoint at {path}")
-        model, ck = load_model(path)
+    for path, model, ck in checkpoints(paths, "tta_probe"):
         config = ck.get("config") or {}
         view = validation_view(val, config)
         seen = "clean pairs" if view is val else f"t2 {config['setting']}"
@@ -57,15 +53,7 @@ def probe_lines(paths, data, *, prof=PROFILES["real"], out=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+", help="best.h5 files of examples/reproduce.py")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
-    parser.add_argument("--out", default=str(ROOT / "runs" / "tta_probe"),
-                        help="where a folder without a named split gets its split lists")
-    args = parser.parse_args(argv)
-    if not Path(args.data).is_dir():
-        sys.exit(f"tta_probe: --data {args.data}: no such folder")
-    print("\n".join(probe_lines(args.checkpoints, args.data, out=Path(args.out))))
+    checkpoint_probe_main("tta_probe", __doc__.splitlines()[0], probe_lines, argv)
 
 
 if __name__ == "__main__":
