@@ -251,6 +251,25 @@ def test_tta_probe_validates_a_student_on_its_own_degraded_view():
     assert not np.array_equal(view[0][1], val[0][1])
 
 
+def test_budget_probe_keys_rows_by_model_and_finds_the_model_s_teacher(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples" / "probes"))
+    try:
+        import budget_probe
+    finally:
+        sys.path.pop(0)
+    assert budget_probe.study_name("tiny-siam-cd") == "converged"
+    assert budget_probe.study_name("fc-siam-diff") == "converged-fc-siam-diff"
+    old = {"setting": "multi", "seed": 0, "variant": "baseline", "budget": 60}  # rows written before --model
+    assert budget_probe.row_key(old) == ("tiny-siam-cd", "multi", 0, "baseline", 60)
+    assert budget_probe.row_key({**old, "model": "fc-siam-diff"}) != budget_probe.row_key(old)
+    # a distilled student needs that model's converged teacher; the error names the file and the command
+    out = subprocess.run([sys.executable, "examples/probes/budget_probe.py", "--model", "fc-siam-diff", "--variant",
+                          "hicd", "--seed", "987", "--results", str(tmp_path / "rows.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and not (tmp_path / "rows.json").exists()
+    assert "converged-fc-siam-diff/seed987/teacher/best.h5" in out.stderr and "--model fc-siam-diff" in out.stderr
+
+
 def test_selection_probe_correlates_the_selected_validation_f1_with_test_f1(tmp_path):
     def row(setting, val, test):
         return {"setting": setting, "method": "student baseline", "seed": 0, "f1": test, "best_epoch": 2,
