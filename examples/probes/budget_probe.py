@@ -74,7 +74,8 @@ def main(argv=None):
     train_student(folder, args.variant, splits, prof, teacher, setting=args.setting, seed=args.seed,
                   student_init="fresh", progress=False)
     curve = [json.loads(line)["val"]["f1"] for line in (folder / "log.jsonl").read_text().splitlines() if line]
-    row = {**({} if args.model == DEFAULT_MODEL else {"model": args.model}), "setting": args.setting, "seed": args.seed, "variant": args.variant, "budget": args.epochs,
+    model_field = {} if args.model == DEFAULT_MODEL else {"model": args.model}
+    row = {**model_field, "setting": args.setting, "seed": args.seed, "variant": args.variant, "budget": args.epochs,
            **run_summary(folder), "best_val_f1": max(curve), "val_f1": curve,
            "seconds": round(time.perf_counter() - started, 1)}
     results = Path(args.results)
