@@ -257,8 +257,8 @@ def test_budget_probe_keys_rows_by_model_and_finds_the_model_s_teacher(tmp_path)
         import budget_probe
     finally:
         sys.path.pop(0)
-    assert budget_probe.study_name("tiny-siam-cd") == "converged"
-    assert budget_probe.study_name("fc-siam-diff") == "converged-fc-siam-diff"
+    assert budget_probe.study("tiny-siam-cd") == ("converged", "converged")
+    assert budget_probe.study("fc-siam-diff") == ("converged-fc-siam-diff", "converged-fc-siam-diff")
     old = {"setting": "multi", "seed": 0, "variant": "baseline", "budget": 60}  # rows written before --model
     assert budget_probe.row_key(old) == ("tiny-siam-cd", "multi", 0, "baseline", 60)
     assert budget_probe.row_key({**old, "model": "fc-siam-diff"}) != budget_probe.row_key(old)

@@ -31,12 +31,14 @@ from hicd_core import backend  # noqa: E402
 from hicd_core.data import load_splits  # noqa: E402
 from hicd_core.experiment import PROFILES, run_summary, train_student, write_json  # noqa: E402
 from hicd_core.networks import DEFAULT_MODEL, MODELS, load_model  # noqa: E402
-import reproduce  # noqa: E402,F401  (defines PROFILES["converged"])
+import reproduce  # noqa: E402  (defines PROFILES["converged"], chooses the study)
 
 
-def study_name(model):
-    """The converged study's name (its profile and its runs/ folder) for ``model``."""
-    return "converged" if model == DEFAULT_MODEL else f"converged-{model}"
+def study(model):
+    """``(runs/reproduce folder, profile name)`` of the converged study of ``model``, as
+    ``examples/reproduce.py --protocol converged --model MODEL`` chooses them."""
+    args = argparse.Namespace(model=model, protocol="converged", data=None, tag=None, profile=None)
+    return reproduce.choose_study(args)[:2]
 
 
 def row_key(row):
@@ -54,16 +56,13 @@ def main(argv=None):
     parser.add_argument("--results", default=str(ROOT / "results" / "budget_probe.json"))
     args = parser.parse_args(argv)
     backend.keep_host_memory()
-    study = study_name(args.model)
-    if study not in PROFILES:
-        parser.error(f"--model {args.model}: the converged protocol has no profile {study!r} "
-                     f"(known: {', '.join(sorted(p for p in PROFILES if p.startswith('converged')))})")
-    prof = replace(PROFILES[study], student_epochs=args.epochs)
+    tag, profile = study(args.model)
+    prof = replace(PROFILES[profile], student_epochs=args.epochs)
     splits = load_splits(None, size=prof.size, n_train=prof.n_train, n_val=prof.n_val, n_test=prof.n_test,
                          seed=args.seed)
     teacher = None
     if args.variant != "baseline":
-        path = ROOT / "runs" / "reproduce" / study / f"seed{args.seed}" / "teacher" / "best.h5"
+        path = ROOT / "runs" / "reproduce" / tag / f"seed{args.seed}" / "teacher" / "best.h5"
         if not path.exists():
             parser.error(f"--variant {args.variant} distils from {path}, which does not exist: train it with "
                          f"examples/reproduce.py --protocol converged --model {args.model} --seeds {args.seed}")
