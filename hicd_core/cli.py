@@ -51,6 +51,10 @@ _probability = _checked(float, lambda v: 0 < v < 1, "a probability strictly betw
 _rate = _checked(float, lambda v: 0 <= v <= 1, "a rate in [0, 1]")
 _dropout_rate = _checked(float, lambda v: 0 <= v < 1, "a rate in [0, 1)")
 _strength = _checked(float, lambda v: 0 <= v < 1, "a strength in [0, 1)")
+_radius = _checked(int, lambda v: v >= 0, "a non-negative integer (pixels)")
+FILTER_HELP = ("average the change probability over the (2R+1)x(2R+1) window around each pixel before the "
+               "threshold (docs/GUIDE.md)")
+FILTER_DEFAULT = " (default: the radius the checkpoint was validated with, 0 for none)"
 
 
 def _pos_weight(text):
@@ -163,6 +167,9 @@ def _train_parser(sub):
                    help="select the best model (and count --patience) by the mean validation F1 of this many "
                         "epochs (default 1: each epoch's own)")
     t.add_argument("--eval-tile", type=_multiple_of_8, default=None, help="validate scenes larger than this tile by tile")
+    t.add_argument("--filter-radius", type=_radius, default=0, metavar="R",
+                   help="validate (and select the best model) with maps that " + FILTER_HELP[0].lower() + FILTER_HELP[1:]
+                        + " (default 0: off)")
     t.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     t.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
@@ -204,6 +211,7 @@ def _eval_parser(sub):
     e.add_argument("--batch-size", type=_positive_int, default=8)
     e.add_argument("--tile", type=_multiple_of_8, default=None, help="predict scenes larger than this tile by tile")
     e.add_argument("--tta", action="store_true", help=TTA_HELP)
+    e.add_argument("--filter-radius", type=_radius, default=None, metavar="R", help=FILTER_HELP + FILTER_DEFAULT)
     e.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     e.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
@@ -234,6 +242,8 @@ def _predict_parser(sub):
                    help="1-based bands of both images, in the model's order (default: those the checkpoint "
                    "was trained on, else all)")
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
+    p.add_argument("--filter-radius", type=_radius, default=None, metavar="R",
+                   help=FILTER_HELP + FILTER_DEFAULT + "; --prob writes the averaged map")
     p.add_argument("--align", action="store_true",
                    help="resample t2 onto t1's grid (CRS, transform, size; bilinear) instead of refusing a mismatch")
     p.add_argument("--no-progress", action="store_true")
@@ -312,7 +322,7 @@ def cmd_train(args):
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize={None: False, "set": True}.get(args.normalize, args.normalize), change_crop_rate=args.change_crop_rate,
-                      colour_jitter=args.colour_jitter, threads=args.threads, patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, bands=args.bands,
+                      colour_jitter=args.colour_jitter, threads=args.threads, patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, filter_radius=args.filter_radius, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
                       ema=args.ema)
     teacher = None
@@ -367,13 +377,21 @@ def cmd_eval(args):
     model, ck = load_model(args.checkpoint, xp=xp)
     if args.bands is None:
         args.bands = _trained_bands(ck)
+    if args.filter_radius is None:
+        args.filter_radius = _trained_filter(ck)
     data = _dataset(args)
     if args.setting is not None:
         data = DegradedView(data, args.setting, args.seed)
     metrics = evaluate(model, data, batch_size=args.batch_size, ignore_index=args.ignore_index, tile=args.tile,
-                       tta=args.tta)
+                       tta=args.tta, filter_radius=args.filter_radius)
     print(json.dumps({"checkpoint": args.checkpoint, "setting": args.setting, "n": len(data),
-                      **({"tta": True} if args.tta else {}), **metrics}))
+                      **({"tta": True} if args.tta else {}),
+                      **({"filter_radius": args.filter_radius} if args.filter_radius else {}), **metrics}))
+
+
+def _trained_filter(ck):
+    """The filter radius a checkpoint's validation maps were scored with (0: none, or not recorded)."""
+    return int((ck.get("config") or {}).get("filter_radius") or 0)
 
 
 def _trained_bands(ck):
@@ -383,7 +401,7 @@ def _trained_bands(ck):
 
 
 def cmd_predict(args):
-    from .infer import stream_probability
+    from .infer import filtered_rows, stream_probability
     from .data.raster import ArraySource, check_same_grid, gdal_environment, is_geotiff
     from .data.scenes import open_source, write_change_maps
     from .train import load_model
@@ -395,6 +413,7 @@ def cmd_predict(args):
     xp = backend.namespace(args.backend)
     model, ck = load_model(args.checkpoint, xp=xp)
     bands = args.bands if args.bands is not None else _trained_bands(ck)
+    radius = args.filter_radius if args.filter_radius is not None else _trained_filter(ck)
     if args.align and not (is_geotiff(args.t1) and is_geotiff(args.t2)):
         raise ValueError("--align resamples one GeoTIFF onto another's grid; both inputs must be GeoTIFFs")
     with gdal_environment(args.t1, args.t2, args.output, args.prob), open_source(args.t1, bands) as t1, \
@@ -409,10 +428,12 @@ def cmd_predict(args):
                              "on top of the images in a GIS instead")
         rows = stream_probability(model, t1, t2, tile=args.tile, overlap=args.overlap, progress=not args.no_progress,
                                    tta=args.tta)
+        rows = filtered_rows(rows, radius, t1.height)
         changed, valid_pixels = write_change_maps(rows, t1, t2, mask=args.output, probability=args.prob,
                                                   overlay=args.overlay, threshold=args.threshold)
     print(json.dumps({"output": args.output, "height": t1.height, "width": t1.width,
                       "changed_fraction": round(changed / max(valid_pixels, 1), 6),
+                      **({"filter_radius": radius} if radius else {}),
                       **({"nodata_pixels": t1.height * t1.width - valid_pixels} if t1.has_nodata or t2.has_nodata
                          else {})}))
 

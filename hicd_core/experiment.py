@@ -48,7 +48,8 @@ class Profile:
     ``teacher_epochs`` / ``student_epochs`` are maximum budgets when ``patience``
     is set (training stops once validation F1 has not improved for ``patience``
     epochs); ``smoothing``, ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and
-    ``eval_tile`` are the ``TrainConfig`` fields of the same names, and so are ``model`` (the network,
+    ``eval_tile`` are the ``TrainConfig`` fields of the same names (``filter_radius`` too, which the test
+    rows' evaluation applies as well), and so are ``model`` (the network,
     ``networks.MODELS``), ``dropout``, ``ema``, ``weight_decay`` (the optimizer's, teacher and
     students alike) and ``colour_jitter``; ``repeats``: how many random crops of each training scene
     make one epoch (real data).
@@ -77,6 +78,7 @@ class Profile:
     ema: float | None = None
     weight_decay: float = 1e-2
     colour_jitter: float = 0.0
+    filter_radius: int = 0
 
 
 PROFILES = {
@@ -119,7 +121,7 @@ def _base_config(prof, seed):
                        dice_weight=prof.dice_weight, pos_weight=prof.pos_weight, normalize=prof.normalize,
                        change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile, model=prof.model,
                        dropout=prof.dropout, ema=prof.ema, weight_decay=prof.weight_decay,
-                       colour_jitter=prof.colour_jitter)
+                       colour_jitter=prof.colour_jitter, filter_radius=prof.filter_radius)
 
 
 def train_teacher(out_dir, splits, prof, *, seed=0, xp=None, progress=True, log=print):
@@ -170,15 +172,18 @@ def run_comparison(out_dir, *, setting, seed=0, data=None, students=("baseline",
     splits = load_splits(data, size=prof.size, n_train=prof.n_train, n_val=prof.n_val, n_test=prof.n_test, seed=seed)
     teacher = train_teacher(out_dir / "teacher", splits, prof, seed=seed, xp=xp, progress=progress, log=log)
     test_hq, test_lq = test_views(splits[2], setting, seed, test_seed)
-    rows = [_metrics_row("teacher HQ/HQ", evaluate(teacher, test_hq, batch_size=prof.batch_size)),
-            _metrics_row("teacher HQ/LQ", evaluate(teacher, test_lq, batch_size=prof.batch_size))]
+
+    def score(model, data):
+        return evaluate(model, data, batch_size=prof.batch_size, filter_radius=prof.filter_radius)
+
+    rows = [_metrics_row("teacher HQ/HQ", score(teacher, test_hq)), _metrics_row("teacher HQ/LQ", score(teacher, test_lq))]
     models = {"teacher": teacher}
     for name in students:
         student = train_student(out_dir / f"student-{name}", name, splits, prof, teacher, setting=setting,
                                 seed=seed, xp=xp, progress=progress, student_init=student_init,
                                 distill_overrides=(distill_overrides or {}).get(name), log=log)
         models[name] = student
-        rows.append(_metrics_row(STUDENTS[name][0], evaluate(student, test_lq, batch_size=prof.batch_size)))
+        rows.append(_metrics_row(STUDENTS[name][0], score(student, test_lq)))
     return {"setting": setting, "seed": seed, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
             "models": models, "test_lq": test_lq, "test_hq": test_hq}
 

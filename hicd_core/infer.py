@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from . import backend
 from .functional import sigmoid
 from .data.loader import iterate_batches
 from .metrics import ConfusionMatrix
 
-__all__ = ["evaluate", "predict_logits", "predict_probability", "stream_probability", "dihedral", "dihedral_inverse"]
+__all__ = ["evaluate", "predict_logits", "predict_probability", "stream_probability", "dihedral", "dihedral_inverse",
+           "box_mean", "filtered_rows"]
 
 #: How many symmetries of the square test-time averaging uses (``tta=True``).
 SYMMETRIES = 8
@@ -46,6 +49,82 @@ def _check_symmetry(k):
         raise ValueError(f"a symmetry of the square is numbered 0..{SYMMETRIES - 1}, got {k!r}")
 
 
+def _check_filter_radius(radius):
+    if isinstance(radius, bool) or not isinstance(radius, numbers.Integral) or radius < 0:
+        raise ValueError(f"filter_radius must be a non-negative integer (pixels), got {radius!r}")
+
+
+def box_mean(prob, radius, *, xp=None):
+    """Mean of ``prob`` (..., H, W) over the ``(2 radius + 1)²`` window around each pixel; ``radius`` 0: ``prob``.
+
+    Borders are mirrored about the outer pixel edges (``scipy.ndimage.uniform_filter``'s "reflect"
+    mode, which ``tests/test_infer.py`` checks it against), so a constant map stays constant. Two
+    one-dimensional running sums (cumulative sums in float64, then differences), on any array-API
+    namespace. Used by ``evaluate(..., filter_radius=)``: the change probability averaged over a
+    window before the threshold fills holes inside changed areas and drops isolated pixels
+    (docs/studies/sztaki-fc-siam-diff_notes.md has the validation figures that chose it).
+    """
+    xp = xp if xp is not None else backend.array_namespace(prob)
+    _check_filter_radius(radius)
+    if prob.ndim < 2:
+        raise ValueError(f"box_mean expects an array (..., H, W), got shape {tuple(prob.shape)}")
+    if radius == 0:
+        return prob
+    acc = xp.astype(prob, xp.float64)
+    for axis in (-2, -1):
+        rows = _reflected(0, acc.shape[axis], radius, acc.shape[axis], xp=xp, device=backend.device(acc))
+        acc = _window_sums(xp.take(acc, rows, axis=axis), radius, axis, xp=xp)
+    return xp.astype(acc / (2 * radius + 1) ** 2, prob.dtype)
+
+
+def _reflected(a, b, radius, n, *, xp, device=None):
+    """Indices ``a - radius .. b + radius - 1`` folded into ``0 .. n - 1`` by mirroring about the outer pixel
+    edges (``... 1 0 | 0 1 ... n-1 | n-1 n-2 ...``), repeatedly where ``radius`` exceeds ``n``."""
+    i = xp.arange(a - radius, b + radius, device=device) % (2 * n)
+    return xp.where(i < n, i, 2 * n - 1 - i)
+
+
+def _window_sums(padded, radius, axis, *, xp):
+    """Sums of ``2 radius + 1`` consecutive entries along ``axis`` of an array padded by ``radius`` on both sides."""
+    size, n = 2 * radius + 1, padded.shape[axis] - 2 * radius
+    sums = xp.cumulative_sum(padded, axis=axis, include_initial=True)
+    hi, lo = [slice(None)] * padded.ndim, [slice(None)] * padded.ndim
+    hi[axis], lo[axis] = slice(size, size + n), slice(0, n)
+    return sums[tuple(hi)] - sums[tuple(lo)]
+
+
+def filtered_rows(rows, radius, height):
+    """``box_mean`` over a stream of ``(row0, rows)`` host probabilities (``stream_probability``'s), as a stream.
+
+    Yields ``(row0, rows)`` top to bottom, equal to ``box_mean`` of the whole scene (``height`` rows)
+    to float rounding; holds only the rows that a window not yet emitted still reaches.
+    """
+    _check_filter_radius(radius)
+    if radius == 0:
+        yield from rows
+        return
+    xp = backend.namespace("numpy")
+    buf, start, done = None, 0, 0  # buf: scene rows start .. start + len(buf); rows before done are out
+
+    def emit(end):  # scene rows done .. end, each window mirrored at the scene's borders
+        block = np.take(buf, _reflected(done, end, radius, height, xp=xp) - start, axis=0).astype(np.float64)
+        block = _window_sums(block, radius, 0, xp=xp)
+        block = _window_sums(np.take(block, _reflected(0, block.shape[1], radius, block.shape[1], xp=xp), axis=1),
+                             radius, 1, xp=xp)
+        return (block / (2 * radius + 1) ** 2).astype(np.float32)
+
+    for row0, chunk in rows:
+        buf = chunk if buf is None else np.concatenate([buf, chunk])
+        ready = row0 + len(chunk) - radius  # a row above this has every row of its window read
+        if ready > done:
+            yield done, emit(ready)
+            done = ready
+            keep = max(0, done - radius)  # the first row a later window reaches (mirrored ones lie above it)
+            buf, start = buf[keep - start:], keep
+    if done < height:
+        yield done, emit(height)
+
+
 def predict_logits(model, x1, x2, *, tta=False):
     """Evaluation-mode logits ``(N, 1, H, W)`` of a batch of pairs ``(N, C, H, W)`` in the model's namespace.
 
@@ -66,7 +145,8 @@ def predict_logits(model, x1, x2, *, tta=False):
     return total / SYMMETRIES
 
 
-def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None, comm=None, tta=False):
+def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, tile=None, comm=None, tta=False,
+             filter_radius=0):
     """Change metrics of ``model`` (evaluation mode) over a whole dataset, from one confusion matrix.
 
     Images whose sides are not multiples of the network's ``size_multiple`` (8 or 16), or larger
@@ -75,8 +155,11 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
     Samples of different sizes are batched separately. ``comm``: data-parallel ranks
     each predict every ``comm.size``-th sample and add their confusion counts (one
     all-reduce), so every rank returns the metrics of the whole dataset. ``tta``: the logits
-    averaged over the eight symmetries of the square (``predict_logits``).
+    averaged over the eight symmetries of the square (``predict_logits``). ``filter_radius``: each
+    image's change probability averaged over the ``(2 r + 1)²`` window around each pixel
+    (``box_mean``) before the threshold; 0 (the default) scores the network's map as it is.
     """
+    _check_filter_radius(filter_radius)
     xp = model.xp
     cm = ConfusionMatrix()
     indices = None if comm is None else range(comm.rank, len(dataset), comm.size)
@@ -85,10 +168,15 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
         if H % model.size_multiple or W % model.size_multiple or (tile is not None and max(H, W) > tile):
             side = tile or 256
             for i in range(len(label)):
-                prob = predict_probability(model, t1[i], t2[i], tile=side, overlap=min(32, side // 4), tta=tta)
+                prob = predict_probability(model, t1[i], t2[i], tile=side, overlap=min(32, side // 4), tta=tta,
+                                           filter_radius=filter_radius)
                 cm.update(prob >= threshold, backend.from_host(label[i], xp), ignore_index)
             continue
         logits = predict_logits(model, backend.from_host(t1, xp), backend.from_host(t2, xp), tta=tta)
+        if filter_radius:
+            cm.update(box_mean(sigmoid(logits[:, 0, ...]), filter_radius, xp=xp) >= threshold,
+                      backend.from_host(label, xp), ignore_index)
+            continue
         # sigmoid(z) >= threshold  <=>  z >= logit(threshold)
         cut = math.log(threshold / (1.0 - threshold))
         cm.update(logits[:, 0, ...] >= cut, backend.from_host(label, xp), ignore_index)
@@ -105,7 +193,7 @@ def _starts(size, tile, stride):
     return sorted(set(starts))
 
 
-def predict_probability(model, t1, t2, *, tile=256, overlap=32, tta=False):
+def predict_probability(model, t1, t2, *, tile=256, overlap=32, tta=False, filter_radius=0):
     """Change probability ``(H, W)`` for one pair of any size, by overlapping tiles.
 
     Parameters
@@ -121,6 +209,9 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32, tta=False):
         the seams.
     tta : bool
         Each window's logits averaged over the eight symmetries of the square (``predict_logits``).
+    filter_radius : int
+        The scene's probability averaged over the ``(2 r + 1)²`` window around each pixel (``box_mean``,
+        after the tiles are blended); 0: as the network gives it.
 
     Returns
     -------
@@ -128,6 +219,7 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32, tta=False):
     """
     xp = model.xp
     _check_tile(tile, model)
+    _check_filter_radius(filter_radius)
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap}")
     t1 = backend.from_host(backend.to_host(t1), xp, dtype=model.dtype)
@@ -151,7 +243,7 @@ def predict_probability(model, t1, t2, *, tile=256, overlap=32, tta=False):
             logits = predict_logits(model, window[0:1, ...], window[1:2, ...], tta=tta)[0, 0, ...]
             acc[y : y + tile, x : x + tile] += logits * weight_tile
             norm[y : y + tile, x : x + tile] += weight_tile
-    return sigmoid(acc[:H, :W] / norm[:H, :W])
+    return box_mean(sigmoid(acc[:H, :W] / norm[:H, :W]), filter_radius, xp=xp)
 
 
 def stream_probability(model, t1, t2, *, tile=256, overlap=32, progress=False, tta=False):

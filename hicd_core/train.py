@@ -269,7 +269,9 @@ class TrainConfig:
     each epoch's own (1, the default), for validation sets so small that F1 jumps from
     epoch to epoch: ``best.h5`` is then the model at the end of the best run of
     epochs, and the log's ``best`` carries that mean as ``smoothed_f1``; ``eval_tile``
-    predicts validation scenes larger than it tile by tile. ``bands`` records the
+    predicts validation scenes larger than it tile by tile; ``filter_radius`` (0: off) scores
+    validation maps with the change probability averaged over the ``(2 r + 1)²`` window around
+    each pixel (``infer.box_mean``), so the model is selected by the maps that will be used. ``bands`` records the
     1-based image bands the data were read with (multispectral TIFFs; None: all);
     ``hicd predict`` and ``hicd eval`` read the same bands by default. The model's
     input channels are those of the training images. ``model`` names the network
@@ -307,6 +309,7 @@ class TrainConfig:
     patience: int | None = None
     smoothing: int = 1
     eval_tile: int | None = None
+    filter_radius: int = 0
     bands: tuple | None = None
     model: str = DEFAULT_MODEL
     dropout: float | None = None
@@ -356,6 +359,9 @@ class TrainConfig:
             raise ValueError(f"smoothing must be an integer >= 1 (epochs), got {self.smoothing!r}")
         if self.eval_tile is not None and (self.eval_tile < 8 or self.eval_tile % 8):
             raise ValueError(f"eval_tile must be a positive multiple of 8, got {self.eval_tile}")
+        if isinstance(self.filter_radius, bool) or not isinstance(self.filter_radius, numbers.Integral) \
+                or self.filter_radius < 0:
+            raise ValueError(f"filter_radius must be a non-negative integer (pixels), got {self.filter_radius!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -571,7 +577,7 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
     last_path, best_path, log_path = run.paths
     with _averaged_weights(run.model, run.ema):
         metrics = evaluate(run.model, run.val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
-                           tile=cfg.eval_tile, comm=run.comm)
+                           tile=cfg.eval_tile, comm=run.comm, filter_radius=cfg.filter_radius)
     record = {"epoch": run.epoch + 1, "step": run.step, "lr": run.schedule(run.step - 1),
               "train": {k: float(v) / count for k, v in sums.items()},
               "val": {k: metrics[k] for k in METRIC_KEYS}, "seconds": round(seconds, 3),

@@ -8,11 +8,14 @@ import pytest
 from hicd_core import backend
 from hicd_core.data import ArrayDataset
 from hicd_core.fc_siam import FCSiamDiff
-from hicd_core.infer import (SYMMETRIES, dihedral, dihedral_inverse, evaluate, predict_logits, predict_probability,
-                             stream_probability)
+from hicd_core.infer import (SYMMETRIES, box_mean, dihedral, dihedral_inverse, evaluate, filtered_rows, predict_logits,
+                             predict_probability, stream_probability)
 from hicd_core.metrics import ConfusionMatrix
 from hicd_core.model import TinySiamCD
+from hicd_core.train import TrainConfig
 from hicd_core.data.raster import ArraySource
+
+from .conftest import assert_close, to_xp
 
 xp = backend.namespace("numpy")
 
@@ -78,3 +81,99 @@ def test_evaluate_tiles_and_streams_average_the_same_logits():
                                                                       tile=16, overlap=4, tta=True)])
     np.testing.assert_allclose(streamed, tiled, rtol=0, atol=1e-6)
     assert not np.allclose(tiled, np.asarray(predict_probability(model, a[1], b[1], tile=16, overlap=4)))
+
+
+# --------------------------------------------------------------------------- filter_radius: the window mean of the map
+
+
+@pytest.mark.parametrize("shape, radius", [((5, 7), 1), ((30, 20), 8), ((2, 3, 9, 6), 4), ((4, 3), 7), ((6, 6), 0)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_box_mean_is_scipy_s_uniform_filter_with_mirrored_borders(xp, shape, radius, dtype):
+    from scipy.ndimage import uniform_filter
+
+    prob = np.random.default_rng(radius).random(shape).astype(dtype)
+    window = [1] * (len(shape) - 2) + [2 * radius + 1] * 2  # radius 7 on a 4 x 3 map mirrors more than once
+    expected = uniform_filter(prob.astype(np.float64), size=window, mode="reflect")
+    assert_close(box_mean(to_xp(xp, prob), radius), expected, xp, dtype=dtype, rtol=0,
+                 atol=1e-6 if dtype == "float32" else 1e-12)
+    flat = np.full(shape, 0.25, dtype)  # a constant map stays what it is, borders included
+    np.testing.assert_allclose(np.asarray(box_mean(flat, radius)), flat, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("radius", [-1, 1.5, True, "2"])
+def test_a_filter_radius_that_is_not_a_pixel_count_is_refused(radius):
+    with pytest.raises(ValueError, match="filter_radius must be a non-negative integer"):
+        box_mean(np.zeros((4, 4)), radius)
+    with pytest.raises(ValueError, match="filter_radius must be a non-negative integer"):
+        evaluate(TinySiamCD((4, 4, 8, 8)), ArrayDataset(*np.zeros((2, 1, 3, 16, 16), np.float32),
+                                                         np.zeros((1, 16, 16), np.uint8)), filter_radius=radius)
+    with pytest.raises(ValueError, match="filter_radius must be a non-negative integer"):
+        TrainConfig(filter_radius=radius)
+    with pytest.raises(ValueError, match="box_mean expects an array"):
+        box_mean(np.zeros(4), 1)
+
+
+@pytest.mark.parametrize("chunks, radius", [([7, 13, 20, 10], 3), ([50], 8), ([1] * 50, 2), ([16] * 3 + [2], 8),
+                                            ([3] * 16 + [2], 30), ([10, 40], 0)])
+def test_filtered_rows_stream_the_whole_scene_s_box_mean(chunks, radius):
+    prob = np.random.default_rng(len(chunks)).random((sum(chunks), 23)).astype(np.float32)
+    starts = np.cumsum([0] + chunks[:-1])
+    out = list(filtered_rows(((int(s), prob[s:s + c]) for s, c in zip(starts, chunks)), radius, len(prob)))
+    assert [row0 for row0, _ in out] == sorted({row0 for row0, _ in out})  # top to bottom, each row once
+    got = np.concatenate([rows for _, rows in out])
+    assert got.dtype == np.float32 and got.shape == prob.shape
+    np.testing.assert_allclose(got, np.asarray(box_mean(prob, radius)), rtol=0, atol=1e-6)
+
+
+def test_evaluate_scores_the_window_mean_of_the_probability_whole_or_tiled():
+    model = TinySiamCD((4, 4, 8, 8), seed=3)
+    rng = np.random.default_rng(2)
+    a, b = rng.random((2, 2, 3, 32, 40), dtype=np.float32)
+    labels = (rng.random((2, 32, 40)) < 0.3).astype(np.uint8)
+    data = ArrayDataset(a, b, labels)
+    prob = 1 / (1 + np.exp(-np.asarray(predict_logits(model, a, b))[:, 0].astype(np.float64)))
+    threshold = float(np.median(prob))  # an untrained network: cut at the median
+    for radius in (0, 3):
+        cm = ConfusionMatrix()
+        cm.update(np.asarray(box_mean(prob, radius)) >= threshold, labels, None)
+        got = evaluate(model, data, batch_size=2, threshold=threshold, filter_radius=radius)
+        assert {k: got[k] for k in ("tp", "fp", "fn", "tn")} == {k: cm.compute()[k] for k in ("tp", "fp", "fn", "tn")}
+    assert evaluate(model, data, threshold=threshold, filter_radius=3) != evaluate(model, data, threshold=threshold)
+    # scenes larger than the tile: the blended probability of the scene, then its window mean
+    tiled = np.asarray(predict_probability(model, a[0], b[0], tile=16, overlap=4))
+    np.testing.assert_allclose(np.asarray(predict_probability(model, a[0], b[0], tile=16, overlap=4, filter_radius=3)),
+                               np.asarray(box_mean(tiled, 3)), rtol=0, atol=1e-6)
+
+
+def test_the_cli_trains_with_a_filter_radius_and_eval_and_predict_default_to_it(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from hicd_core import io
+    from hicd_core.cli import main as cli_main
+    from hicd_core.networks import load_model
+
+    out = tmp_path / "run"
+    assert cli_main(["train", "--size", "32", "--n-train", "8", "--n-val", "8", "--epochs", "1", "--batch-size", "4",
+                     "--filter-radius", "2", "--no-progress", "--out", str(out)]) == 0
+    assert io.load_checkpoint(out / "best.h5")["config"]["filter_radius"] == 2
+    capsys.readouterr()
+    assert cli_main(["eval", str(out / "best.h5"), "--size", "32", "--n", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["filter_radius"] == 2
+    assert cli_main(["eval", str(out / "best.h5"), "--size", "32", "--n", "8", "--filter-radius", "0"]) == 0
+    assert "filter_radius" not in json.loads(capsys.readouterr().out)
+    rng = np.random.default_rng(4)
+    pair = (rng.random((2, 40, 56, 3)) * 255).astype(np.uint8)
+    for name, img in zip("ab", pair):
+        Image.fromarray(img).save(tmp_path / f"{name}.png")
+    assert cli_main(["predict", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(tmp_path / "m.png"),
+                     "--checkpoint", str(out / "best.h5"), "--tile", "32", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["filter_radius"] == 2
+    model = load_model(out / "best.h5")[0]
+    t1, t2 = (np.transpose(img, (2, 0, 1)).astype(np.float32) / np.float32(255) for img in pair)
+    prob = np.asarray(predict_probability(model, t1, t2, tile=32, overlap=8, filter_radius=2))
+    mask = np.asarray(Image.open(tmp_path / "m.png")) > 0
+    np.testing.assert_array_equal(mask, prob >= 0.5)
+    raw = np.asarray(predict_probability(model, t1, t2, tile=32, overlap=8))
+    assert 0 < mask.mean() < 1 and not np.array_equal(mask, raw >= 0.5)  # the window mean changed the map
