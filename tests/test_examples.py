@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,13 @@ def test_recipe_probe_runs_and_prints_its_model_per_validation_scene(tmp_path):
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in tta.strip().splitlines()]
     assert rows[0][4:] == val and [r[1:3] for r in rows[2:]] == [["clean pairs", "off"], ["clean pairs", "8 views"]]
     assert rows[2][4:] == [per_scene[name] for name in val]
+    # smooth_probe: radius 0 is the run's own per-scene table, then one row per radius
+    smooth = run_script("examples/probes/smooth_probe.py", best, "--data", str(data), "--out", str(tmp_path / "runs"))
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in smooth.strip().splitlines()]
+    assert rows[0][4:] == val and [int(r[2]) for r in rows[2:]] == [0, 2, 4, 8, 12, 16, 24]
+    assert rows[2][4:] == [per_scene[name] for name in val]
+    profiles = _reproduce_module().PROFILES
+    assert profiles["real-fc-siam-diff-filtered"] == replace(profiles["real-fc-siam-diff"], filter_radius=8)
 
 
 def test_tta_probe_validates_a_student_on_its_own_degraded_view():
