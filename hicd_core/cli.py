@@ -52,6 +52,7 @@ _rate = _checked(float, lambda v: 0 <= v <= 1, "a rate in [0, 1]")
 _dropout_rate = _checked(float, lambda v: 0 <= v < 1, "a rate in [0, 1)")
 _strength = _checked(float, lambda v: 0 <= v < 1, "a strength in [0, 1)")
 _radius = _checked(int, lambda v: v >= 0, "a non-negative integer (pixels)")
+_epoch_count = _checked(int, lambda v: v >= 0, "a non-negative integer (epochs)")
 FILTER_HELP = ("average the change probability over the (2R+1)x(2R+1) window around each pixel before the "
                "threshold (docs/GUIDE.md)")
 FILTER_DEFAULT = " (default: the radius the checkpoint was validated with, 0 for none)"
@@ -160,6 +161,8 @@ def _train_parser(sub):
                         "more needs threadpoolctl, the cpu extra)")
     t.add_argument("--patience", type=_positive_int, default=None,
                    help="stop once validation F1 has not improved for this many epochs (--epochs is then the budget)")
+    t.add_argument("--min-epochs", type=_epoch_count, default=0, metavar="N",
+                   help="never stop by --patience before this many epochs (default 0)")
     t.add_argument("--ema", type=_probability, default=None, metavar="DECAY",
                    help="validate, select and save best.h5 with an exponential moving average of the weights "
                         "(decay per step, e.g. 0.99; default off)")
@@ -322,7 +325,7 @@ def cmd_train(args):
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize={None: False, "set": True}.get(args.normalize, args.normalize), change_crop_rate=args.change_crop_rate,
-                      colour_jitter=args.colour_jitter, threads=args.threads, patience=args.patience, smoothing=args.smoothing, eval_tile=args.eval_tile, filter_radius=args.filter_radius, bands=args.bands,
+                      colour_jitter=args.colour_jitter, threads=args.threads, patience=args.patience, min_epochs=args.min_epochs, smoothing=args.smoothing, eval_tile=args.eval_tile, filter_radius=args.filter_radius, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
                       ema=args.ema)
     teacher = None

@@ -47,7 +47,7 @@ class Profile:
 
     ``teacher_epochs`` / ``student_epochs`` are maximum budgets when ``patience``
     is set (training stops once validation F1 has not improved for ``patience``
-    epochs); ``smoothing``, ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and
+    epochs); ``min_epochs``, ``smoothing``, ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and
     ``eval_tile`` are the ``TrainConfig`` fields of the same names (``filter_radius`` too, which the test
     rows' evaluation applies as well), and so are ``model`` (the network,
     ``networks.MODELS``), ``dropout``, ``ema``, ``weight_decay`` (the optimizer's, teacher and
@@ -66,6 +66,7 @@ class Profile:
     lr: float = 2e-3
     student_lr: float = 1e-3
     patience: int | None = None
+    min_epochs: int = 0
     smoothing: int = 1
     dice_weight: float = 0.0
     pos_weight: float | None = None
@@ -117,7 +118,7 @@ def _metrics_row(method, metrics):
 
 def _base_config(prof, seed):
     return TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
-                       lr=prof.lr, seed=seed, patience=prof.patience, smoothing=prof.smoothing,
+                       lr=prof.lr, seed=seed, patience=prof.patience, min_epochs=prof.min_epochs, smoothing=prof.smoothing,
                        dice_weight=prof.dice_weight, pos_weight=prof.pos_weight, normalize=prof.normalize,
                        change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile, model=prof.model,
                        dropout=prof.dropout, ema=prof.ema, weight_decay=prof.weight_decay,

@@ -264,7 +264,9 @@ class TrainConfig:
     in ``1 ± colour_jitter`` and offset in ``± colour_jitter / 2`` per channel, each image its own
     (``data.random_colour``); ``patience`` stops training once validation F1 has not improved
     for that many epochs (``epochs`` is then the maximum budget; the learning-rate
-    schedule spans the whole budget); ``smoothing`` selects the best model (and counts
+    schedule spans the whole budget), but never before ``min_epochs`` epochs have run (0, the
+    default: from the first epoch on), so that a network whose validation F1 takes off late is not
+    stopped by the count from a lucky first epoch; ``smoothing`` selects the best model (and counts
     the patience) by the mean validation F1 of the last ``smoothing`` epochs instead of
     each epoch's own (1, the default), for validation sets so small that F1 jumps from
     epoch to epoch: ``best.h5`` is then the model at the end of the best run of
@@ -307,6 +309,7 @@ class TrainConfig:
     change_crop_rate: float = 0.0
     colour_jitter: float = 0.0
     patience: int | None = None
+    min_epochs: int = 0
     smoothing: int = 1
     eval_tile: int | None = None
     filter_radius: int = 0
@@ -355,6 +358,9 @@ class TrainConfig:
             raise ValueError(f"threads must be a positive int, got {self.threads!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 (or None), got {self.patience}")
+        if isinstance(self.min_epochs, bool) or not isinstance(self.min_epochs, numbers.Integral) \
+                or self.min_epochs < 0:
+            raise ValueError(f"min_epochs must be a non-negative integer (epochs), got {self.min_epochs!r}")
         if isinstance(self.smoothing, bool) or not isinstance(self.smoothing, numbers.Integral) or self.smoothing < 1:
             raise ValueError(f"smoothing must be an integer >= 1 (epochs), got {self.smoothing!r}")
         if self.eval_tile is not None and (self.eval_tile < 8 or self.eval_tile % 8):
@@ -593,7 +599,8 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
         run.best = dict(record["val"], epoch=run.epoch + 1)
         if cfg.smoothing > 1:
             run.best["smoothed_f1"] = score
-    run.stopped = cfg.patience is not None and run.epoch + 1 - run.best["epoch"] >= cfg.patience
+    run.stopped = (cfg.patience is not None and run.epoch + 1 >= cfg.min_epochs
+                   and run.epoch + 1 - run.best["epoch"] >= cfg.patience)
     if run.stopped:
         record["stopped"] = True
     extra = {"epoch": run.epoch + 1, "best": run.best, "stopped": run.stopped}

@@ -156,8 +156,10 @@ def test_the_cli_trains_with_a_filter_radius_and_eval_and_predict_default_to_it(
 
     out = tmp_path / "run"
     assert cli_main(["train", "--size", "32", "--n-train", "8", "--n-val", "8", "--epochs", "1", "--batch-size", "4",
-                     "--filter-radius", "2", "--no-progress", "--out", str(out)]) == 0
-    assert io.load_checkpoint(out / "best.h5")["config"]["filter_radius"] == 2
+                     "--filter-radius", "2", "--patience", "3", "--min-epochs", "5", "--no-progress",
+                     "--out", str(out)]) == 0
+    config = io.load_checkpoint(out / "best.h5")["config"]
+    assert config["filter_radius"] == 2 and (config["patience"], config["min_epochs"]) == (3, 5)
     capsys.readouterr()
     assert cli_main(["eval", str(out / "best.h5"), "--size", "32", "--n", "8"]) == 0
     assert json.loads(capsys.readouterr().out)["filter_radius"] == 2

@@ -270,6 +270,30 @@ def test_early_stopping_stops_at_the_stated_patience_and_resume_keeps_it_stopped
         TrainConfig(patience=0)
 
 
+def test_min_epochs_holds_early_stopping_off_until_the_network_takes_off(tmp_path, monkeypatch):
+    """The collapse min_epochs guards against: a lucky first epoch, then nothing for longer than the
+    patience, then the network learns. Without it the run ends at epoch 1 + patience."""
+    from hicd_core import train as train_module
+
+    curve = [12.0, 0.0, 0.0, 0.0, 5.0, 40.0, 45.0, 44.0, 43.0, 42.0, 41.0, 99.0]
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    runs = {}
+    for min_epochs in (0, 6):
+        scores = iter(curve)
+        monkeypatch.setattr(train_module, "evaluate",
+                            lambda *a, **k: {"f1": next(scores), "precision": 0.0, "recall": 0.0, "iou": 0.0,
+                                             "oa": 0.0, "kappa": 0.0})
+        cfg = TrainConfig(role="teacher", epochs=12, batch_size=8, patience=3, min_epochs=min_epochs, seed=0)
+        runs[min_epochs] = fit(cfg, data, data, tmp_path / f"m{min_epochs}", progress=False)
+    assert len(runs[0].history) == 4 and runs[0].best["epoch"] == 1
+    # held off through epoch 5 (it would stop there with min_epochs 5), then counted from the best (epoch 7)
+    assert len(runs[6].history) == 10 and runs[6].best["epoch"] == 7 and runs[6].best["f1"] == 45.0
+    assert runs[6].history[-1].get("stopped") is True
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="min_epochs must be a non-negative integer"):
+            TrainConfig(min_epochs=bad)
+
+
 def test_smoothed_selection_skips_a_one_epoch_spike_and_counts_patience_on_the_mean(tmp_path, monkeypatch):
     from hicd_core import train as train_module
 
