@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -74,7 +75,10 @@ def test_reproduce_writes_rows_report_and_resumes(tmp_path):
             "--report", str(report), "--no-progress")
     run_script(*args, "--teacher-only")  # the first stage: the teacher's rows, no student
     assert [r["method"] for r in json.loads(results.read_text())] == ["teacher HQ/HQ", "teacher HQ/LQ"]
-    run_script(*args)  # the students, with the teacher reused
+    (teacher_dir,) = (tmp_path / "runs").rglob("teacher")
+    shutil.rmtree(teacher_dir)  # a fresh baseline student learns without it: it is not trained again
+    run_script(*args)  # the students
+    assert not teacher_dir.exists()
     rows = json.loads(results.read_text())
     assert [r["method"] for r in rows] == ["teacher HQ/HQ", "teacher HQ/LQ", "student baseline"]
     assert all(set(r) == {"setting", "method", "seed", "init", "best_epoch", "epochs_run", "val_f1", "f1", "iou",
