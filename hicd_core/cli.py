@@ -171,8 +171,8 @@ def _train_parser(sub):
                         "epochs (default 1: each epoch's own)")
     t.add_argument("--eval-tile", type=_multiple_of_8, default=None, help="validate scenes larger than this tile by tile")
     t.add_argument("--filter-radius", type=_radius, default=0, metavar="R",
-                   help="validate (and select the best model) with maps that " + FILTER_HELP[0].lower() + FILTER_HELP[1:]
-                        + " (default 0: off)")
+                   help="validate (and select the best model) with maps that "
+                        + FILTER_HELP[0].lower() + FILTER_HELP[1:] + " (default 0: off)")
     t.add_argument("--label-threshold", type=_label_value, default=None,
                    help="binarise masks with grey pixels: value >= T is change (e.g. 128)")
     t.add_argument("--ignore-index", type=_ignore_value, default=None, help=IGNORE_HELP)
@@ -325,7 +325,9 @@ def cmd_train(args):
                       crop=args.crop, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                       schedule=args.schedule, dice_weight=args.dice_weight, ignore_index=args.ignore_index,
                       pos_weight=args.pos_weight, normalize={None: False, "set": True}.get(args.normalize, args.normalize), change_crop_rate=args.change_crop_rate,
-                      colour_jitter=args.colour_jitter, threads=args.threads, patience=args.patience, min_epochs=args.min_epochs, smoothing=args.smoothing, eval_tile=args.eval_tile, filter_radius=args.filter_radius, bands=args.bands,
+                      colour_jitter=args.colour_jitter, threads=args.threads, patience=args.patience,
+                      min_epochs=args.min_epochs, smoothing=args.smoothing, eval_tile=args.eval_tile,
+                      filter_radius=args.filter_radius, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
                       ema=args.ema)
     teacher = None

@@ -118,7 +118,8 @@ def _metrics_row(method, metrics):
 
 def _base_config(prof, seed):
     return TrainConfig(role="teacher", epochs=prof.teacher_epochs, batch_size=prof.batch_size, crop=prof.crop,
-                       lr=prof.lr, seed=seed, patience=prof.patience, min_epochs=prof.min_epochs, smoothing=prof.smoothing,
+                       lr=prof.lr, seed=seed, patience=prof.patience, min_epochs=prof.min_epochs,
+                       smoothing=prof.smoothing,
                        dice_weight=prof.dice_weight, pos_weight=prof.pos_weight, normalize=prof.normalize,
                        change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile, model=prof.model,
                        dropout=prof.dropout, ema=prof.ema, weight_decay=prof.weight_decay,
@@ -177,7 +178,8 @@ def run_comparison(out_dir, *, setting, seed=0, data=None, students=("baseline",
     def score(model, data):
         return evaluate(model, data, batch_size=prof.batch_size, filter_radius=prof.filter_radius)
 
-    rows = [_metrics_row("teacher HQ/HQ", score(teacher, test_hq)), _metrics_row("teacher HQ/LQ", score(teacher, test_lq))]
+    rows = [_metrics_row("teacher HQ/HQ", score(teacher, test_hq)),
+            _metrics_row("teacher HQ/LQ", score(teacher, test_lq))]
     models = {"teacher": teacher}
     for name in students:
         student = train_student(out_dir / f"student-{name}", name, splits, prof, teacher, setting=setting,

@@ -62,7 +62,7 @@ def box_mean(prob, radius, *, xp=None):
     one-dimensional running sums (cumulative sums in float64, then differences), on any array-API
     namespace. Used by ``evaluate(..., filter_radius=)``: the change probability averaged over a
     window before the threshold fills holes inside changed areas and drops isolated pixels
-    (docs/studies/sztaki-fc-siam-diff_notes.md has the validation figures that chose it).
+    (docs/studies/sztaki-fc-siam-diff-filtered_notes.md has the validation figures that chose it).
     """
     xp = xp if xp is not None else backend.array_namespace(prob)
     _check_filter_radius(radius)
