@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
-
 from . import backend
 from .functional import sigmoid
 from .data.loader import iterate_batches
@@ -107,14 +105,15 @@ def filtered_rows(rows, radius, height):
     buf, start, done = None, 0, 0  # buf: scene rows start .. start + len(buf); rows before done are out
 
     def emit(end):  # scene rows done .. end, each window mirrored at the scene's borders
-        block = np.take(buf, _reflected(done, end, radius, height, xp=xp) - start, axis=0).astype(np.float64)
+        block = xp.astype(xp.take(buf, _reflected(done, end, radius, height, xp=xp) - start, axis=0), xp.float64)
         block = _window_sums(block, radius, 0, xp=xp)
-        block = _window_sums(np.take(block, _reflected(0, block.shape[1], radius, block.shape[1], xp=xp), axis=1),
+        block = _window_sums(xp.take(block, _reflected(0, block.shape[1], radius, block.shape[1], xp=xp), axis=1),
                              radius, 1, xp=xp)
-        return (block / (2 * radius + 1) ** 2).astype(np.float32)
+        return xp.astype(block / (2 * radius + 1) ** 2, xp.float32)
 
     for row0, chunk in rows:
-        buf = chunk if buf is None else np.concatenate([buf, chunk])
+        chunk = backend.from_host(chunk, xp)
+        buf = chunk if buf is None else xp.concat([buf, chunk])
         ready = row0 + len(chunk) - radius  # a row above this has every row of its window read
         if ready > done:
             yield done, emit(ready)
