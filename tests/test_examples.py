@@ -244,7 +244,8 @@ def test_recipe_probe_runs_and_prints_its_model_per_validation_scene(tmp_path):
     assert rows[0][4:] == val and [int(r[2]) for r in rows[2:]] == [0, 2, 4, 8, 12, 16, 24]
     assert rows[2][4:] == [per_scene[name] for name in val]
     profiles = _reproduce_module().PROFILES
-    assert profiles["real-fc-siam-diff-filtered"] == replace(profiles["real-fc-siam-diff"], filter_radius=8)
+    assert profiles["real-fc-siam-diff-filtered"] == replace(profiles["real-fc-siam-diff"], filter_radius=8,
+                                                             min_epochs=20)
 
 
 def test_tta_probe_validates_a_student_on_its_own_degraded_view():
