@@ -348,3 +348,44 @@ def test_gap_probe_pairs_methods_by_seed_on_validation_test_and_each_scene(tmp_p
     assert hicd[2] == "1" and hicd[3] == "+1.00 (1/1 above 0)" and hicd[4] == "+0.00 (0/1 above 0)"
     assert lines[4].split("|")[2].strip() == "student feature-mse − baseline" and lines[4].split("|")[3].strip() == "1"
     assert len(lines) == 5
+
+
+def _probe_module(name):
+    sys.path.insert(0, str(ROOT / "examples" / "probes"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_site_probe_trains_one_site_on_as_many_crops_per_epoch_as_the_joint_teacher():
+    root = ROOT.parent / "shared" / "data" / "sztaki-airchange"
+    if not root.is_dir():
+        pytest.skip("../shared/data/sztaki-airchange is absent")
+    site_probe = _probe_module("site_probe")
+    prof = _reproduce_module().PROFILES["real-fc-siam-diff-filtered"]
+    joint, joint_val, _ = site_probe.site_splits(root, prof, "all")
+    assert len(joint) == 9 * prof.repeats and joint_val.names == ["szada_2", "tiszadob_2"]
+    tisza, tisza_val, described = site_probe.site_splits(root, prof, "tiszadob")
+    assert tisza.dataset.names == ["tiszadob_1", "tiszadob_4", "tiszadob_5"] and tisza_val.names == ["tiszadob_2"]
+    assert tisza.times == 48 and len(tisza) == len(joint) and "48 crops each" in described
+    szada, szada_val, _ = site_probe.site_splits(root, prof, "szada")
+    assert len(szada.dataset) == 5 and szada_val.names == ["szada_2"] and 0 <= len(szada) - len(joint) < 5
+    longer, longer_val, _ = site_probe.site_splits(root, prof, "all", 3)
+    assert len(longer) == 3 * len(joint) and longer_val.names == joint_val.names
+    with pytest.raises(SystemExit, match="starts with 'x'"):
+        site_probe.site_splits(root, prof, "x")
+
+
+def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
+    site_probe = _probe_module("site_probe")
+    row = lambda site, seed, scenes, budget=1, crops=16: {  # noqa: E731
+        "site": site, "seed": seed, "budget": budget, "profile": "p", "split": "", "crops_per_scene": crops,
+        "val_f1": [1.0, 5.0, 2.0], "val_f1_per_scene": scenes}
+    rows = [row("all", 0, {"szada_2": 50.0, "tiszadob_2": 40.0}), row("tiszadob", 0, {"tiszadob_2": 43.5}, crops=48),
+            row("all", 0, {"szada_2": 49.0, "tiszadob_2": 45.0}, budget=3, crops=48), row("szada", 1, {"szada_2": 7.0})]
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in site_probe.table(rows).splitlines()]
+    assert len(lines) == 2 + 4
+    assert lines[2] == ["0", "both sites", "48 per scene", "2 / 3", "szada_2", "49.00", "50.00", "-1.00"]
+    assert lines[4] == ["0", "tiszadob only", "48 per scene", "2 / 3", "tiszadob_2", "43.50", "40.00", "+3.50"]
+    assert lines[5][0] == "1" and lines[5][-2:] == ["–", "–"]

@@ -1,0 +1,140 @@
+"""One teacher per site against one teacher of both sites, on the SZTAKI validation scenes (issue 27).
+
+    python examples/probes/site_probe.py --site all --seed 0
+    python examples/probes/site_probe.py --site szada --seed 0
+    python examples/probes/site_probe.py --site tiszadob --seed 0
+    python examples/probes/site_probe.py --table
+
+The SZTAKI studies train one network on the nine training scenes of both sites (Szada,
+Tiszadob, and the `archieve` pair). Public reimplementations of the literature's AirChange
+protocol train one network per site instead, on that site's other scenes. Which gives the
+stronger teacher here is a recipe question, so it is answered on the validation scenes alone:
+``--site all`` trains the study's own teacher (``PROFILES[--profile]``, the split of
+``examples/reproduce.py``, seeded as ``reproduce.py`` seeds it, so its validation curve is the
+committed row's); ``--site NAME`` trains the same recipe on the training scenes whose name starts
+with NAME and validates on that site's validation scene, with the crops per scene and epoch
+raised so that an epoch has as many steps as the joint teacher's (the same budget of updates).
+
+Each run's selected model (``best.h5``) is then scored on every validation scene of its site by
+itself, as the studies score a test scene (``reproduce.evaluate_scenes``, with the profile's
+``filter_radius``), and a row goes to ``results/site_probe.json``. ``--table`` prints, per seed
+and validation scene, the joint teacher's F1 beside the site teacher's. No test scene is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from hicd_core import backend  # noqa: E402
+from hicd_core.data import Repeat, Subset  # noqa: E402
+from hicd_core.experiment import PROFILES, _base_config, write_json  # noqa: E402
+from hicd_core.networks import load_model  # noqa: E402
+from hicd_core.train import fit  # noqa: E402
+import reproduce  # noqa: E402
+
+
+def site_splits(data, prof, site, budget=1):
+    """``(train, val, description)``: all training scenes (``site`` 'all') or those of one site,
+    ``budget`` times as many crops per epoch as the joint teacher of ``prof`` draws."""
+    train, val, _, described, _ = reproduce.folder_splits(data, prof, out=None, seed=0)
+    scenes = train.dataset  # the Subset of training scenes that Repeat shows prof.repeats times
+    if site == "all":
+        if budget == 1:
+            return train, val, described
+        return Repeat(scenes, prof.repeats * budget), val, f"{described}, {prof.repeats * budget} crops each per epoch"
+    keep = [i for i, name in enumerate(scenes.names) if name.startswith(site)]
+    keep_val = [i for i, name in enumerate(val.names) if name.startswith(site)]
+    if not keep or not keep_val:
+        raise SystemExit(f"site_probe: no training or validation scene of {data} starts with {site!r} "
+                         f"(training {scenes.names}, validation {val.names})")
+    # as many crops per epoch as the joint teacher draws, so that both get the same number of updates
+    repeats = math.ceil(len(scenes) * prof.repeats * budget / len(keep))
+    site_train = Repeat(Subset(scenes, keep), repeats)
+    site_val = Subset(val, keep_val)
+    return site_train, site_val, (f"site {site!r}: training {site_train.dataset.names} ({repeats} crops each per "
+                                  f"epoch), validation {site_val.names}")
+
+
+def run(args):
+    backend.keep_host_memory()
+    prof = PROFILES[args.profile]
+    if args.budget < 1:
+        raise SystemExit(f"site_probe: --budget must be a positive integer, got {args.budget}")
+    train, val, described = site_splits(args.data, prof, args.site, args.budget)
+    out = Path(args.out) / (f"{args.site}-seed{args.seed}" + (f"-budget{args.budget}" if args.budget > 1 else ""))
+    cfg = _base_config(prof, args.seed)
+    started = time.perf_counter()
+    print(f"site_probe: {described}; {cfg.epochs} epochs, out {out}", flush=True)
+    result = fit(cfg, train, val, out, resume=True, progress=False,
+                 on_epoch=lambda r: print(r["epoch"], round(r["val"]["f1"], 2), flush=True))
+    model = load_model(out / "best.h5")[0]
+    _, per_scene = reproduce.evaluate_scenes(model, val, prof)
+    curve = [round(r["val"]["f1"], 2) for r in result.history]
+    row = {"site": args.site, "seed": args.seed, "budget": args.budget, "profile": args.profile, "split": described,
+           "crops_per_scene": train.times,
+           "val_f1": curve, "val_f1_per_scene": {k: round(v, 2) for k, v in per_scene.items()},
+           "seconds": round(time.perf_counter() - started, 1)}
+    results = Path(args.results)
+    rows = [r for r in (json.loads(results.read_text()) if results.exists() else [])
+            if key(r) != key(row)]
+    write_json(results, rows + [row])
+    print(json.dumps(row))
+
+
+def key(r):
+    return r["site"], r["seed"], r.get("budget", 1), r["profile"]
+
+
+def table(rows):
+    """Markdown: per run and validation scene, its selected model's F1 beside the study's own teacher's
+    (both sites, budget 1, the same seed and profile)."""
+    joint = {(r["seed"], r["profile"]): r for r in rows if r["site"] == "all" and r.get("budget", 1) == 1}
+    lines = ["| seed | teacher | crops per epoch | best epoch / run | validation scene | F1 | study's teacher "
+             "| difference |",
+             "|---:|---|---:|---:|---|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["seed"], r["site"] != "all", r["site"], r.get("budget", 1))):
+        if r["site"] == "all" and r.get("budget", 1) == 1:
+            continue
+        both = joint.get((r["seed"], r["profile"]))
+        who = "both sites" if r["site"] == "all" else f"{r['site']} only"
+        curve = r["val_f1"]
+        best = f"{curve.index(max(curve)) + 1} / {len(curve)}"
+        for scene, f1 in r["val_f1_per_scene"].items():
+            other = both["val_f1_per_scene"].get(scene) if both else None
+            diff = f"{f1 - other:+.2f}" if other is not None else "–"
+            shown = f"{other:.2f}" if other is not None else "–"
+            lines.append(f"| {r['seed']} | {who} | {r['crops_per_scene']} per scene | {best} | {scene} | {f1:.2f} "
+                         f"| {shown} | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--site", default="all", help="'all' (both sites), or a scene-name prefix: szada, tiszadob")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", type=int, default=1,
+                        help="crops per epoch, as a multiple of the study teacher's (a longer schedule)")
+    parser.add_argument("--profile", default="real-fc-siam-diff-filtered", choices=sorted(PROFILES))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
+    parser.add_argument("--out", default="runs/site_probe")
+    parser.add_argument("--results", default=str(ROOT / "results" / "site_probe.json"))
+    parser.add_argument("--table", action="store_true", help="print the rows as the notes' table and stop")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.results).read_text())))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
