@@ -71,8 +71,11 @@ def run(args):
     if args.budget < 1:
         raise SystemExit(f"site_probe: --budget must be a positive integer, got {args.budget}")
     train, val, described = site_splits(args.data, prof, args.site, args.budget)
-    out = Path(args.out) / (f"{args.site}-seed{args.seed}" + (f"-budget{args.budget}" if args.budget > 1 else ""))
     cfg = _base_config(prof, args.seed)
+    if args.min_epochs is not None:
+        cfg = replace(cfg, min_epochs=args.min_epochs)
+    out = Path(args.out) / (f"{args.site}-seed{args.seed}" + (f"-budget{args.budget}" if args.budget > 1 else "")
+                            + (f"-min{args.min_epochs}" if args.min_epochs is not None else ""))
     started = time.perf_counter()
     print(f"site_probe: {described}; {cfg.epochs} epochs, out {out}", flush=True)
     result = fit(cfg, train, val, out, resume=True, progress=False,
@@ -81,7 +84,7 @@ def run(args):
     _, per_scene = reproduce.evaluate_scenes(model, val, prof)
     curve = [round(r["val"]["f1"], 2) for r in result.history]
     row = {"site": args.site, "seed": args.seed, "budget": args.budget, "profile": args.profile, "split": described,
-           "crops_per_scene": train.times,
+           "crops_per_scene": train.times, "min_epochs": cfg.min_epochs,
            "val_f1": curve, "val_f1_per_scene": {k: round(v, 2) for k, v in per_scene.items()},
            "seconds": round(time.perf_counter() - started, 1)}
     results = Path(args.results)
@@ -92,21 +95,24 @@ def run(args):
 
 
 def key(r):
-    return r["site"], r["seed"], r.get("budget", 1), r["profile"]
+    return r["site"], r["seed"], r.get("budget", 1), r["profile"], r.get("min_epochs")
 
 
 def table(rows):
     """Markdown: per run and validation scene, its selected model's F1 beside the study's own teacher's
     (both sites, budget 1, the same seed and profile)."""
-    joint = {(r["seed"], r["profile"]): r for r in rows if r["site"] == "all" and r.get("budget", 1) == 1}
+    default = {name: prof.min_epochs for name, prof in PROFILES.items()}
+    plain = lambda r: r.get("budget", 1) == 1 and r.get("min_epochs") in (None, default.get(r["profile"]))  # noqa: E731
+    joint = {(r["seed"], r["profile"]): r for r in rows if r["site"] == "all" and plain(r)}
     lines = ["| seed | teacher | crops per epoch | best epoch / run | validation scene | F1 | study's teacher "
              "| difference |",
              "|---:|---|---:|---:|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["seed"], r["site"] != "all", r["site"], r.get("budget", 1))):
-        if r["site"] == "all" and r.get("budget", 1) == 1:
+        if r["site"] == "all" and plain(r):
             continue
         both = joint.get((r["seed"], r["profile"]))
-        who = "both sites" if r["site"] == "all" else f"{r['site']} only"
+        who = ("both sites" if r["site"] == "all" else f"{r['site']} only") + \
+            ("" if r.get("min_epochs") in (None, default.get(r["profile"])) else f", min_epochs {r['min_epochs']}")
         curve = r["val_f1"]
         best = f"{curve.index(max(curve)) + 1} / {len(curve)}"
         for scene, f1 in r["val_f1_per_scene"].items():
@@ -124,6 +130,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, default=1,
                         help="crops per epoch, as a multiple of the study teacher's (a longer schedule)")
+    parser.add_argument("--min-epochs", type=int, default=None,
+                        help="early stopping not before this many epochs (default: the profile's)")
     parser.add_argument("--profile", default="real-fc-siam-diff-filtered", choices=sorted(PROFILES))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
     parser.add_argument("--out", default="runs/site_probe")
