@@ -389,3 +389,9 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
     assert lines[2] == ["0", "both sites", "48 per scene", "2 / 3", "szada_2", "49.00", "50.00", "-1.00"]
     assert lines[4] == ["0", "tiszadob only", "48 per scene", "2 / 3", "tiszadob_2", "43.50", "40.00", "+3.50"]
     assert lines[5][0] == "1" and lines[5][-2:] == ["–", "–"]
+    weighted = dict(row("all", 0, {"szada_2": 52.0, "tiszadob_2": 40.0}), set={"pos_weight": "auto"})
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in site_probe.table(rows + [weighted]).splitlines()]
+    assert ["both sites, pos_weight auto", "szada_2", "52.00", "50.00", "+2.00"] in [ln[1:2] + ln[4:] for ln in lines]
+    assert site_probe.fields(["pos_weight=16", "normalize=image"]) == {"pos_weight": 16, "normalize": "image"}
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        site_probe.fields(["pos_weight"])

@@ -74,8 +74,14 @@ def run(args):
     cfg = _base_config(prof, args.seed)
     if args.min_epochs is not None:
         cfg = replace(cfg, min_epochs=args.min_epochs)
+    changes = fields(args.set)
+    try:
+        cfg = replace(cfg, **changes)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"site_probe: --set {args.set}: {err}") from None
     out = Path(args.out) / (f"{args.site}-seed{args.seed}" + (f"-budget{args.budget}" if args.budget > 1 else "")
-                            + (f"-min{args.min_epochs}" if args.min_epochs is not None else ""))
+                            + (f"-min{args.min_epochs}" if args.min_epochs is not None else "")
+                            + "".join(f"-{k}{v}" for k, v in changes.items()))
     started = time.perf_counter()
     print(f"site_probe: {described}; {cfg.epochs} epochs, out {out}", flush=True)
     result = fit(cfg, train, val, out, resume=True, progress=False,
@@ -84,7 +90,7 @@ def run(args):
     _, per_scene = reproduce.evaluate_scenes(model, val, prof)
     curve = [round(r["val"]["f1"], 2) for r in result.history]
     row = {"site": args.site, "seed": args.seed, "budget": args.budget, "profile": args.profile, "split": described,
-           "crops_per_scene": train.times, "min_epochs": cfg.min_epochs,
+           "crops_per_scene": train.times, "min_epochs": cfg.min_epochs, **({"set": changes} if changes else {}),
            "val_f1": curve, "val_f1_per_scene": {k: round(v, 2) for k, v in per_scene.items()},
            "seconds": round(time.perf_counter() - started, 1)}
     results = Path(args.results)
@@ -95,14 +101,29 @@ def run(args):
 
 
 def key(r):
-    return r["site"], r["seed"], r.get("budget", 1), r["profile"], r.get("min_epochs")
+    return r["site"], r["seed"], r.get("budget", 1), r["profile"], r.get("min_epochs"), json.dumps(r.get("set"))
+
+
+def fields(pairs):
+    """``{"pos_weight": 16.0}`` from ``["pos_weight=16"]``: TrainConfig fields, each value as JSON (else a string)."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"site_probe: --set wants FIELD=VALUE, got {pair!r}")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
 
 
 def table(rows):
     """Markdown: per run and validation scene, its selected model's F1 beside the study's own teacher's
     (both sites, budget 1, the same seed and profile)."""
     default = {name: prof.min_epochs for name, prof in PROFILES.items()}
-    plain = lambda r: r.get("budget", 1) == 1 and r.get("min_epochs") in (None, default.get(r["profile"]))  # noqa: E731
+    plain = lambda r: (r.get("budget", 1) == 1 and not r.get("set")  # noqa: E731
+                       and r.get("min_epochs") in (None, default.get(r["profile"])))
     joint = {(r["seed"], r["profile"]): r for r in rows if r["site"] == "all" and plain(r)}
     lines = ["| seed | teacher | crops per epoch | best epoch / run | validation scene | F1 | study's teacher "
              "| difference |",
@@ -112,7 +133,8 @@ def table(rows):
             continue
         both = joint.get((r["seed"], r["profile"]))
         who = ("both sites" if r["site"] == "all" else f"{r['site']} only") + \
-            ("" if r.get("min_epochs") in (None, default.get(r["profile"])) else f", min_epochs {r['min_epochs']}")
+            ("" if r.get("min_epochs") in (None, default.get(r["profile"])) else f", min_epochs {r['min_epochs']}") + \
+            "".join(f", {k} {v}" for k, v in (r.get("set") or {}).items())
         curve = r["val_f1"]
         best = f"{curve.index(max(curve)) + 1} / {len(curve)}"
         for scene, f1 in r["val_f1_per_scene"].items():
@@ -132,6 +154,8 @@ def main(argv=None):
                         help="crops per epoch, as a multiple of the study teacher's (a longer schedule)")
     parser.add_argument("--min-epochs", type=int, default=None,
                         help="early stopping not before this many epochs (default: the profile's)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other TrainConfig fields to change, values as JSON (pos_weight=16)")
     parser.add_argument("--profile", default="real-fc-siam-diff-filtered", choices=sorted(PROFILES))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
     parser.add_argument("--out", default="runs/site_probe")
@@ -139,6 +163,8 @@ def main(argv=None):
     parser.add_argument("--table", action="store_true", help="print the rows as the notes' table and stop")
     args = parser.parse_args(argv)
     if args.table:
+        if not Path(args.results).is_file():
+            raise SystemExit(f"site_probe: no rows at {args.results}")
         print(table(json.loads(Path(args.results).read_text())))
         return
     run(args)
