@@ -380,8 +380,8 @@ def test_site_probe_trains_one_site_on_as_many_crops_per_epoch_as_the_joint_teac
 def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
     site_probe = _probe_module("site_probe")
     row = lambda site, seed, scenes, budget=1, crops=16: {  # noqa: E731
-        "site": site, "seed": seed, "budget": budget, "profile": "p", "split": "", "crops_per_scene": crops,
-        "val_f1": [1.0, 5.0, 2.0], "val_f1_per_scene": scenes}
+        "site": site, "seed": seed, "budget": budget, "profile": "real-fc-siam-diff-filtered", "split": "",
+        "crops_per_scene": crops, "val_f1": [1.0, 5.0, 2.0], "val_f1_per_scene": scenes}
     rows = [row("all", 0, {"szada_2": 50.0, "tiszadob_2": 40.0}), row("tiszadob", 0, {"tiszadob_2": 43.5}, crops=48),
             row("all", 0, {"szada_2": 49.0, "tiszadob_2": 45.0}, budget=3, crops=48), row("szada", 1, {"szada_2": 7.0})]
     lines = [[c.strip() for c in line.split("|")[1:-1]] for line in site_probe.table(rows).splitlines()]
@@ -392,6 +392,8 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
     weighted = dict(row("all", 0, {"szada_2": 52.0, "tiszadob_2": 40.0}), set={"pos_weight": "auto"})
     lines = [[c.strip() for c in line.split("|")[1:-1]] for line in site_probe.table(rows + [weighted]).splitlines()]
     assert ["both sites, pos_weight auto", "szada_2", "52.00", "50.00", "+2.00"] in [ln[1:2] + ln[4:] for ln in lines]
+    larger = dict(row("all", 0, {"szada_2": 51.0, "tiszadob_2": 41.0}, crops=4), set={"crop": 256})
+    assert len(site_probe.table(rows + [larger]).splitlines()) == 2 + 4 + 2  # not taken for the study's teacher
     assert site_probe.fields(["pos_weight=16", "normalize=image"]) == {"pos_weight": 16, "normalize": "image"}
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         site_probe.fields(["pos_weight"])

@@ -68,6 +68,10 @@ def site_splits(data, prof, site, budget=1):
 def run(args):
     backend.keep_host_memory()
     prof = PROFILES[args.profile]
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise SystemExit(f"site_probe: --repeats must be a positive integer, got {args.repeats}")
+        prof = replace(prof, repeats=args.repeats)
     if args.budget < 1:
         raise SystemExit(f"site_probe: --budget must be a positive integer, got {args.budget}")
     train, val, described = site_splits(args.data, prof, args.site, args.budget)
@@ -81,6 +85,7 @@ def run(args):
         raise SystemExit(f"site_probe: --set {args.set}: {err}") from None
     out = Path(args.out) / (f"{args.site}-seed{args.seed}" + (f"-budget{args.budget}" if args.budget > 1 else "")
                             + (f"-min{args.min_epochs}" if args.min_epochs is not None else "")
+                            + (f"-repeats{args.repeats}" if args.repeats is not None else "")
                             + "".join(f"-{k}{v}" for k, v in changes.items()))
     started = time.perf_counter()
     print(f"site_probe: {described}; {cfg.epochs} epochs, out {out}", flush=True)
@@ -101,7 +106,8 @@ def run(args):
 
 
 def key(r):
-    return r["site"], r["seed"], r.get("budget", 1), r["profile"], r.get("min_epochs"), json.dumps(r.get("set"))
+    return (r["site"], r["seed"], r.get("budget", 1), r["profile"], r.get("min_epochs"), json.dumps(r.get("set")),
+            r.get("crops_per_scene"))
 
 
 def fields(pairs):
@@ -122,8 +128,10 @@ def table(rows):
     """Markdown: per run and validation scene, its selected model's F1 beside the study's own teacher's
     (both sites, budget 1, the same seed and profile)."""
     default = {name: prof.min_epochs for name, prof in PROFILES.items()}
+    repeats = {name: prof.repeats for name, prof in PROFILES.items()}
     plain = lambda r: (r.get("budget", 1) == 1 and not r.get("set")  # noqa: E731
-                       and r.get("min_epochs") in (None, default.get(r["profile"])))
+                       and r.get("min_epochs") in (None, default.get(r["profile"]))
+                       and (r["site"] != "all" or r.get("crops_per_scene") in (None, repeats.get(r["profile"]))))
     joint = {(r["seed"], r["profile"]): r for r in rows if r["site"] == "all" and plain(r)}
     lines = ["| seed | teacher | crops per epoch | best epoch / run | validation scene | F1 | study's teacher "
              "| difference |",
@@ -156,6 +164,8 @@ def main(argv=None):
                         help="early stopping not before this many epochs (default: the profile's)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="other TrainConfig fields to change, values as JSON (pos_weight=16)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="crops per training scene and epoch before --budget (default: the profile's)")
     parser.add_argument("--profile", default="real-fc-siam-diff-filtered", choices=sorted(PROFILES))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
     parser.add_argument("--out", default="runs/site_probe")
