@@ -133,9 +133,9 @@ def table(rows):
                        and r.get("min_epochs") in (None, default.get(r["profile"]))
                        and (r["site"] != "all" or r.get("crops_per_scene") in (None, repeats.get(r["profile"]))))
     joint = {(r["seed"], r["profile"]): r for r in rows if r["site"] == "all" and plain(r)}
-    lines = ["| seed | teacher | crops per epoch | best epoch / run | validation scene | F1 | study's teacher "
-             "| difference |",
-             "|---:|---|---:|---:|---|---:|---:|---:|"]
+    lines = ["| seed | teacher | crops per epoch | best epoch / run | selected validation F1 (study's teacher) "
+             "| validation scene | F1 | study's teacher | difference |",
+             "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["seed"], r["site"] != "all", r["site"], r.get("budget", 1))):
         if r["site"] == "all" and plain(r):
             continue
@@ -145,12 +145,13 @@ def table(rows):
             "".join(f", {k} {v}" for k, v in (r.get("set") or {}).items())
         curve = r["val_f1"]
         best = f"{curve.index(max(curve)) + 1} / {len(curve)}"
+        selected = f"{max(curve):.2f}" + (f" ({max(both['val_f1']):.2f})" if both and r["site"] == "all" else "")
         for scene, f1 in r["val_f1_per_scene"].items():
             other = both["val_f1_per_scene"].get(scene) if both else None
             diff = f"{f1 - other:+.2f}" if other is not None else "–"
             shown = f"{other:.2f}" if other is not None else "–"
-            lines.append(f"| {r['seed']} | {who} | {r['crops_per_scene']} per scene | {best} | {scene} | {f1:.2f} "
-                         f"| {shown} | {diff} |")
+            lines.append(f"| {r['seed']} | {who} | {r['crops_per_scene']} per scene | {best} | {selected} | {scene} "
+                         f"| {f1:.2f} | {shown} | {diff} |")
     return "\n".join(lines)
 
 
