@@ -1,24 +1,30 @@
-"""One teacher per site against one teacher of both sites, on the SZTAKI validation scenes (issue 27).
+"""One teacher per site, or another single change to the study's teacher, on the SZTAKI validation scenes (#27).
 
     python examples/probes/site_probe.py --site all --seed 0
     python examples/probes/site_probe.py --site szada --seed 0
-    python examples/probes/site_probe.py --site tiszadob --seed 0
+    python examples/probes/site_probe.py --site tiszadob --seed 0 [--min-epochs 40]
+    python examples/probes/site_probe.py --site all --seed 0 --budget 3
+    python examples/probes/site_probe.py --site all --seed 0 --set pos_weight=auto
+    python examples/probes/site_probe.py --site all --seed 0 --repeats 4 --set crop=256 batch_size=2
     python examples/probes/site_probe.py --table
 
 The SZTAKI studies train one network on the nine training scenes of both sites (Szada,
 Tiszadob, and the `archieve` pair). Public reimplementations of the literature's AirChange
-protocol train one network per site instead, on that site's other scenes. Which gives the
-stronger teacher here is a recipe question, so it is answered on the validation scenes alone:
-``--site all`` trains the study's own teacher (``PROFILES[--profile]``, the split of
+protocol train one network per site instead, on that site's other scenes, for many more crops.
+Which gives the stronger teacher here is a recipe question, so it is answered on the validation
+scenes alone: ``--site all`` trains the study's own teacher (``PROFILES[--profile]``, the split of
 ``examples/reproduce.py``, seeded as ``reproduce.py`` seeds it, so its validation curve is the
 committed row's); ``--site NAME`` trains the same recipe on the training scenes whose name starts
 with NAME and validates on that site's validation scene, with the crops per scene and epoch
 raised so that an epoch has as many steps as the joint teacher's (the same budget of updates).
+``--budget K`` draws K times as many crops per epoch (a longer schedule), ``--repeats N`` sets the
+crops per scene and epoch, ``--min-epochs N`` and ``--set FIELD=VALUE`` change ``TrainConfig`` fields.
 
 Each run's selected model (``best.h5``) is then scored on every validation scene of its site by
 itself, as the studies score a test scene (``reproduce.evaluate_scenes``, with the profile's
-``filter_radius``), and a row goes to ``results/site_probe.json``. ``--table`` prints, per seed
-and validation scene, the joint teacher's F1 beside the site teacher's. No test scene is read.
+``filter_radius``), and a row goes to ``results/site_probe.json``. ``--table`` prints each run's
+selected validation F1 and its F1 per validation scene beside those of the study's teacher of the
+same seed (the ``--site all`` run with nothing changed). No test scene is read.
 """
 
 from __future__ import annotations
