@@ -348,6 +348,21 @@ def test_gap_probe_pairs_methods_by_seed_on_validation_test_and_each_scene(tmp_p
     assert hicd[2] == "1" and hicd[3] == "+1.00 (1/1 above 0)" and hicd[4] == "+0.00 (0/1 above 0)"
     assert lines[4].split("|")[2].strip() == "student feature-mse − baseline" and lines[4].split("|")[3].strip() == "1"
     assert len(lines) == 5
+    # --against: each method minus the same method of another study, paired by setting and seed
+    other = [dict(r, f1=r["f1"] - 1.0, f1_per_scene={"a": r["f1_per_scene"]["a"] + 2.0}) for r in rows
+             if r["seed"] != 2]
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    versus = run_script("examples/probes/gap_probe.py", str(path), "--against", str(other_path)).strip().splitlines()
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in versus]
+    assert cells[0] == ["setting", "method", "seeds", "test, pooled", "test, a", "test, b"]
+    assert [c[1:3] for c in cells[2:]] == [["teacher HQ/HQ", "2"], ["student baseline", "2"],
+                                           ["student HiCD full", "1"]]  # feature-mse: seed 2 only, not there
+    assert cells[2][3] == "+1.00 [+1.00, +1.00] (2/2 above 0)" and cells[2][4] == "-2.00 [-2.00, -2.00] (0/2 above 0)"
+    assert cells[2][5] == "–"  # scene b is not in the other study's rows
+    missing = subprocess.run([sys.executable, "examples/probes/gap_probe.py", str(path), "--against",
+                              str(tmp_path / "none.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "no rows at" in missing.stderr and "none.json" in missing.stderr
 
 
 def _probe_module(name):

@@ -10,6 +10,12 @@ students' on degraded ones), of the pooled test F1 and of each test scene's F1, 
 95 % interval (t over seeds) and how many seeds went each way. Nothing is trained; only the
 committed rows are read. A gap that shows on one test scene and not on validation is a property
 of that scene, which no choice made on validation could have seen.
+
+    python examples/probes/gap_probe.py results/sztaki-fc-siam-diff-filtered.json \
+        --against results/sztaki-fc-siam-diff.json
+
+pairs each method of the first study with the same method, setting and seed of the second (first
+minus second) on the pooled test F1 and each test scene's: what a change of protocol did to it.
 """
 
 from __future__ import annotations
@@ -70,17 +76,44 @@ def study_table(path):
                 d = [by[(setting, a, s)][name] - by[(setting, b, s)][name] for s in seeds
                      if name in by[(setting, a, s)] and name in by[(setting, b, s)]]
                 cells.append(cell(d))
-            lines.append(f"| {setting} | {a} − {b.removeprefix('student ')} | {len(seeds)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {setting} | {a} − {b.removeprefix('student ')} | {len(seeds)} | "
+                         + " | ".join(cells) + " |")
+    return lines
+
+
+def versus_table(path, other):
+    """Each method of one study against the same method of another (``path`` − ``other``), paired by
+    setting and seed, on the pooled test F1 and each test scene's: what changing the protocol did."""
+    mine, theirs = ({(r["setting"], r["method"], r["seed"]): r for r in json.loads(Path(p).read_text())
+                     if r.get("init", "fresh") == "fresh"} for p in (path, other))
+    scenes = sorted({s for r in mine.values() for s in r.get("f1_per_scene", {})})
+    lines = ["| setting | method | seeds | test, pooled | " + " | ".join(f"test, {s}" for s in scenes) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(scenes)]
+    for setting in dict.fromkeys(k[0] for k in mine):
+        for method in dict.fromkeys(k[1] for k in mine):
+            seeds = sorted(k[2] for k in mine if k[:2] == (setting, method) and k in theirs)
+            if not seeds:
+                continue
+            pairs = [(mine[(setting, method, s)], theirs[(setting, method, s)]) for s in seeds]
+            cells = [cell([a["f1"] - b["f1"] for a, b in pairs])]
+            for scene in scenes:
+                cells.append(cell([a["f1_per_scene"][scene] - b["f1_per_scene"][scene] for a, b in pairs
+                                   if scene in a.get("f1_per_scene", {}) and scene in b.get("f1_per_scene", {})]))
+            lines.append(f"| {setting} | {method} | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="rows JSON of examples/reproduce.py")
+    parser.add_argument("--against", metavar="OTHER",
+                        help="rows JSON of another study: each method here minus the same method there, by seed")
     args = parser.parse_args(argv)
-    if not Path(args.results).exists():
-        sys.exit(f"gap_probe: no rows at {args.results}")
-    print("\n".join(study_table(args.results)))
+    for path in (args.results, args.against):
+        if path is not None and not Path(path).exists():
+            sys.exit(f"gap_probe: no rows at {path}")
+    lines = versus_table(args.results, args.against) if args.against else study_table(args.results)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
