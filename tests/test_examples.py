@@ -399,16 +399,21 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
         "crops_per_scene": crops, "val_f1": [1.0, 5.0, 2.0], "val_f1_per_scene": scenes}
     rows = [row("all", 0, {"szada_2": 50.0, "tiszadob_2": 40.0}), row("tiszadob", 0, {"tiszadob_2": 43.5}, crops=48),
             row("all", 0, {"szada_2": 49.0, "tiszadob_2": 45.0}, budget=3, crops=48), row("szada", 1, {"szada_2": 7.0})]
-    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in site_probe.table(rows).splitlines()]
+    main, _, summary = site_probe.table(rows).partition("\n\n")
+    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in main.splitlines()]
     assert len(lines) == 2 + 4
+    # the summary pairs each change with the study's teacher of its seed (seed 1 has none here)
+    summed = [[c.strip() for c in line.split("|")[1:-1]] for line in summary.splitlines()]
+    assert [r[0] for r in summed[2:]] == ["tiszadob", "all"] and summed[2][-1] == "+3.50" and summed[3][-1] == "+0.00"
     assert lines[2] == ["0", "both sites", "48 per scene", "2 / 3", "5.00 (5.00)", "szada_2", "49.00", "50.00", "-1.00"]
     assert lines[4] == ["0", "tiszadob only", "48 per scene", "2 / 3", "5.00", "tiszadob_2", "43.50", "40.00", "+3.50"]
     assert lines[5][0] == "1" and lines[5][-2:] == ["–", "–"]
     weighted = dict(row("all", 0, {"szada_2": 52.0, "tiszadob_2": 40.0}), set={"pos_weight": "auto"})
-    lines = [[c.strip() for c in line.split("|")[1:-1]] for line in site_probe.table(rows + [weighted]).splitlines()]
+    lines = [[c.strip() for c in line.split("|")[1:-1]]
+             for line in site_probe.table(rows + [weighted]).partition("\n\n")[0].splitlines()]
     assert ["both sites, pos_weight auto", "szada_2", "52.00", "50.00", "+2.00"] in [ln[1:2] + ln[5:] for ln in lines]
     larger = dict(row("all", 0, {"szada_2": 51.0, "tiszadob_2": 41.0}, crops=4), set={"crop": 256})
-    assert len(site_probe.table(rows + [larger]).splitlines()) == 2 + 4 + 2  # not taken for the study's teacher
+    assert len(site_probe.table(rows + [larger]).partition("\n\n")[0].splitlines()) == 2 + 4 + 2  # not the study's
     assert site_probe.fields(["pos_weight=16", "normalize=image"]) == {"pos_weight": 16, "normalize": "image"}
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         site_probe.fields(["pos_weight"])

@@ -158,7 +158,34 @@ def table(rows):
             shown = f"{other:.2f}" if other is not None else "–"
             lines.append(f"| {r['seed']} | {who} | {r['crops_per_scene']} per scene | {best} | {selected} | {scene} "
                          f"| {f1:.2f} | {shown} | {diff} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + summary(rows, joint, plain))
+
+
+def summary(rows, joint, plain):
+    """Markdown: per change, its difference from the study's teacher paired by seed, with a 95 % interval
+    (t over seeds): the selected validation F1 for a teacher of both sites, its scene's F1 for a site teacher."""
+    groups = {}
+    for r in rows:
+        both = joint.get((r["seed"], r["profile"]))
+        if both is None or (r["site"] == "all" and plain(r)):
+            continue
+        label = (r["site"], r.get("budget", 1), r.get("min_epochs"), json.dumps(r.get("set")), r["crops_per_scene"])
+        if r["site"] == "all":
+            diff = max(r["val_f1"]) - max(both["val_f1"])
+        else:
+            (scene, f1), = r["val_f1_per_scene"].items()
+            diff = f1 - both["val_f1_per_scene"][scene]
+        groups.setdefault(label, []).append((r["seed"], diff))
+    lines = ["| site | crops per scene | changed | seeds | difference from the study's teacher (95 % interval) |",
+             "|---|---:|---|---|---:|"]
+    for (site, budget, min_epochs, changed, crops), pairs in groups.items():
+        diffs = [d for _, d in pairs]
+        ci = reproduce.t_interval(diffs) if len(diffs) > 1 else None
+        span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+        what = ", ".join(f"{k} {v}" for k, v in (json.loads(changed) or {}).items()) or "–"
+        lines.append(f"| {site} | {crops} | {what}, min_epochs {min_epochs} | {', '.join(str(s) for s, _ in pairs)} "
+                     f"| {sum(diffs) / len(diffs):+.2f}{span} |")
+    return lines
 
 
 def main(argv=None):
