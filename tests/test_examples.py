@@ -248,12 +248,16 @@ def test_recipe_probe_runs_and_prints_its_model_per_validation_scene(tmp_path):
                                                              min_epochs=20)
 
 
-def test_tta_probe_validates_a_student_on_its_own_degraded_view():
+def _probe_module(name):
     sys.path.insert(0, str(ROOT / "examples" / "probes"))
     try:
-        import tta_probe
+        return __import__(name)
     finally:
         sys.path.pop(0)
+
+
+def test_tta_probe_validates_a_student_on_its_own_degraded_view():
+    tta_probe = _probe_module("tta_probe")
     val = ArrayDataset(*synthetic_pairs(2, 16, seed=0))
     assert tta_probe.validation_view(val, {"role": "teacher", "setting": None}) is val
     view = tta_probe.validation_view(val, {"role": "student", "setting": "multi", "val_seed": 7})
@@ -265,11 +269,7 @@ def test_tta_probe_validates_a_student_on_its_own_degraded_view():
 
 
 def test_budget_probe_keys_rows_by_model_and_finds_the_model_s_teacher(tmp_path):
-    sys.path.insert(0, str(ROOT / "examples" / "probes"))
-    try:
-        import budget_probe
-    finally:
-        sys.path.pop(0)
+    budget_probe = _probe_module("budget_probe")
     assert budget_probe.study("tiny-siam-cd") == ("converged", "converged")
     assert budget_probe.study("fc-siam-diff") == ("converged-fc-siam-diff", "converged-fc-siam-diff")
     old = {"setting": "multi", "seed": 0, "variant": "baseline", "budget": 60}  # rows written before --model
@@ -365,14 +365,6 @@ def test_gap_probe_pairs_methods_by_seed_on_validation_test_and_each_scene(tmp_p
     assert missing.returncode != 0 and "no rows at" in missing.stderr and "none.json" in missing.stderr
 
 
-def _probe_module(name):
-    sys.path.insert(0, str(ROOT / "examples" / "probes"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_site_probe_trains_one_site_on_as_many_crops_per_epoch_as_the_joint_teacher():
     root = ROOT.parent / "shared" / "data" / "sztaki-airchange"
     if not root.is_dir():
@@ -396,7 +388,7 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
     site_probe = _probe_module("site_probe")
     row = lambda site, seed, scenes, budget=1, crops=16: {  # noqa: E731
         "site": site, "seed": seed, "budget": budget, "profile": "real-fc-siam-diff-filtered", "split": "",
-        "crops_per_scene": crops, "val_f1": [1.0, 5.0, 2.0], "val_f1_per_scene": scenes}
+        "crops_per_scene": crops, "min_epochs": 20, "val_f1": [1.0, 5.0, 2.0], "val_f1_per_scene": scenes}
     rows = [row("all", 0, {"szada_2": 50.0, "tiszadob_2": 40.0}), row("tiszadob", 0, {"tiszadob_2": 43.5}, crops=48),
             row("all", 0, {"szada_2": 49.0, "tiszadob_2": 45.0}, budget=3, crops=48), row("szada", 1, {"szada_2": 7.0})]
     main, _, summary = site_probe.table(rows).partition("\n\n")
@@ -404,8 +396,9 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
     assert len(lines) == 2 + 4
     # the summary pairs each change with the study's teacher of its seed (seed 1 has none here)
     summed = [[c.strip() for c in line.split("|")[1:-1]] for line in summary.splitlines()]
-    assert [r[0] for r in summed[2:]] == ["tiszadob", "all"] and summed[2][-1] == "+3.50" and summed[3][-1] == "+0.00"
-    assert lines[2] == ["0", "both sites", "48 per scene", "2 / 3", "5.00 (5.00)", "szada_2", "49.00", "50.00", "-1.00"]
+    assert [r[0] for r in summed[2:]] == ["tiszadob only", "both sites, 3 x the crops"]
+    assert summed[2][-1] == "+3.50" and summed[3][-1] == "+0.00"
+    assert lines[2] == ["0", "both sites, 3 x the crops", "48 per scene", "2 / 3", "5.00 (5.00)", "szada_2", "49.00", "50.00", "-1.00"]
     assert lines[4] == ["0", "tiszadob only", "48 per scene", "2 / 3", "5.00", "tiszadob_2", "43.50", "40.00", "+3.50"]
     assert lines[5][0] == "1" and lines[5][-2:] == ["–", "–"]
     weighted = dict(row("all", 0, {"szada_2": 52.0, "tiszadob_2": 40.0}), set={"pos_weight": "auto"})

@@ -84,22 +84,19 @@ def study_table(path):
 def versus_table(path, other):
     """Each method of one study against the same method of another (``path`` − ``other``), paired by
     setting and seed, on the pooled test F1 and each test scene's: what changing the protocol did."""
-    mine, theirs = ({(r["setting"], r["method"], r["seed"]): r for r in json.loads(Path(p).read_text())
-                     if r.get("init", "fresh") == "fresh"} for p in (path, other))
-    scenes = sorted({s for r in mine.values() for s in r.get("f1_per_scene", {})})
-    lines = ["| setting | method | seeds | test, pooled | " + " | ".join(f"test, {s}" for s in scenes) + " |",
-             "|---|---|---:|---:|" + "---:|" * len(scenes)]
-    for setting in dict.fromkeys(k[0] for k in mine):
-        for method in dict.fromkeys(k[1] for k in mine):
-            seeds = sorted(k[2] for k in mine if k[:2] == (setting, method) and k in theirs)
-            if not seeds:
-                continue
-            pairs = [(mine[(setting, method, s)], theirs[(setting, method, s)]) for s in seeds]
-            cells = [cell([a["f1"] - b["f1"] for a, b in pairs])]
-            for scene in scenes:
-                cells.append(cell([a["f1_per_scene"][scene] - b["f1_per_scene"][scene] for a, b in pairs
-                                   if scene in a.get("f1_per_scene", {}) and scene in b.get("f1_per_scene", {})]))
-            lines.append(f"| {setting} | {method} | {len(seeds)} | " + " | ".join(cells) + " |")
+    mine, theirs = ({(r["setting"], r["method"], r["seed"]): {k: v for k, v in measures(r, 1).items()
+                                                              if k.startswith("test")}
+                     for r in json.loads(Path(p).read_text()) if r.get("init", "fresh") == "fresh"}
+                    for p in (path, other))
+    names = list(dict.fromkeys(k for m in mine.values() for k in m))
+    lines = ["| setting | method | seeds | " + " | ".join(names) + " |", "|---|---|---:|" + "---:|" * len(names)]
+    for setting, method in dict.fromkeys(k[:2] for k in mine):
+        seeds = sorted(k[2] for k in mine if k[:2] == (setting, method) and k in theirs)
+        if not seeds:
+            continue
+        pairs = [(mine[(setting, method, s)], theirs[(setting, method, s)]) for s in seeds]
+        cells = [cell([a[name] - b[name] for a, b in pairs if name in a and name in b]) for name in names]
+        lines.append(f"| {setting} | {method} | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines
 
 

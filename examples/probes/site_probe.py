@@ -112,8 +112,8 @@ def run(args):
 
 
 def key(r):
-    return (r["site"], r["seed"], r.get("budget", 1), r["profile"], r.get("min_epochs"), json.dumps(r.get("set")),
-            r.get("crops_per_scene"))
+    return r["site"], r["seed"], r["budget"], r["profile"], r["min_epochs"], json.dumps(r.get("set")), \
+        r["crops_per_scene"]
 
 
 def fields(pairs):
@@ -130,25 +130,34 @@ def fields(pairs):
     return out
 
 
+def changes(r):
+    """What a row changed from the study's teacher, as a list of words ([] for the study's teacher itself)."""
+    prof = PROFILES.get(r["profile"])
+    out = [] if r["site"] == "all" else [f"{r['site']} only"]
+    if r["budget"] != 1:
+        out.append(f"{r['budget']} x the crops")
+    elif r["site"] == "all" and prof is not None and r["crops_per_scene"] != prof.repeats:
+        out.append(f"{r['crops_per_scene']} crops per scene")
+    if prof is not None and r["min_epochs"] != prof.min_epochs:
+        out.append(f"min_epochs {r['min_epochs']}")
+    return out + [f"{k} {v}" for k, v in (r.get("set") or {}).items()]
+
+
+def label(r):
+    return ", ".join(["both sites"] * (r["site"] == "all") + changes(r))
+
+
 def table(rows):
     """Markdown: per run and validation scene, its selected model's F1 beside the study's own teacher's
-    (both sites, budget 1, the same seed and profile)."""
-    default = {name: prof.min_epochs for name, prof in PROFILES.items()}
-    repeats = {name: prof.repeats for name, prof in PROFILES.items()}
-    plain = lambda r: (r.get("budget", 1) == 1 and not r.get("set")  # noqa: E731
-                       and r.get("min_epochs") in (None, default.get(r["profile"]))
-                       and (r["site"] != "all" or r.get("crops_per_scene") in (None, repeats.get(r["profile"]))))
-    joint = {(r["seed"], r["profile"]): r for r in rows if r["site"] == "all" and plain(r)}
+    (both sites, nothing changed, the same seed and profile), then each change's difference over seeds."""
+    joint = {(r["seed"], r["profile"]): r for r in rows if not changes(r)}
     lines = ["| seed | teacher | crops per epoch | best epoch / run | selected validation F1 (study's teacher) "
              "| validation scene | F1 | study's teacher | difference |",
              "|---:|---|---:|---:|---:|---|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["seed"], r["site"] != "all", r["site"], r.get("budget", 1))):
-        if r["site"] == "all" and plain(r):
-            continue
+    for r in sorted((r for r in rows if changes(r)), key=lambda r: (r["seed"], r["site"] != "all", r["site"],
+                                                                     r["budget"])):
         both = joint.get((r["seed"], r["profile"]))
-        who = ("both sites" if r["site"] == "all" else f"{r['site']} only") + \
-            ("" if r.get("min_epochs") in (None, default.get(r["profile"])) else f", min_epochs {r['min_epochs']}") + \
-            "".join(f", {k} {v}" for k, v in (r.get("set") or {}).items())
+        who = label(r)
         curve = r["val_f1"]
         best = f"{curve.index(max(curve)) + 1} / {len(curve)}"
         selected = f"{max(curve):.2f}" + (f" ({max(both['val_f1']):.2f})" if both and r["site"] == "all" else "")
@@ -158,33 +167,29 @@ def table(rows):
             shown = f"{other:.2f}" if other is not None else "–"
             lines.append(f"| {r['seed']} | {who} | {r['crops_per_scene']} per scene | {best} | {selected} | {scene} "
                          f"| {f1:.2f} | {shown} | {diff} |")
-    return "\n".join(lines + [""] + summary(rows, joint, plain))
+    return "\n".join(lines + [""] + summary(rows, joint))
 
 
-def summary(rows, joint, plain):
+def summary(rows, joint):
     """Markdown: per change, its difference from the study's teacher paired by seed, with a 95 % interval
     (t over seeds): the selected validation F1 for a teacher of both sites, its scene's F1 for a site teacher."""
     groups = {}
     for r in rows:
         both = joint.get((r["seed"], r["profile"]))
-        if both is None or (r["site"] == "all" and plain(r)):
+        if both is None or not changes(r):
             continue
-        label = (r["site"], r.get("budget", 1), r.get("min_epochs"), json.dumps(r.get("set")), r["crops_per_scene"])
         if r["site"] == "all":
             diff = max(r["val_f1"]) - max(both["val_f1"])
         else:
             (scene, f1), = r["val_f1_per_scene"].items()
             diff = f1 - both["val_f1_per_scene"][scene]
-        groups.setdefault(label, []).append((r["seed"], diff))
-    lines = ["| site | crops per scene | changed | seeds | difference from the study's teacher (95 % interval) |",
-             "|---|---:|---|---|---:|"]
-    for (site, budget, min_epochs, changed, crops), pairs in groups.items():
+        groups.setdefault(label(r), []).append((r["seed"], diff))
+    lines = ["| teacher | seeds | difference from the study's teacher (95 % interval) |", "|---|---|---:|"]
+    for what, pairs in groups.items():
         diffs = [d for _, d in pairs]
         ci = reproduce.t_interval(diffs) if len(diffs) > 1 else None
         span = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
-        what = ", ".join(f"{k} {v}" for k, v in (json.loads(changed) or {}).items()) or "–"
-        lines.append(f"| {site} | {crops} | {what}, min_epochs {min_epochs} | {', '.join(str(s) for s, _ in pairs)} "
-                     f"| {sum(diffs) / len(diffs):+.2f}{span} |")
+        lines.append(f"| {what} | {', '.join(str(s) for s, _ in pairs)} | {sum(diffs) / len(diffs):+.2f}{span} |")
     return lines
 
 
