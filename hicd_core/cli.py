@@ -114,6 +114,7 @@ def build_parser():
 
 def _train_parser(sub):
     from .experiment import STUDENTS
+    from .fc_siam import BOTTLENECKS
     from .networks import DEFAULT_MODEL, MODELS
     from .train import WEIGHT_SCHEDULES
 
@@ -128,6 +129,9 @@ def _train_parser(sub):
                         f"multiples of 16); default {DEFAULT_MODEL}")
     t.add_argument("--dropout", type=_dropout_rate, default=None,
                    help="dropout rate of networks with dropout (fc-siam-diff: default 0.2, as published)")
+    t.add_argument("--bottleneck", choices=BOTTLENECKS, default=None,
+                   help="fc-siam-diff's deepest decoder input: diff (default; |pooled t1 - pooled t2|), t2 (as the "
+                        "published code) or mean")
     t.add_argument("--data", default=None, help="LEVIR-CD style folder or HDF5 pack (default: built-in synthetic)")
     t.add_argument("--size", type=_multiple_of_8, default=64, help="synthetic scene size (default 64)")
     t.add_argument("--n-train", type=_positive_int, default=400, help="synthetic training pairs (default 400)")
@@ -329,6 +333,7 @@ def cmd_train(args):
                       min_epochs=args.min_epochs, smoothing=args.smoothing, eval_tile=args.eval_tile,
                       filter_radius=args.filter_radius, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
+                      bottleneck=args.bottleneck,
                       ema=args.ema)
     teacher = None
     if args.role == "student":

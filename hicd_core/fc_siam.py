@@ -16,10 +16,14 @@ Choices (docs/MATH.md section 7.8 has the layers' derivations):
 
 * The encoder runs once on the stacked pair ``[x1; x2]``, as in ``TinySiamCD`` (BatchNorm batch
   statistics over both phases).
-* The deepest decoder input is ``|P(E4(x1)) - P(E4(x2))|``, the absolute difference of the pooled
-  last stage. The published code feeds the second image's pooled features there (a variable reused
-  across the two passes of its encoder); the difference keeps the network symmetric in its two
-  images, as every other input of the decoder is.
+* The deepest decoder input (``bottleneck``) is by default ``|P(E4(x1)) - P(E4(x2))|``, the absolute
+  difference of the pooled last stage, which keeps the network symmetric in its two images, as every
+  other input of the decoder is. The published code feeds the second image's pooled features there
+  (a variable reused across the two passes of its encoder): ``bottleneck="t2"``. With ``"diff"`` the
+  decoder sees only differences of features, nothing of what the scene holds; ``"t2"`` and
+  ``"mean"`` (``(P(E4(x1)) + P(E4(x2))) / 2``, symmetric) give it the scene's content at the coarsest
+  level. Same parameters in all three; the backward pass of the last two routes the gradient to the
+  t2 half, or half of it to each (docs/MATH.md 7.8).
 * The published decoder's stride-1 "transposed convolutions" are 3x3 convolutions with padding 1
   (the same function with the kernel flipped and transposed), written as such; the upsampling
   layers are true transposed convolutions (3x3, stride 2, padding 1, output padding 1), with bias.
@@ -69,11 +73,13 @@ from .model import (
     checked_tap_grads,
 )
 
-__all__ = ["FCSiamDiff", "STAGE_DEPTHS", "fc_layer_table", "DEFAULT_DROPOUT"]
+__all__ = ["FCSiamDiff", "STAGE_DEPTHS", "fc_layer_table", "DEFAULT_DROPOUT", "BOTTLENECKS"]
 
 #: Blocks per encoder stage (and per decoder level), as published.
 STAGE_DEPTHS = (2, 2, 3, 3)
 DEFAULT_DROPOUT = 0.2
+#: What the decoder starts from (the module's docstring): the default first.
+BOTTLENECKS = ("diff", "t2", "mean")
 
 
 def fc_layer_table(widths, in_channels=3):
@@ -107,7 +113,7 @@ class FCForwardCache(NamedTuple):
     n: int  # pairs in the batch
     encoder: list  # per stage: (max-pool cache or None, [(CBR cache, dropout cache), ...])
     fusion: list  # per stage: absdiff cache
-    bottleneck: tuple  # (max-pool cache, absdiff cache) of the pooled last stage
+    bottleneck: tuple  # (max-pool cache, absdiff cache or None) of the pooled last stage
     decoder: list  # per level 4..1: (transposed-conv cache, concat cache, [(CBR cache, dropout cache), ...])
     head: object
 
@@ -124,6 +130,9 @@ class FCSiamDiff(ModelState):
         As for ``TinySiamCD``.
     dropout : float
         Channel-dropout rate after every block in training (0 switches it off).
+    bottleneck : {"diff", "t2", "mean"}
+        The deepest decoder input from the pooled last stages of the two images: their absolute
+        difference (default), the second image's (as the published code), or their mean.
 
     Attributes
     ----------
@@ -140,10 +149,14 @@ class FCSiamDiff(ModelState):
     size_multiple = 16
 
     def __init__(self, widths=DEFAULT_WIDTHS, in_channels=3, *, xp=None, dtype="float32", seed=0,
-                 input_mean=None, input_std=None, per_image_norm=False, conv_layout="auto", dropout=DEFAULT_DROPOUT):
+                 input_mean=None, input_std=None, per_image_norm=False, conv_layout="auto", dropout=DEFAULT_DROPOUT,
+                 bottleneck="diff"):
         self.widths, self.in_channels, self.dtype = checked_config(widths, in_channels, dtype, conv_layout)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a rate in [0, 1), got {dropout!r}")
+        if bottleneck not in BOTTLENECKS:
+            raise ValueError(f"bottleneck must be one of {BOTTLENECKS}, got {bottleneck!r}")
+        self.bottleneck = bottleneck
         self.dropout, self.seed, self.conv_layout = float(dropout), seed, conv_layout
         self.xp = xp if xp is not None else backend.namespace("numpy")
         self.blocks, self.ups = fc_layer_table(self.widths, self.in_channels)
@@ -155,7 +168,7 @@ class FCSiamDiff(ModelState):
 
     def config(self) -> dict:
         return {"arch": "FCSiamDiff", "widths": list(self.widths), "in_channels": self.in_channels,
-                "dropout": self.dropout, **self.input_norm.config()}
+                "dropout": self.dropout, "bottleneck": self.bottleneck, **self.input_norm.config()}
 
     # ----------------------------------------------------------------------- one block
 
@@ -233,7 +246,7 @@ class FCSiamDiff(ModelState):
             deltas.append(delta)
             fusion.append(fc)
         pooled, pool = maxpool2x2_forward(h)
-        d, bottom = absdiff_forward(pooled[:n, ...], pooled[n:, ...])
+        d, bottom = self._bottleneck_forward(pooled, n)
         decoder = []
         for k in (4, 3, 2, 1):
             d, up = conv_transpose2d_forward(d, self.params[f"up{k}.weight"], self.params[f"up{k}.bias"],
@@ -267,8 +280,7 @@ class FCSiamDiff(ModelState):
             dup, ddeltas[k - 1] = concat_backward(dd, cat)
             dd, grads[f"up{k}.weight"], grads[f"up{k}.bias"] = conv_transpose2d_backward(dup, up)
         pool, bottom = cache.bottleneck
-        da, db = absdiff_backward(dd, bottom)
-        dh = maxpool2x2_backward(xp.concat([da, db], axis=0), pool)  # a fresh array: added into in place
+        dh = maxpool2x2_backward(self._bottleneck_backward(dd, bottom), pool)  # a fresh array: added into in place
         n = cache.n
         for k in (4, 3, 2, 1):
             da, db = absdiff_backward(ddeltas[k - 1], cache.fusion[k - 1])
@@ -282,6 +294,25 @@ class FCSiamDiff(ModelState):
             if pool is not None:
                 dh = maxpool2x2_backward(dh, pool)
         return grads
+
+    def _bottleneck_forward(self, pooled, n):
+        """The deepest decoder input from the pooled stacked pair, and the absdiff cache (None otherwise)."""
+        if self.bottleneck == "diff":
+            return absdiff_forward(pooled[:n, ...], pooled[n:, ...])
+        if self.bottleneck == "t2":
+            return pooled[n:, ...], None
+        return 0.5 * (pooled[:n, ...] + pooled[n:, ...]), None
+
+    def _bottleneck_backward(self, dd, bottom):
+        """The gradient of the pooled stacked pair ``[t1; t2]`` from that of the deepest decoder input."""
+        xp = array_namespace(dd)
+        if self.bottleneck == "diff":
+            da, db = absdiff_backward(dd, bottom)
+        elif self.bottleneck == "t2":
+            da, db = xp.zeros_like(dd), dd
+        else:
+            da = db = 0.5 * dd
+        return xp.concat([da, db], axis=0)
 
     @staticmethod
     def _block_backward(dy, cache, name, grads, input_grad=True):

@@ -27,19 +27,23 @@ def model_name(model) -> str:
     return _BY_ARCH[type(model).__name__]
 
 
-def build_model(name, widths, in_channels=3, *, dropout=None, **kwargs):
-    """A new network ``name`` (one of ``MODELS``); ``dropout`` None takes the network's own default.
+def build_model(name, widths, in_channels=3, *, dropout=None, bottleneck=None, **kwargs):
+    """A new network ``name`` (one of ``MODELS``); ``dropout`` and ``bottleneck`` None take the network's defaults.
 
     ``kwargs`` go to the constructor (``xp``, ``dtype``, ``seed``, ``input_mean``, ``input_std``,
-    ``per_image_norm``, ``conv_layout``). TinySiamCD has no dropout: a rate above 0 for it is a ``ValueError``.
+    ``per_image_norm``, ``conv_layout``). TinySiamCD has no dropout and no bottleneck choice: a rate
+    above 0 or a bottleneck for it is a ``ValueError``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if MODELS[name] is TinySiamCD:
         if dropout:
             raise ValueError(f"model {name!r} has no dropout; got dropout={dropout!r}")
+        if bottleneck is not None:
+            raise ValueError(f"model {name!r} has no bottleneck choice; got bottleneck={bottleneck!r}")
         return TinySiamCD(widths, in_channels, **kwargs)
-    return MODELS[name](widths, in_channels, **kwargs, **({} if dropout is None else {"dropout": dropout}))
+    options = {k: v for k, v in (("dropout", dropout), ("bottleneck", bottleneck)) if v is not None}
+    return MODELS[name](widths, in_channels, **kwargs, **options)
 
 
 def model_from_config(mc: dict, *, xp=None, dtype="float32"):
@@ -47,7 +51,8 @@ def model_from_config(mc: dict, *, xp=None, dtype="float32"):
     arch = mc.get("arch")
     if arch not in _BY_ARCH:
         raise ValueError(f"unknown architecture {arch!r}; this hicd builds {sorted(_BY_ARCH)}")
-    return build_model(_BY_ARCH[arch], mc["widths"], mc.get("in_channels", 3), dropout=mc.get("dropout"), xp=xp,
+    return build_model(_BY_ARCH[arch], mc["widths"], mc.get("in_channels", 3), dropout=mc.get("dropout"),
+                       bottleneck=mc.get("bottleneck"), xp=xp,
                        dtype=dtype, input_mean=mc.get("input_mean"), input_std=mc.get("input_std"),
                        per_image_norm=bool(mc.get("per_image_norm", False)))
 

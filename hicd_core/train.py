@@ -28,6 +28,7 @@ from .backend import all_finite
 from .data.folder import DegradedView, change_fraction, channel_stats, validate_dataset
 from .data.loader import TrainBatches
 from .distill import feature_mse_loss, hicd_loss
+from .fc_siam import BOTTLENECKS
 from .errors import CheckpointError, NonFiniteError
 from .functional import bce_with_logits, soft_dice
 from .infer import evaluate
@@ -278,7 +279,9 @@ class TrainConfig:
     ``hicd predict`` and ``hicd eval`` read the same bands by default. The model's
     input channels are those of the training images. ``model`` names the network
     (``networks.MODELS``: ``"tiny-siam-cd"``, SPEC 4, or ``"fc-siam-diff"``, SPEC 4b) and
-    ``dropout`` its dropout rate (None: the network's own default; TinySiamCD has none).
+    ``dropout`` its dropout rate (None: the network's own default; TinySiamCD has none);
+    ``bottleneck`` the deepest decoder input of ``"fc-siam-diff"`` (``fc_siam.BOTTLENECKS``; None:
+    ``"diff"``, the absolute difference of the two images' pooled last stages; TinySiamCD has no such choice).
     ``ema``: the decay ``d`` of an exponential moving average of the weights, updated after every
     step (``w_avg = d w_avg + (1 - d) w``); validation, model selection and ``best.h5`` then use the
     averaged weights (with the network's running BatchNorm statistics), which smooths the
@@ -316,6 +319,7 @@ class TrainConfig:
     bands: tuple | None = None
     model: str = DEFAULT_MODEL
     dropout: float | None = None
+    bottleneck: str | None = None
     ema: float | None = None
     threads: int = 1
     widths: tuple = (16, 32, 64, 128)
@@ -334,6 +338,9 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a rate in [0, 1) (or None: the network's default), got {self.dropout}")
+        if self.bottleneck is not None and self.bottleneck not in BOTTLENECKS:
+            raise ValueError(f"bottleneck must be one of {BOTTLENECKS} (or None: the network's default), "
+                             f"got {self.bottleneck!r}")
         if self.role not in ("teacher", "student"):
             raise ValueError(f"role must be 'teacher' or 'student', got {self.role!r}")
         if self.role == "student" and self.setting is None:
@@ -493,7 +500,8 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     if from_teacher and model_name(teacher) != cfg.model:
         raise ValueError(f"a student that starts from the teacher needs the teacher's network: the teacher is "
                          f"{model_name(teacher)!r}, the student {cfg.model!r} (use student_init='fresh')")
-    model = build_model(cfg.model, cfg.widths, in_channels, dropout=cfg.dropout, xp=xp, seed=cfg.seed,
+    model = build_model(cfg.model, cfg.widths, in_channels, dropout=cfg.dropout, bottleneck=cfg.bottleneck, xp=xp,
+                        seed=cfg.seed,
                         **_normalisation(cfg, train_set, teacher if from_teacher else None))
     if cfg.crop is not None and cfg.crop % model.size_multiple:
         raise ValueError(f"crop {cfg.crop} must be a multiple of {model.size_multiple} for {cfg.model!r}")

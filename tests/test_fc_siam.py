@@ -1,4 +1,5 @@
-"""FCSiamDiff: shapes and size, whole-model gradient checks (dropout included), symmetry, folding, backends."""
+"""FCSiamDiff: shapes and size, whole-model gradient checks (dropout and bottlenecks included), symmetry, folding,
+backends."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_published_shapes_taps_and_parameter_count():
     for k, (c, s) in enumerate([(16, 32), (32, 16), (64, 8), (128, 4)], start=1):
         assert taps[f"E{k}"][0].shape == (2, c, s, s) and taps[f"E{k}"][1].shape == (2, c, s, s)
     assert taps["d1"].shape == (2, 16, 32, 32)
-    assert model.config() == {"arch": "FCSiamDiff", "widths": [16, 32, 64, 128], "in_channels": 3, "dropout": 0.2}
+    assert model.config() == {"arch": "FCSiamDiff", "widths": [16, 32, 64, 128], "in_channels": 3, "dropout": 0.2,
+                              "bottleneck": "diff"}
 
 
 def test_input_and_setting_errors():
@@ -44,6 +46,8 @@ def test_input_and_setting_errors():
         FCSiamDiff(dropout=1.0)
     with pytest.raises(ValueError, match="widths must be 4"):
         FCSiamDiff(widths=(4, 4))
+    with pytest.raises(ValueError, match=r"bottleneck must be one of \('diff', 't2', 'mean'\), got 'sum'"):
+        FCSiamDiff(bottleneck="sum")
 
 
 def whole_model_loss(model, x1, x2, G, H, seed):
@@ -55,10 +59,10 @@ def whole_model_loss(model, x1, x2, G, H, seed):
     return total, cache
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_whole_model_gradient_check_float64(dropout):
+@pytest.mark.parametrize("dropout, bottleneck", [(0.0, "diff"), (0.3, "diff"), (0.0, "t2"), (0.3, "mean")])
+def test_whole_model_gradient_check_float64(dropout, bottleneck):
     rng = np.random.default_rng(1)
-    model = FCSiamDiff(widths=SMALL, dtype="float64", seed=3, dropout=dropout)
+    model = FCSiamDiff(widths=SMALL, dtype="float64", seed=3, dropout=dropout, bottleneck=bottleneck)
     x1, x2 = pair(rng)
     logits, taps, _ = model.forward(x1, x2, rng=np.random.default_rng(9))
     G = rng.standard_normal(logits.shape)
@@ -87,16 +91,32 @@ def test_whole_model_gradient_check_float64(dropout):
         assert np.sum(grads[name] * d) == pytest.approx(numeric, rel=1e-5, abs=1e-6), name
 
 
-def test_swapping_phases_leaves_logits_unchanged():
-    """|a - b| at every skip and at the bottleneck: the network is symmetric in its two images."""
+@pytest.mark.parametrize("bottleneck", ["diff", "mean"])
+def test_swapping_phases_leaves_logits_unchanged(bottleneck):
+    """|a - b| at every skip and |a - b| or (a + b) / 2 at the bottleneck: symmetric in its two images."""
     rng = np.random.default_rng(2)
-    model = FCSiamDiff(widths=SMALL, dtype="float64", dropout=0.0)
+    model = FCSiamDiff(widths=SMALL, dtype="float64", dropout=0.0, bottleneck=bottleneck)
     x1, x2 = pair(rng)
     np.testing.assert_allclose(model.predict_logits(x1, x2), model.predict_logits(x2, x1), rtol=1e-12, atol=1e-12)
     buffers = {k: v.copy() for k, v in model.buffers.items()}
     a = model.forward(x1, x2)[0]
     model.buffers = buffers
     np.testing.assert_allclose(model.forward(x2, x1)[0], a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bottleneck", ["diff", "t2", "mean"])
+def test_bottleneck_is_what_the_decoder_starts_from(bottleneck):
+    """``up4``'s input is |P(E4(x1)) - P(E4(x2))|, P(E4(x2)) (the published code's) or their mean."""
+    rng = np.random.default_rng(7)
+    x1, x2 = pair(rng, size=32)  # E4 at 4 x 4
+    model = FCSiamDiff(widths=SMALL, dtype="float64", dropout=0.0, seed=4, bottleneck=bottleneck)
+    _, taps, cache = model.forward(x1, x2)
+    p1, p2 = (t.reshape(2, 5, 2, 2, 2, 2).max(axis=(3, 5)) for t in taps["E4"])  # 2x2 max pooling of 4x4
+    expected = {"diff": np.abs(p1 - p2), "t2": p2, "mean": (p1 + p2) / 2}[bottleneck]
+    up4 = cache.decoder[0][0]
+    np.testing.assert_allclose(up4.x, expected, rtol=1e-12, atol=1e-12)
+    swapped = model.predict_logits(x2, x1)
+    assert np.allclose(model.predict_logits(x1, x2), swapped) == (bottleneck != "t2")
 
 
 def test_dropout_masks_follow_the_rng_and_vanish_in_evaluation():

@@ -65,7 +65,8 @@ def _arrays(path):
     return flat, ck["step"], ck["rng_state"]
 
 
-@pytest.mark.parametrize("network", [[], ["--model", "fc-siam-diff", "--dropout", "0.3"]], ids=["tiny", "fc"])
+@pytest.mark.parametrize("network", [[], ["--model", "fc-siam-diff", "--dropout", "0.3", "--bottleneck", "t2"]],
+                         ids=["tiny", "fc"])
 def test_killed_run_resumes_bitwise(tmp_path, network):
     """FC-Siam-diff's dropout masks come from (seed, step): its runs resume bit for bit too."""
     common = ["-m", "hicd_core.cli", "train", "--role", "teacher", "--size", "32", "--n-train", "64",
@@ -532,13 +533,28 @@ FC = dict(model="fc-siam-diff", widths=(4, 4, 8, 8))
 
 def test_fc_siam_diff_trains_and_reloads(tmp_path):
     data = ArrayDataset(*synthetic_pairs(16, 32, seed=0))
-    whole = fit(TrainConfig(epochs=2, batch_size=8, dropout=0.3, **FC), data, data, tmp_path / "run", progress=False)
+    whole = fit(TrainConfig(epochs=2, batch_size=8, dropout=0.3, bottleneck="t2", **FC), data, data, tmp_path / "run",
+                progress=False)
     model, ck = load_model(tmp_path / "run" / "last.h5")
     assert type(model).__name__ == "FCSiamDiff" and ck["model_config"]["dropout"] == 0.3
+    assert model.bottleneck == "t2" and ck["config"]["bottleneck"] == "t2"
     assert ck["config"]["model"] == "fc-siam-diff"
     for k in model.params:
         assert np.array_equal(model.params[k], whole.model.params[k]), k
     assert evaluate(model, data)["f1"] == evaluate(whole.model, data)["f1"]
+
+
+def test_bottleneck_settings_and_older_checkpoints():
+    """A checkpoint written before the bottleneck choice existed builds the network it was: "diff"."""
+    from hicd_core.networks import build_model, model_from_config
+
+    with pytest.raises(ValueError, match=r"bottleneck must be one of \('diff', 't2', 'mean'\) \(or None"):
+        TrainConfig(bottleneck="t1", **FC)
+    with pytest.raises(ValueError, match="model 'tiny-siam-cd' has no bottleneck choice; got bottleneck='t2'"):
+        build_model("tiny-siam-cd", (4, 4, 8, 8), bottleneck="t2")
+    old = {"arch": "FCSiamDiff", "widths": [4, 4, 8, 8], "in_channels": 3, "dropout": 0.0}
+    assert model_from_config(old).bottleneck == "diff"
+    assert model_from_config(dict(old, bottleneck="mean")).bottleneck == "mean"
 
 
 def test_networks_mix_only_where_they_can(tmp_path):
