@@ -170,6 +170,8 @@ def _train_parser(sub):
     t.add_argument("--ema", type=_probability, default=None, metavar="DECAY",
                    help="validate, select and save best.h5 with an exponential moving average of the weights "
                         "(decay per step, e.g. 0.99; default off)")
+    t.add_argument("--ema-warmup", action="store_true",
+                   help="warm the average up: decay min(DECAY, (1 + t) / (10 + t)) at update t (needs --ema)")
     t.add_argument("--smoothing", type=_positive_int, default=1,
                    help="select the best model (and count --patience) by the mean validation F1 of this many "
                         "epochs (default 1: each epoch's own)")
@@ -333,8 +335,7 @@ def cmd_train(args):
                       min_epochs=args.min_epochs, smoothing=args.smoothing, eval_tile=args.eval_tile,
                       filter_radius=args.filter_radius, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
-                      bottleneck=args.bottleneck,
-                      ema=args.ema)
+                      bottleneck=args.bottleneck, ema=args.ema, ema_warmup=args.ema_warmup)
     teacher = None
     if args.role == "student":
         overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau,

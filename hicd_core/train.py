@@ -287,6 +287,11 @@ class TrainConfig:
     averaged weights (with the network's running BatchNorm statistics), which smooths the
     epoch-to-epoch jumps of a small validation set; ``last.h5`` keeps the trained weights and the
     average (as the optimizer's ``ema`` slot), so runs resume bit for bit. None: off.
+    ``ema_warmup``: the decay at update ``t`` of the run (0, 1, ...) is ``min(ema, (1 + t) / (10 + t))``
+    instead of ``ema`` throughout (TensorFlow's ``ExponentialMovingAverage`` with ``num_updates``): the
+    average starts from the first steps' weights rather than dragging the initial ones along (at 0.99
+    and one step, 0.99 of the average would still be the initialisation after 18 steps and a third of it
+    after 100), and reaches ``ema`` after ``(10 ema - 1) / (1 - ema)`` updates (890 for 0.99).
     ``threads``: host threads for the convolutions, BatchNorm and ReLU on NumPy
     (``backend.conv_threads``; more than one needs threadpoolctl, the ``cpu`` extra, and holds
     BLAS at one thread while training);
@@ -321,6 +326,7 @@ class TrainConfig:
     dropout: float | None = None
     bottleneck: str | None = None
     ema: float | None = None
+    ema_warmup: bool = False
     threads: int = 1
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
@@ -351,6 +357,8 @@ class TrainConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.ema is not None and not (isinstance(self.ema, float) and 0.0 < self.ema < 1.0):
             raise ValueError(f"ema must be a decay in (0, 1) (or None: off), got {self.ema!r}")
+        if self.ema_warmup and self.ema is None:
+            raise ValueError("ema_warmup warms up the weight average: it needs ema (a decay in (0, 1))")
         if self.normalize not in (True, False, "image"):
             raise ValueError(f"normalize must be True (the training set's statistics), False or 'image' (each "
                              f"image by its own), got {self.normalize!r}")
@@ -565,7 +573,7 @@ def _train_epoch(run: _Run, progress, log_every):
         except NonFiniteError as exc:
             raise run.non_finite(exc, "at") from None
         if run.ema is not None:
-            d = cfg.ema
+            d = min(cfg.ema, (1.0 + run.step) / (10.0 + run.step)) if cfg.ema_warmup else cfg.ema
             run.ema = {k: run.ema[k] * d + p * (1.0 - d) for k, p in run.model.params.items()}
         for k, v in terms.items():
             sums[k] = v if k not in sums else sums[k] + v

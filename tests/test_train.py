@@ -665,10 +665,11 @@ def test_pos_weight_auto_is_the_no_change_to_change_ratio_of_the_training_labels
         change_fraction(empty)
 
 
-def test_averaged_weights_select_the_model_and_resume_bitwise(tmp_path):
+@pytest.mark.parametrize("warmup", [False, True])
+def test_averaged_weights_select_the_model_and_resume_bitwise(tmp_path, warmup):
     """With ema the validation and best.h5 use the average, last.h5 carries it, and a stopped run resumes."""
     data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
-    cfg = TrainConfig(epochs=2, batch_size=8, widths=(4, 4, 8, 8), ema=0.9)
+    cfg = TrainConfig(epochs=2, batch_size=8, widths=(4, 4, 8, 8), ema=0.9, ema_warmup=warmup)
     fit(cfg, data, data, tmp_path / "whole", progress=False)
 
     class Stop(Exception):
@@ -697,6 +698,25 @@ def test_averaged_weights_select_the_model_and_resume_bitwise(tmp_path):
     assert evaluate(model, data)["f1"] == best["extra"]["best"]["f1"]  # best.h5 is the model that was validated
     with pytest.raises(ValueError, match="ema must be a decay in"):
         TrainConfig(ema=1.0)
+
+
+def test_warmed_up_average_starts_from_the_first_steps(tmp_path):
+    """``ema_warmup``: decay min(ema, (1 + t) / (10 + t)) at update t: 0.1 at the first, so after one step
+    the average is 0.1 of the initial weights and 0.9 of the trained ones (without: 0.99 and 0.01)."""
+    from hicd_core.networks import build_model
+
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))  # one batch: one update per epoch
+    for warmup, share in ((True, 0.1), (False, 0.99)):
+        out = tmp_path / str(warmup)
+        fit(TrainConfig(epochs=1, batch_size=8, widths=(4, 4, 8, 8), ema=0.99, ema_warmup=warmup), data, data, out,
+            progress=False)
+        last = io.load_checkpoint(out / "last.h5")
+        initial = build_model("tiny-siam-cd", (4, 4, 8, 8), seed=0).params
+        for k, w in last["params"].items():
+            np.testing.assert_allclose(last["optim"]["ema"][k], share * initial[k] + (1 - share) * w, rtol=1e-5,
+                                       atol=1e-6)
+    with pytest.raises(ValueError, match="ema_warmup warms up the weight average: it needs ema"):
+        TrainConfig(ema_warmup=True)
 
 
 def test_cli_train_takes_threads(tmp_path):
