@@ -53,6 +53,7 @@ _dropout_rate = _checked(float, lambda v: 0 <= v < 1, "a rate in [0, 1)")
 _strength = _checked(float, lambda v: 0 <= v < 1, "a strength in [0, 1)")
 _radius = _checked(int, lambda v: v >= 0, "a non-negative integer (pixels)")
 _epoch_count = _checked(int, lambda v: v >= 0, "a non-negative integer (epochs)")
+_batch_count = _checked(int, lambda v: v >= 0, "a non-negative integer (batches)")
 FILTER_HELP = ("average the change probability over the (2R+1)x(2R+1) window around each pixel before the "
                "threshold (docs/GUIDE.md)")
 FILTER_DEFAULT = " (default: the radius the checkpoint was validated with, 0 for none)"
@@ -172,6 +173,9 @@ def _train_parser(sub):
                         "(decay per step, e.g. 0.99; default off)")
     t.add_argument("--ema-warmup", action="store_true",
                    help="warm the average up: decay min(DECAY, (1 + t) / (10 + t)) at update t (needs --ema)")
+    t.add_argument("--precise-bn", type=_batch_count, default=0, metavar="N",
+                   help="validate (and save best.h5) with BatchNorm statistics estimated afresh as the mean over N "
+                        "training batches, the same ones every epoch (default 0: the running statistics)")
     t.add_argument("--smoothing", type=_positive_int, default=1,
                    help="select the best model (and count --patience) by the mean validation F1 of this many "
                         "epochs (default 1: each epoch's own)")
@@ -335,7 +339,8 @@ def cmd_train(args):
                       min_epochs=args.min_epochs, smoothing=args.smoothing, eval_tile=args.eval_tile,
                       filter_radius=args.filter_radius, bands=args.bands,
                       seed=args.seed, student_init=args.student_init, model=args.model, dropout=args.dropout,
-                      bottleneck=args.bottleneck, ema=args.ema, ema_warmup=args.ema_warmup)
+                      bottleneck=args.bottleneck, ema=args.ema, ema_warmup=args.ema_warmup,
+                      precise_bn=args.precise_bn)
     teacher = None
     if args.role == "student":
         overrides = {"weight": args.distill_weight, "kind": args.kind, "tau": args.tau,

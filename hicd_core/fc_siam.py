@@ -65,7 +65,6 @@ from .functional import (
 )
 from .model import (
     BN_EPS,
-    BN_MOMENTUM,
     DEFAULT_WIDTHS,
     InputNormalisation,
     ModelState,
@@ -180,7 +179,7 @@ class FCSiamDiff(ModelState):
         if mode is None:
             return cbr_folded_forward(x, *arrays, eps=BN_EPS, layout=self.conv_layout), None
         training, sync, masks = mode
-        y, cache, mean, var = cbr_forward(x, *arrays, training=training, momentum=BN_MOMENTUM, eps=BN_EPS,
+        y, cache, mean, var = cbr_forward(x, *arrays, training=training, momentum=self.bn_momentum, eps=BN_EPS,
                                           layout=self.conv_layout, sync=sync)
         if training:  # the model's one piece of state besides the parameters
             b[f"{name}.bn.running_mean"], b[f"{name}.bn.running_var"] = mean, var

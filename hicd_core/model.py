@@ -152,6 +152,9 @@ class ModelState:
     buffers: dict
     dtype: str
     xp: object
+    #: The weight of a training batch's statistics in BatchNorm's running ones (``train.precise_statistics``
+    #: sets it per batch to average a fixed set of batches with equal weights).
+    bn_momentum: float = BN_MOMENTUM
 
     def state_dict(self) -> dict:
         """Host (NumPy) copies: ``{"params": {...}, "buffers": {...}}``."""
@@ -274,7 +277,7 @@ class TinySiamCD(ModelState):
 
     def _cbr_forward(self, x, name, training, sync=None):
         y, cache, mean, var = cbr_forward(x, *_cbr_arrays(self, name), stride=self.layers[name][2], training=training,
-                                          momentum=BN_MOMENTUM, eps=BN_EPS, layout=self.conv_layout, sync=sync)
+                                          momentum=self.bn_momentum, eps=BN_EPS, layout=self.conv_layout, sync=sync)
         if training:  # the model's one piece of state besides the parameters
             self.buffers[f"{name}.bn.running_mean"], self.buffers[f"{name}.bn.running_var"] = mean, var
         return y, cache

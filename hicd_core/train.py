@@ -292,6 +292,12 @@ class TrainConfig:
     average starts from the first steps' weights rather than dragging the initial ones along (at 0.99
     and one step, 0.99 of the average would still be the initialisation after 18 steps and a third of it
     after 100), and reaches ``ema`` after ``(10 ema - 1) / (1 - ema)`` updates (890 for 0.99).
+    ``precise_bn``: before each validation, BatchNorm's statistics of the weights about to be
+    validated (the average with ``ema``) are estimated afresh as the equal-weight mean over this many
+    training batches, the same batches every epoch (drawn like the training ones from their own
+    generator, seeded by ``seed``), instead of the running statistics, which the last few training
+    batches dominate and which belong to the trained, not the averaged, weights; ``best.h5`` keeps
+    them. The training itself is unchanged (``last.h5`` keeps the running statistics). 0: off.
     ``threads``: host threads for the convolutions, BatchNorm and ReLU on NumPy
     (``backend.conv_threads``; more than one needs threadpoolctl, the ``cpu`` extra, and holds
     BLAS at one thread while training);
@@ -327,6 +333,7 @@ class TrainConfig:
     bottleneck: str | None = None
     ema: float | None = None
     ema_warmup: bool = False
+    precise_bn: int = 0
     threads: int = 1
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
@@ -357,6 +364,8 @@ class TrainConfig:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.ema is not None and not (isinstance(self.ema, float) and 0.0 < self.ema < 1.0):
             raise ValueError(f"ema must be a decay in (0, 1) (or None: off), got {self.ema!r}")
+        if not (isinstance(self.precise_bn, int) and self.precise_bn >= 0):
+            raise ValueError(f"precise_bn must be a number of batches >= 0 (0: off), got {self.precise_bn!r}")
         if self.ema_warmup and self.ema is None:
             raise ValueError("ema_warmup warms up the weight average: it needs ema (a decay in (0, 1))")
         if self.normalize not in (True, False, "image"):
@@ -516,9 +525,7 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     if from_teacher:
         model.load_state_dict(teacher.state_dict(), source="teacher")
     rng = backend.host_rng(cfg.seed)
-    batches = TrainBatches(train_set, cfg.batch_size, rng=rng, crop=cfg.crop,
-                           setting=cfg.setting if student else None, augment=cfg.augment,
-                           change_rate=cfg.change_crop_rate, colour=cfg.colour_jitter)
+    batches = _training_batches(cfg, train_set, rng)
     schedule = make_schedule(cfg.schedule, cfg.epochs * len(batches), cfg.lr,
                              **({"warmup_steps": cfg.warmup_steps} if cfg.schedule == "cosine" else {}))
     val_view = DegradedView(val_set, cfg.setting, cfg.val_seed) if student else val_set
@@ -529,6 +536,40 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
     ema = None if cfg.ema is None else dict(model.params)  # arrays are replaced, never written in place
     return _Run(cfg, out_dir, model, _make_optimizer(cfg, model.params), rng, batches, schedule, val_view,
                 teacher, xp, comm, pos_weight, ema)
+
+
+def _training_batches(cfg, train_set, rng):
+    """The training batches of ``cfg`` drawn from ``rng`` (a student's carry its degraded t2)."""
+    return TrainBatches(train_set, cfg.batch_size, rng=rng, crop=cfg.crop,
+                        setting=cfg.setting if cfg.role == "student" else None, augment=cfg.augment,
+                        change_rate=cfg.change_crop_rate, colour=cfg.colour_jitter)
+
+
+def precise_statistics(model, batches, count, *, xp, comm=None, seed=0):
+    """BatchNorm statistics of ``model``'s weights: the equal-weight mean over ``count`` batches.
+
+    ``batches`` is a ``TrainBatches``, cycled when it has fewer; each batch runs forward in training
+    mode with ``model.bn_momentum`` ``1 / (i + 1)`` at batch ``i`` (a cumulative mean, PyTorch's
+    ``momentum=None``), on this rank's shard with synchronised statistics under ``comm``. Returns
+    the new buffers; the model's own, and its momentum, are left as they were.
+    """
+    kept, momentum = model.buffers, model.bn_momentum
+    model.buffers = dict(kept)  # the forward replaces entries, never writes into them
+    part = shard(batches.batch_size, comm)
+    student = batches.setting is not None
+    try:
+        done = 0
+        while done < count:
+            for x1, x2_hq, x2_lq, _ in batches.epoch():
+                x1_d, x2_d = (backend.from_host(a[part], xp) for a in (x1, x2_lq if student else x2_hq))
+                model.bn_momentum = 1.0 / (done + 1)
+                model.forward(x1_d, x2_d, training=True, sync=comm, rng=backend.host_rng([seed, 4, done]))
+                done += 1
+                if done == count:
+                    break
+        return model.buffers
+    finally:
+        model.buffers, model.bn_momentum = kept, momentum
 
 
 def _restore(run: _Run, resume: bool) -> None:
@@ -597,7 +638,13 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
     """Validate, decide on early stopping, write ``best.h5`` (when improved), ``last.h5`` and the log."""
     cfg = run.cfg
     last_path, best_path, log_path = run.paths
-    with _averaged_weights(run.model, run.ema):
+    buffers = None
+    if cfg.precise_bn:  # the same batches every epoch, apart from the training's draws
+        with _averaged_weights(run.model, run.ema):
+            buffers = precise_statistics(run.model, _training_batches(cfg, run.batches.dataset,
+                                                                      backend.host_rng([cfg.seed, 3])),
+                                         cfg.precise_bn, xp=run.xp, comm=run.comm, seed=cfg.seed)
+    with _averaged_weights(run.model, run.ema, buffers):
         metrics = evaluate(run.model, run.val_view, batch_size=cfg.batch_size, ignore_index=cfg.ignore_index,
                            tile=cfg.eval_tile, comm=run.comm, filter_radius=cfg.filter_radius)
     record = {"epoch": run.epoch + 1, "step": run.step, "lr": run.schedule(run.step - 1),
@@ -625,7 +672,7 @@ def _finish_epoch(run: _Run, sums, count, seconds) -> dict:
     if run.writer:
         try:
             if improved:  # the model selection chose: the averaged weights when averaging
-                with _averaged_weights(run.model, run.ema):
+                with _averaged_weights(run.model, run.ema, buffers):
                     save_checkpoint(best_path, model=run.model, optimizer=run.optimizer, **state)
             save_checkpoint(last_path, model=run.model, optimizer=_WithAverage(run.optimizer, run.ema), **state)
         except NonFiniteError as exc:
@@ -653,16 +700,16 @@ def _fit(cfg, train_set, val_set, out_dir, *, xp, teacher, resume, progress, log
 
 
 @contextlib.contextmanager
-def _averaged_weights(model, ema):
-    """The model with the averaged weights ``ema`` in place of its own inside the block (nothing without them)."""
-    if ema is None:
-        yield model
-        return
-    trained, model.params = model.params, ema
+def _averaged_weights(model, ema, buffers=None):
+    """The model with the averaged weights ``ema`` (and BatchNorm ``buffers``) in place of its own inside the
+    block (nothing changed without them)."""
+    trained, running = model.params, model.buffers
+    model.params = trained if ema is None else ema
+    model.buffers = running if buffers is None else buffers
     try:
         yield model
     finally:
-        model.params = trained
+        model.params, model.buffers = trained, running
 
 
 class _WithAverage:

@@ -725,3 +725,60 @@ def test_cli_train_takes_threads(tmp_path):
     assert cli_main(["train", "--size", "32", "--n-train", "8", "--n-val", "8", "--epochs", "1", "--batch-size", "4",
                      "--threads", "2", "--no-progress", "--out", str(out)]) == 0
     assert io.load_checkpoint(out / "last.h5")["config"]["threads"] == 2
+
+
+def test_cli_train_takes_the_averaging_options(tmp_path):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--size", "32", "--n-train", "8", "--n-val", "8", "--epochs", "1", "--batch-size", "4",
+                     "--ema", "0.9", "--ema-warmup", "--precise-bn", "2", "--no-progress", "--out", str(out)]) == 0
+    config = io.load_checkpoint(out / "last.h5")["config"]
+    assert (config["ema"], config["ema_warmup"], config["precise_bn"]) == (0.9, True, 2)
+
+
+@pytest.mark.parametrize("network", ["tiny-siam-cd", "fc-siam-diff"])
+def test_precise_statistics_are_the_equal_weight_mean_of_the_batches(network):
+    from hicd_core.data.loader import TrainBatches
+    from hicd_core.networks import build_model
+    from hicd_core.train import precise_statistics
+
+    data = ArrayDataset(*synthetic_pairs(12, 16, seed=3))
+    model = build_model(network, (4, 4, 8, 8), dtype="float64", seed=1,
+                        dropout=0.0 if network == "fc-siam-diff" else None)
+    before = {k: v.copy() for k, v in model.buffers.items()}
+
+    def batches():
+        return TrainBatches(data, 4, rng=np.random.default_rng(5))
+
+    got = precise_statistics(model, batches(), 5, xp=np, seed=0)  # 3 batches an epoch: cycles once
+    assert all(np.array_equal(model.buffers[k], before[k]) for k in before) and model.bn_momentum == 0.1
+    each = []
+    again = batches()
+    for i, (x1, x2, _, _) in zip(range(5), [*again.epoch(), *again.epoch()]):
+        model.bn_momentum = 1.0  # the running statistics become this batch's own
+        model.forward(x1, x2, training=True)
+        each.append({k: v.copy() for k, v in model.buffers.items()})
+    for k in before:
+        np.testing.assert_allclose(got[k], np.mean([e[k] for e in each], axis=0), rtol=1e-12, atol=1e-12)
+
+
+def test_precise_bn_changes_the_validated_model_not_the_training(tmp_path):
+    """Training is the same step for step (last.h5); best.h5 carries the re-estimated statistics."""
+    from hicd_core.networks import load_model as load
+    from hicd_core.train import _training_batches, precise_statistics
+
+    data = ArrayDataset(*synthetic_pairs(16, 16, seed=0))
+    cfg = TrainConfig(epochs=2, batch_size=8, crop=16, ema=0.9, ema_warmup=True, **FC)
+    fit(cfg, data, data, tmp_path / "plain", progress=False)
+    precise = replace(cfg, precise_bn=3)
+    fit(precise, data, data, tmp_path / "precise", progress=False)
+    a, b = (io.load_checkpoint(tmp_path / run / "last.h5") for run in ("plain", "precise"))
+    for group in ("params", "buffers"):
+        assert all(np.array_equal(a[group][k], b[group][k]) for k in a[group]), group
+    best, ck = load(tmp_path / "precise" / "best.h5")
+    expected = precise_statistics(best, _training_batches(precise, data, np.random.default_rng([0, 3])), 3, xp=np)
+    for k in expected:
+        np.testing.assert_allclose(ck["buffers"][k], expected[k], rtol=1e-6, atol=1e-6)
+    assert not all(np.allclose(ck["buffers"][k], b["buffers"][k]) for k in expected)
+    assert evaluate(best, data)["f1"] == ck["extra"]["best"]["f1"]  # best.h5 is the model that was validated
+    with pytest.raises(ValueError, match="precise_bn must be a number of batches >= 0"):
+        TrainConfig(precise_bn=-1)
