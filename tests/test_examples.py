@@ -410,3 +410,26 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
     assert site_probe.fields(["pos_weight=16", "normalize=image"]) == {"pos_weight": 16, "normalize": "image"}
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         site_probe.fields(["pos_weight"])
+
+
+def test_bn_probe_carries_statistics_on_without_touching_the_model_and_tables_the_draws():
+    from hicd_core.data.loader import TrainBatches
+    from hicd_core.networks import build_model
+
+    bn_probe = _probe_module("bn_probe")
+    model = build_model("fc-siam-diff", (4, 4, 8, 8), dtype="float64", dropout=0.0, seed=1)
+    saved = {k: v.copy() for k, v in model.buffers.items()}
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=2))
+    one = bn_probe.carried_on(model, TrainBatches(data, 4, rng=np.random.default_rng(0)), 3)
+    assert all(np.array_equal(model.buffers[k], saved[k]) for k in saved)
+    again = TrainBatches(data, 4, rng=np.random.default_rng(0))
+    for x1, x2, _, _ in [*again.epoch(), *again.epoch()][:3]:  # two batches an epoch: cycled
+        model.forward(x1, x2, training=True)  # momentum 0.1 from the saved statistics
+    for k in saved:
+        np.testing.assert_allclose(one[k], model.buffers[k], rtol=1e-12, atol=1e-12)
+        assert not np.allclose(one[k], saved[k])
+    score = lambda f1: {"f1": f1, "precision": 0.0, "recall": 0.0, "per_scene": {}}  # noqa: E731
+    rows = [{"checkpoint": "a/best.h5", "profile": "p", "batches": 18, "saved": score(59.61),
+             "running": [score(55.8), score(56.62)], "precise": [score(55.35), score(55.9)]}]
+    lines = bn_probe.table(rows).splitlines()
+    assert lines[2] == "| `a/best.h5` | 59.61 | 55.80, 56.62 (56.21) | 55.35, 55.90 (55.62) |"

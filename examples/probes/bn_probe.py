@@ -1,0 +1,134 @@
+"""How much of a checkpoint's validation F1 is its BatchNorm statistics? (issue 27; validation scenes only)
+
+    python examples/probes/bn_probe.py runs/site_probe/all-seed0/best.h5 [--draws 3] [--batches 18]
+
+A network trained with BatchNorm is validated with running statistics, ``R <- 0.9 R + 0.1 S`` after
+each training batch, which the last ten or so batches dominate (docs/MATH.md 7.3) and which belong
+to the weights as they were while training, not to an average of them (``ema``). The same weights
+can therefore be validated with other statistics. This probe scores a checkpoint (a teacher's
+``best.h5`` of the SZTAKI studies or of ``site_probe.py``) on the validation scenes of ``--data`` (the
+split of ``examples/reproduce.py``, scored as a study scores a test scene, with the profile's
+``filter_radius``) three ways, weights fixed:
+
+* ``saved``: the statistics in the checkpoint;
+* ``running``: the saved statistics carried on through ``--batches`` more training batches at
+  momentum 0.1, as one more epoch would leave them (``--draws`` draws of batches);
+* ``precise``: the equal-weight mean over ``--batches`` training batches
+  (``train.precise_statistics``; ``--draws`` draws).
+
+Training batches are drawn as the profile's teacher draws them (crops, flips, change-centred crops,
+colour jitter) from generators seeded ``[99, draw]``. If the ``running`` figures spread by several
+points, every epoch's validation F1 carries that lottery and the epoch selected as best is partly
+the luckiest draw; the ``precise`` figures show what the weights give with statistics that do not
+depend on the last batches. Rows (one per checkpoint, every figure) go to ``results/bn_probe.json``;
+nothing is trained, no test scene is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+from hicd_core import backend  # noqa: E402
+from hicd_core.experiment import PROFILES, _base_config, write_json  # noqa: E402
+from hicd_core.networks import load_model  # noqa: E402
+from hicd_core.train import _training_batches, precise_statistics  # noqa: E402
+import reproduce  # noqa: E402
+
+
+def carried_on(model, batches, count):
+    """The model's running statistics after ``count`` more batches at its own momentum (its buffers kept)."""
+    kept = model.buffers
+    model.buffers = dict(kept)
+    try:
+        done = 0
+        while done < count:
+            for x1, x2, _, _ in batches.epoch():
+                model.forward(x1, x2, training=True, rng=backend.host_rng([99, 4, done]))
+                done += 1
+                if done == count:
+                    break
+        return model.buffers
+    finally:
+        model.buffers = kept
+
+
+def scored(model, buffers, val, prof):
+    kept, model.buffers = model.buffers, buffers
+    try:
+        pooled, per_scene = reproduce.evaluate_scenes(model, val, prof)
+    finally:
+        model.buffers = kept
+    return {"f1": round(pooled["f1"], 2), "precision": round(pooled["precision"], 2),
+            "recall": round(pooled["recall"], 2), "per_scene": {k: round(v, 2) for k, v in per_scene.items()}}
+
+
+def probe(path, args):
+    prof = PROFILES[args.profile]
+    train, val, _, _, _ = reproduce.folder_splits(args.data, prof, out=None, seed=0)
+    model = load_model(path)[0]
+    cfg = _base_config(prof, 0)
+    row = {"checkpoint": str(path), "profile": args.profile, "batches": args.batches,
+           "saved": scored(model, model.buffers, val, prof), "running": [], "precise": []}
+    print(path, "saved", json.dumps(row["saved"]), flush=True)
+    for draw in range(args.draws):
+        for kind in ("running", "precise"):
+            batches = _training_batches(cfg, train, backend.host_rng([99, draw]))
+            buffers = (carried_on(model, batches, args.batches) if kind == "running"
+                       else precise_statistics(model, batches, args.batches, xp=model.xp, seed=99))
+            row[kind].append(scored(model, buffers, val, prof))
+            print(path, kind, draw, json.dumps(row[kind][-1]), flush=True)
+    return row
+
+
+def table(rows):
+    """Markdown: per checkpoint, the pooled validation F1 with its saved statistics, and the range and mean
+    of the other draws."""
+    lines = ["| checkpoint | saved | running: draws (mean) | precise: draws (mean) |", "|---|---:|---:|---:|"]
+    for r in rows:
+        cells = []
+        for kind in ("running", "precise"):
+            f1s = [d["f1"] for d in r[kind]]
+            cells.append(", ".join(f"{v:.2f}" for v in f1s) + f" ({statistics.mean(f1s):.2f})")
+        lines.append(f"| `{r['checkpoint']}` | {r['saved']['f1']:.2f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="*")
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=18, help="training batches per estimate (default 18, "
+                        "one epoch of the SZTAKI teachers)")
+    parser.add_argument("--profile", default="real-fc-siam-diff-filtered", choices=sorted(PROFILES))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
+    parser.add_argument("--results", default=str(ROOT / "results" / "bn_probe.json"))
+    parser.add_argument("--table", action="store_true", help="print the rows as the notes' table and stop")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    if args.table:
+        if not results.is_file():
+            raise SystemExit(f"bn_probe: no rows at {results}")
+        print(table(json.loads(results.read_text())))
+        return
+    if not args.checkpoints:
+        parser.error("give one or more checkpoints (or --table)")
+    if args.draws < 1 or args.batches < 1:
+        parser.error("--draws and --batches must be positive")
+    backend.keep_host_memory()
+    for path in args.checkpoints:
+        row = probe(Path(path), args)
+        rows = [r for r in (json.loads(results.read_text()) if results.exists() else [])
+                if (r["checkpoint"], r["profile"], r["batches"]) != (row["checkpoint"], row["profile"], row["batches"])]
+        write_json(results, rows + [row])
+
+
+if __name__ == "__main__":
+    main()
