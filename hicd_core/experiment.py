@@ -50,8 +50,8 @@ class Profile:
     epochs); ``min_epochs``, ``smoothing``, ``dice_weight``, ``pos_weight``, ``normalize``, ``change_crop_rate`` and
     ``eval_tile`` are the ``TrainConfig`` fields of the same names (``filter_radius`` too, which the test
     rows' evaluation applies as well), and so are ``model`` (the network,
-    ``networks.MODELS``), ``dropout``, ``bottleneck``, ``ema``, ``ema_warmup``, ``precise_bn``, ``weight_decay`` (the optimizer's, teacher and
-    students alike) and ``colour_jitter``; ``repeats``: how many random crops of each training scene
+    ``networks.MODELS``), ``dropout``, ``bottleneck``, ``ema``, ``ema_warmup``, ``precise_bn``,
+    ``weight_decay`` (the optimizer's, teacher and students alike) and ``colour_jitter``; ``repeats``: how many random crops of each training scene
     make one epoch (real data).
     """
 
@@ -125,7 +125,8 @@ def _base_config(prof, seed):
                        smoothing=prof.smoothing,
                        dice_weight=prof.dice_weight, pos_weight=prof.pos_weight, normalize=prof.normalize,
                        change_crop_rate=prof.change_crop_rate, eval_tile=prof.eval_tile, model=prof.model,
-                       dropout=prof.dropout, bottleneck=prof.bottleneck, ema=prof.ema, ema_warmup=prof.ema_warmup, precise_bn=prof.precise_bn, weight_decay=prof.weight_decay,
+                       dropout=prof.dropout, bottleneck=prof.bottleneck, ema=prof.ema, ema_warmup=prof.ema_warmup,
+                       precise_bn=prof.precise_bn, weight_decay=prof.weight_decay,
                        colour_jitter=prof.colour_jitter, filter_radius=prof.filter_radius)
 
 

@@ -28,8 +28,8 @@ from .backend import all_finite
 from .data.folder import DegradedView, change_fraction, channel_stats, validate_dataset
 from .data.loader import TrainBatches
 from .distill import feature_mse_loss, hicd_loss
-from .fc_siam import BOTTLENECKS
 from .errors import CheckpointError, NonFiniteError
+from .fc_siam import BOTTLENECKS
 from .functional import bce_with_logits, soft_dice
 from .infer import evaluate
 from .io import atomic_path, load_checkpoint, remove_stale_temps, run_lock, save_checkpoint
