@@ -136,14 +136,14 @@ PROFILES["real-fc-siam-diff"] = replace(PROFILES["real"], model="fc-siam-diff", 
 # Set from those validation curves; every run that ran 20 epochs or more is unchanged by it.
 PROFILES["real-fc-siam-diff-filtered"] = replace(PROFILES["real-fc-siam-diff"], filter_radius=8, min_epochs=20)
 # The filtered recipe with its model selection mended (issue 27, item 3; validation scenes only,
-# docs/studies/sztaki-fc-siam-diff-filtered_notes.md, "The model selection: a lagging average and
-# BatchNorm's last batches"): the weight average warmed up (ema_warmup), so that it no longer carries
-# the initial weights through the first ~10 epochs (validation F1 ~0 at epochs 2-9 in every seed of
-# the filtered study), and each validation run with BatchNorm statistics re-estimated for the averaged
-# weights over 18 fixed training batches (precise_bn), not with the running ones of the trained
-# weights, which the last batches dominate: the same weights scored 2-7 points lower with any other
-# batches' statistics than with the saved ones that selection had picked (examples/probes/bn_probe.py).
-# Its rows go to a study of their own (--tag sztaki-fc-siam-diff-precise) and are reported either way.
+# docs/studies/sztaki-fc-siam-diff-precise_notes.md): the weight average warmed up (ema_warmup), so
+# that it no longer carries the initial weights through the first ~10 epochs (validation F1 ~0 at
+# epochs 2-9 in every seed of the filtered study), and each validation run with BatchNorm statistics
+# re-estimated for the averaged weights over 18 fixed training batches (precise_bn), not with the
+# running ones of the trained weights, which the last batches dominate: the same weights scored
+# 0.3-10.7 points lower with other batches' statistics than with the saved ones that selection had
+# picked (examples/probes/bn_probe.py), and the validation curve's epoch-to-epoch jumps fell from
+# 4.5-5.6 to 1.2-1.4 points. Its rows go to a study of their own (--tag sztaki-fc-siam-diff-precise).
 PROFILES["real-fc-siam-diff-precise"] = replace(PROFILES["real-fc-siam-diff-filtered"], ema_warmup=True,
                                                 precise_bn=18)
 # On the synthetic scenes: the converged protocol without dropout (chosen on the synthetic validation
