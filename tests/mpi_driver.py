@@ -2,6 +2,7 @@
 
     mpiexec -n 2 python tests/mpi_driver.py equivalence float64 hicd
     mpiexec -n 2 python tests/mpi_driver.py gradcheck
+    mpiexec -n 2 python tests/mpi_driver.py precise
     mpiexec -n 2 python tests/mpi_driver.py fit OUT EPOCHS STOP_AFTER
     mpiexec -n 2 python tests/mpi_driver.py kill OUT    (or hang OUT)
     mpiexec -n 1 python tests/mpi_driver.py transport    (the choice of transport on NumPy)
@@ -110,6 +111,19 @@ def gradcheck(comm, h=1e-6):
             worst = max(worst, abs(analytic[f][idx] / comm.size - numeric))
     worst = float(comm.allreduce_host(np.array([worst]))[0])
     report(comm, {"max_abs_error": worst})
+
+
+def precise(comm):
+    """``precise_statistics`` on K ranks (each its shard, synchronised BatchNorm) against one process."""
+    from hicd_core.data.loader import TrainBatches
+    from hicd_core.train import precise_statistics
+
+    data = ArrayDataset(*synthetic_pairs(8, 32, 23))
+    model = build_model("fc-siam-diff", EQUIVALENCE_WIDTHS, seed=1, dtype="float64", dropout=0.3)
+    stats = [precise_statistics(model, TrainBatches(data, 4, rng=np.random.default_rng(6)), 3, xp=np, comm=c,
+                                seed=2) for c in (comm, None)]
+    worst = max(float(np.max(np.abs(stats[0][k] - stats[1][k]))) for k in stats[0])
+    report(comm, {"max_abs_diff": worst})
 
 
 def _config(epochs):
@@ -241,6 +255,8 @@ def main():
         equivalence(comm, args[0], args[1], *args[2:4])
     elif command == "gradcheck":
         gradcheck(comm)
+    elif command == "precise":
+        precise(comm)
     elif command == "fit":
         fit_run(comm, args[0], int(args[1]), int(args[2]))
     elif command in ("kill", "hang"):

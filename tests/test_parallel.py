@@ -54,6 +54,11 @@ def test_two_ranks_of_fc_siam_diff_with_dropout_take_the_steps_of_one_process(me
     assert out["max_abs_diff"] < 1e-10, out
 
 
+def test_precise_statistics_on_two_ranks_are_the_global_batches():
+    """Each rank runs its shard with synchronised BatchNorm (and the global batch's dropout masks)."""
+    assert mpirun("precise")["max_abs_diff"] < 1e-10
+
+
 def test_the_gathered_global_correlation_backward_matches_central_differences():
     assert mpirun("gradcheck")["max_abs_error"] < 1e-7
 
