@@ -563,7 +563,9 @@ TITLES = {"reproduce": "Reproducing the HiCD claim: the 6-epoch sweep on synthet
           "sztaki-fc-siam-diff": "HiCD on the SZTAKI AirChange scenes with FC-Siam-diff",
           "converged-fc-siam-diff": "HiCD against converged students on synthetic scenes with FC-Siam-diff",
           "sztaki-fc-siam-diff-filtered": "HiCD on the SZTAKI AirChange scenes with FC-Siam-diff, maps scored after a "
-                                          "17 x 17 window mean"}
+                                          "17 x 17 window mean",
+          "sztaki-fc-siam-diff-precise": "HiCD on the SZTAKI AirChange scenes with FC-Siam-diff, window mean, "
+                                         "models selected with precise BatchNorm statistics"}
 
 
 #: The studies of the README's summary, in its order: (tag, what it is).
@@ -571,7 +573,8 @@ SUMMARY = (("reproduce", "synthetic, 6-epoch sweep"), ("converged", "synthetic, 
            ("sztaki", "SZTAKI AirChange"), ("sztaki-smoothed", "SZTAKI, 3-epoch selection"),
            ("levir", "LEVIR-CD samples"), ("converged-fc-siam-diff", "synthetic, converged, FC-Siam-diff"),
            ("sztaki-fc-siam-diff", "SZTAKI AirChange, FC-Siam-diff"),
-           ("sztaki-fc-siam-diff-filtered", "SZTAKI AirChange, FC-Siam-diff, window mean 17 x 17"))
+           ("sztaki-fc-siam-diff-filtered", "SZTAKI AirChange, FC-Siam-diff, window mean 17 x 17"),
+           ("sztaki-fc-siam-diff-precise", "SZTAKI AirChange, FC-Siam-diff, precise selection"))
 
 
 def summary_table(settings=SETTINGS, root=ROOT):
