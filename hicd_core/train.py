@@ -545,15 +545,17 @@ def _training_batches(cfg, train_set, rng):
                         change_rate=cfg.change_crop_rate, colour=cfg.colour_jitter)
 
 
-def precise_statistics(model, batches, count, *, xp, comm=None, seed=0):
+def precise_statistics(model, batches, count, *, xp, comm=None, seed=0, momentum=None):
     """BatchNorm statistics of ``model``'s weights: the equal-weight mean over ``count`` batches.
 
     ``batches`` is a ``TrainBatches``, cycled when it has fewer; each batch runs forward in training
     mode with ``model.bn_momentum`` ``1 / (i + 1)`` at batch ``i`` (a cumulative mean, PyTorch's
-    ``momentum=None``), on this rank's shard with synchronised statistics under ``comm``. Returns
-    the new buffers; the model's own, and its momentum, are left as they were.
+    ``momentum=None``), on this rank's shard with synchronised statistics under ``comm``. With a
+    ``momentum`` instead, the model's running statistics carried on through the batches at that
+    momentum (what ``count`` more training batches would leave). Returns the new buffers; the
+    model's own, and its momentum, are left as they were.
     """
-    kept, momentum = model.buffers, model.bn_momentum
+    kept, own = model.buffers, model.bn_momentum
     model.buffers = dict(kept)  # the forward replaces entries, never writes into them
     part = shard(batches.batch_size, comm)
     student = batches.setting is not None
@@ -562,14 +564,14 @@ def precise_statistics(model, batches, count, *, xp, comm=None, seed=0):
         while done < count:
             for x1, x2_hq, x2_lq, _ in batches.epoch():
                 x1_d, x2_d = (backend.from_host(a[part], xp) for a in (x1, x2_lq if student else x2_hq))
-                model.bn_momentum = 1.0 / (done + 1)
+                model.bn_momentum = 1.0 / (done + 1) if momentum is None else momentum
                 model.forward(x1_d, x2_d, training=True, sync=comm, rng=backend.host_rng([seed, 4, done]))
                 done += 1
                 if done == count:
                     break
         return model.buffers
     finally:
-        model.buffers, model.bn_momentum = kept, momentum
+        model.buffers, model.bn_momentum = kept, own
 
 
 def _restore(run: _Run, resume: bool) -> None:
