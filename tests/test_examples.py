@@ -433,3 +433,17 @@ def test_bn_probe_carries_statistics_on_without_touching_the_model_and_tables_th
              "running": [score(55.8), score(56.62)], "precise": [score(55.35), score(55.9)]}]
     lines = bn_probe.table(rows).splitlines()
     assert lines[2] == "| `a/best.h5` | 59.61 | 55.80, 56.62 (56.21) | 55.35, 55.90 (55.62) |"
+
+
+def test_site_probe_curves_give_take_off_best_and_mean_jump(tmp_path):
+    site_probe = _probe_module("site_probe")
+    row = {"site": "all", "seed": 0, "budget": 1, "profile": "real-fc-siam-diff-filtered", "crops_per_scene": 16,
+           "min_epochs": 20, "val_f1": [10.0] * 10 + [30.0, 34.0, 32.0, 35.0], "val_f1_per_scene": {}}
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps([{"method": "teacher HQ/HQ", "setting": "resolution-x4", "seed": 1,
+                                  "val_f1": [31.0, 20.0]},
+                                 {"method": "teacher HQ/HQ", "setting": "multi", "seed": 1, "val_f1": [31.0, 20.0]}]))
+    lines = site_probe.curves([row, dict(row, site="szada")], [study]).splitlines()
+    assert len(lines) == 2 + 2  # the site teacher is left out, the study's teacher counted once
+    assert lines[2] == "| site_probe: both sites | 0 | 11 | 35.00 / 14 / 14 | 3.00 |"  # jumps 4, 2, 3
+    assert lines[3] == "| study: teacher | 1 | 1 | 31.00 / 1 / 2 | – |"

@@ -89,6 +89,12 @@ def main(argv=None):
 REAL = {"normalize": True, "pos_weight": 5.0, "dice_weight": 1.0, "change_crop_rate": 0.5}
 
 
+def mean_jump(curve, after=10):
+    """The mean absolute change of validation F1 from one epoch to the next after epoch ``after`` (None if none)."""
+    jumps = [abs(b - a) for a, b in zip(curve[after:], curve[after + 1:])]
+    return sum(jumps) / len(jumps) if jumps else None
+
+
 def table(rows, names=()):
     """The rows (those named, in the file's order; all without names) as a Markdown table."""
     lines = ["| probe | fields | best | at epoch | epochs | last | mean 21-40 | mean jump after 10 |",
@@ -98,8 +104,8 @@ def table(rows, names=()):
             continue
         v = r["val_f1"]
         plateau = f"{sum(v[20:40]) / len(v[20:40]):.2f}" if len(v) >= 40 else "-"
-        jumps = [abs(b - a) for a, b in zip(v[10:], v[11:])]
-        jump = f"{sum(jumps) / len(jumps):.2f}" if jumps else "-"
+        jump = mean_jump(v)
+        jump = "-" if jump is None else f"{jump:.2f}"
         missing = [k for k in REAL if k not in r["fields"]]
         changed = [f"{k} {v_}" for k, v_ in r["fields"].items() if REAL.get(k, object()) != v_]
         fields = ("none of `real`" if len(missing) == len(REAL) else

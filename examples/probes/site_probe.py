@@ -7,6 +7,7 @@
     python examples/probes/site_probe.py --site all --seed 0 --set pos_weight=auto
     python examples/probes/site_probe.py --site all --seed 0 --repeats 4 --set crop=256 batch_size=2
     python examples/probes/site_probe.py --table
+    python examples/probes/site_probe.py --curves results/sztaki-fc-siam-diff-filtered.json
 
 The SZTAKI studies train one network on the nine training scenes of both sites (Szada,
 Tiszadob, and the `archieve` pair). Public reimplementations of the literature's AirChange
@@ -24,7 +25,9 @@ Each run's selected model (``best.h5``) is then scored on every validation scene
 itself, as the studies score a test scene (``reproduce.evaluate_scenes``, with the profile's
 ``filter_radius``), and a row goes to ``results/site_probe.json``. ``--table`` prints each run's
 selected validation F1 and its F1 per validation scene beside those of the study's teacher of the
-same seed (the ``--site all`` run with nothing changed). No test scene is read.
+same seed (the ``--site all`` run with nothing changed); ``--curves [STUDY.json ...]`` prints the shape of
+each validation curve of the joint teachers here and of the given studies' teachers (when it first
+reaches 30, its best, and its mean jump from one epoch to the next after epoch 10). No test scene is read.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from hicd_core.experiment import PROFILES, _base_config, write_json  # noqa: E40
 from hicd_core.networks import load_model  # noqa: E402
 from hicd_core.train import fit  # noqa: E402
 import reproduce  # noqa: E402
+from recipe_probe import mean_jump  # noqa: E402
 
 
 def site_splits(data, prof, site, budget=1):
@@ -193,6 +197,23 @@ def summary(rows, joint):
     return lines
 
 
+def curves(rows, studies=()):
+    """Markdown: per joint teacher of the rows (and each study's teacher rows), its validation curve's
+    first epoch at F1 >= 30, its best and when, and its mean jump after epoch 10 (``recipe_probe.mean_jump``)."""
+    runs = [(f"site_probe: {label(r)}", r["seed"], r["val_f1"]) for r in rows if r["site"] == "all"]
+    for path in studies:
+        runs += [(f"{Path(path).stem}: teacher", r["seed"], r["val_f1"]) for r in json.loads(Path(path).read_text())
+                 if r["method"] == "teacher HQ/HQ" and r["setting"] == "resolution-x4"]  # one row per teacher
+    lines = ["| teacher | seed | first epoch >= 30 | best / at epoch / run | mean jump after epoch 10 |",
+             "|---|---:|---:|---:|---:|"]
+    for what, seed, curve in sorted(runs, key=lambda t: (t[0], t[1])):
+        first = next((i + 1 for i, v in enumerate(curve) if v >= 30), "–")
+        jump = mean_jump(curve)
+        lines.append(f"| {what} | {seed} | {first} | {max(curve):.2f} / {curve.index(max(curve)) + 1} / {len(curve)} "
+                     f"| {'–' if jump is None else f'{jump:.2f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--site", default="all", help="'all' (both sites), or a scene-name prefix: szada, tiszadob")
@@ -210,11 +231,16 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/site_probe")
     parser.add_argument("--results", default=str(ROOT / "results" / "site_probe.json"))
     parser.add_argument("--table", action="store_true", help="print the rows as the notes' table and stop")
+    parser.add_argument("--curves", nargs="*", default=None, metavar="STUDY",
+                        help="print the shape of the joint teachers' validation curves (and of these studies' "
+                             "teachers) and stop")
     args = parser.parse_args(argv)
-    if args.table:
-        if not Path(args.results).is_file():
-            raise SystemExit(f"site_probe: no rows at {args.results}")
-        print(table(json.loads(Path(args.results).read_text())))
+    if args.table or args.curves is not None:
+        for path in [args.results, *(args.curves or [])]:
+            if not Path(path).is_file():
+                raise SystemExit(f"site_probe: no rows at {path}")
+        rows = json.loads(Path(args.results).read_text())
+        print(table(rows) if args.table else curves(rows, args.curves))
         return
     run(args)
 
