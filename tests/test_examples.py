@@ -88,8 +88,13 @@ def test_reproduce_writes_rows_report_and_resumes(tmp_path):
     text = report.read_text()
     assert "[`rows.json`](../rows.json)" in text and "| student baseline |" in text
     assert (tmp_path / "docs" / "images" / "reproduce_f1.png").exists()
+    meta_path = tmp_path / "rows_meta.json"
+    commands = json.loads(meta_path.read_text())["commands"]  # both stages' invocations, in order
+    assert len(commands) == 2 and commands[0].endswith("--teacher-only") and commands[1].endswith("--no-progress")
+    assert "- commands (each measured some of the rows):" in text and f"  - `{commands[1]}`" in text
     assert "student baseline" not in run_script(*args)  # resumed: nothing left to measure
     assert json.loads(results.read_text()) == rows
+    assert json.loads(meta_path.read_text())["commands"] == commands  # a run that measured nothing is not named
 
 
 def write_scenes(root, sizes, seed=0):
