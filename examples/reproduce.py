@@ -498,6 +498,8 @@ def commands_text(meta):
 
 
 def write_report(rows, meta, settings, report, plot, *, title, results, notes):
+    # every setting with rows, whichever worker writes (two may fill one study, a setting each)
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)] or list(settings)
     notes_text = Path(notes).read_text() if Path(notes).exists() else ""
     seconds = sum(meta.get("seconds", {}).values())
     rel = lambda p: _relative(p, report.parent)  # noqa: E731

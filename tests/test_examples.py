@@ -322,6 +322,20 @@ def test_summary_lists_studies_with_paired_students_and_skips_a_teacher_only_stu
     assert cells[0] == "–" and cells[1].startswith("+2.00 [")  # differences 1, 2, 3: mean 2
 
 
+def test_a_report_shows_every_setting_with_rows_whichever_worker_writes_it(tmp_path):
+    reproduce = _reproduce_module()
+    rows = [{"setting": s, "method": "student baseline", "seed": 0, "init": "fresh", "f1": f1, "iou": f1 / 2,
+             "best_epoch": 1, "epochs_run": 2, "val_f1": [1.0, 0.5]}
+            for s, f1 in (("multi", 40.0), ("resolution-x4", 50.0))]
+    report = tmp_path / "docs" / "REPORT.md"
+    reproduce.write_report(rows, {"commands": ["python examples/reproduce.py --settings multi"]}, ["multi"], report,
+                           tmp_path / "docs" / "images" / "x_f1.png", title="t", results=tmp_path / "rows.json",
+                           notes=tmp_path / "notes.md")
+    text = report.read_text()  # a worker of one setting names both, in the order of SETTINGS
+    assert "| method | resolution-x4 F1 | resolution-x4 IoU | multi F1 | multi IoU |" in text
+    assert "- command: `python examples/reproduce.py --settings multi`" in text
+
+
 def test_the_verdict_states_the_teachers_room_to_distil():
     reproduce = _reproduce_module()
     rows = [{"setting": "multi", "method": m, "seed": s, "f1": f1}
