@@ -515,7 +515,7 @@ from `{_relative(notes, ROOT)}`.
 
 {commands_text(meta)}
 - last updated: {time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-- machine: {meta.get("machine", "")}
+- machine: {"; ".join(dict.fromkeys(r["host"] for r in rows if "host" in r)) or meta.get("machine", "")}
 - wall time of the measured rows (training + evaluation, summed): {seconds / 60:.1f} min
 - configuration: {meta.get("profile", "")}
 

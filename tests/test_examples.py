@@ -327,6 +327,7 @@ def test_a_report_shows_every_setting_with_rows_whichever_worker_writes_it(tmp_p
     rows = [{"setting": s, "method": "student baseline", "seed": 0, "init": "fresh", "f1": f1, "iou": f1 / 2,
              "best_epoch": 1, "epochs_run": 2, "val_f1": [1.0, 0.5]}
             for s, f1 in (("multi", 40.0), ("resolution-x4", 50.0))]
+    rows[0]["host"], rows[1]["host"] = "cpu A", "cpu B"  # rows measured on two machines
     report = tmp_path / "docs" / "REPORT.md"
     reproduce.write_report(rows, {"commands": ["python examples/reproduce.py --settings multi"]}, ["multi"], report,
                            tmp_path / "docs" / "images" / "x_f1.png", title="t", results=tmp_path / "rows.json",
@@ -334,6 +335,7 @@ def test_a_report_shows_every_setting_with_rows_whichever_worker_writes_it(tmp_p
     text = report.read_text()  # a worker of one setting names both, in the order of SETTINGS
     assert "| method | resolution-x4 F1 | resolution-x4 IoU | multi F1 | multi IoU |" in text
     assert "- command: `python examples/reproduce.py --settings multi`" in text
+    assert "- machine: cpu A; cpu B" in text
 
 
 def test_the_verdict_states_the_teachers_room_to_distil():
