@@ -281,9 +281,9 @@ def results_table(rows, settings):
 
 
 def best_epoch_table(rows, settings):
-    """Best validation epoch / epochs run, per model, seeds listed."""
+    """Best validation epoch / epochs run, per model, one entry per seed in seed order."""
     cells = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r["seed"]):
         if "best_epoch" in r:
             cells.setdefault((r["setting"], label(r["method"], r.get("init", "fresh"))), []).append(
                 f"{r['best_epoch']}/{r['epochs_run']}")
@@ -534,7 +534,7 @@ measured so far:
     if scenes:
         text += f"\nF1 per test scene (mean ± std over seeds):\n\n{scenes}\n"
     if epochs:
-        text += ("\nBest validation epoch / epochs trained, one entry per seed (a run that stopped before its "
+        text += ("\nBest validation epoch / epochs trained, one entry per seed in seed order (a run that stopped before its "
                  f"budget stopped by patience):\n\n{epochs}\n")
     if has_curves:
         text += f"\n![validation F1 by epoch, baseline and HiCD full, mean over seeds]({rel(curves)})\n"

@@ -328,6 +328,8 @@ def test_a_report_shows_every_setting_with_rows_whichever_worker_writes_it(tmp_p
              "best_epoch": 1, "epochs_run": 2, "val_f1": [1.0, 0.5]}
             for s, f1 in (("multi", 40.0), ("resolution-x4", 50.0))]
     rows[0]["host"], rows[1]["host"] = "cpu A", "cpu B"  # rows measured on two machines
+    rows.append({**rows[0], "seed": 1, "best_epoch": 2})
+    rows.insert(0, {**rows[0], "seed": 2, "best_epoch": 3})  # rows of seeds 2, 0, 1: the table lists 0, 1, 2
     report = tmp_path / "docs" / "REPORT.md"
     reproduce.write_report(rows, {"commands": ["python examples/reproduce.py --settings multi"]}, ["multi"], report,
                            tmp_path / "docs" / "images" / "x_f1.png", title="t", results=tmp_path / "rows.json",
@@ -336,6 +338,7 @@ def test_a_report_shows_every_setting_with_rows_whichever_worker_writes_it(tmp_p
     assert "| method | resolution-x4 F1 | resolution-x4 IoU | multi F1 | multi IoU |" in text
     assert "- command: `python examples/reproduce.py --settings multi`" in text
     assert "- machine: cpu A; cpu B" in text
+    assert "| student baseline | 1/2 | 1/2, 2/2, 3/2 |" in text
 
 
 def test_the_verdict_states_the_teachers_room_to_distil():
