@@ -138,12 +138,14 @@ PROFILES["real-fc-siam-diff-filtered"] = replace(PROFILES["real-fc-siam-diff"], 
 # The filtered recipe with its model selection mended (issue 27, item 3; validation scenes only,
 # docs/studies/sztaki-fc-siam-diff-precise_notes.md): the weight average warmed up (ema_warmup), so
 # that it no longer carries the initial weights through the first ~10 epochs (validation F1 ~0 at
-# epochs 2-6 and below 30 until epoch 10-12 in every seed of the filtered study), and each validation run with BatchNorm statistics
-# re-estimated for the averaged weights over 18 fixed training batches (precise_bn), not with the
-# running ones of the trained weights, which the last batches dominate: the same weights scored
+# epochs 2-6 and below 30 until epoch 10-12 in every seed of the filtered study), and each
+# validation run with BatchNorm statistics re-estimated for the averaged weights over 18 fixed
+# training batches (precise_bn), not with the running ones of the trained weights, which the last
+# batches dominate: the same weights scored
 # 0.3-10.7 points lower with other batches' statistics than with the saved ones that selection had
 # picked (examples/probes/bn_probe.py), and the validation curve's epoch-to-epoch jumps after epoch
-# 10 fell from 3.8 and 5.1 to 1.3 and 1.1 points (seeds 0, 1; site_probe.py --curves). Its rows go to a study of their own (--tag sztaki-fc-siam-diff-precise).
+# 10 fell from 3.8 and 5.1 to 1.3 and 1.1 points (seeds 0, 1; site_probe.py --curves). Its rows
+# go to a study of their own (--tag sztaki-fc-siam-diff-precise).
 # No early stopping (min_epochs = the 40-epoch budget): on these smooth curves patience 10 ended the
 # teachers of seeds 2 and 3 at epochs 21 and 20, and the same runs carried on to 40 passed their
 # epoch-10/11 best by 2.1 and 5.8 points on validation in the second half of the cosine schedule
@@ -534,8 +536,8 @@ measured so far:
     if scenes:
         text += f"\nF1 per test scene (mean ± std over seeds):\n\n{scenes}\n"
     if epochs:
-        text += ("\nBest validation epoch / epochs trained, one entry per seed in seed order (a run that stopped before its "
-                 f"budget stopped by patience):\n\n{epochs}\n")
+        text += ("\nBest validation epoch / epochs trained, one entry per seed in seed order (a run that stopped "
+                 f"before its budget stopped by patience):\n\n{epochs}\n")
     if has_curves:
         text += f"\n![validation F1 by epoch, baseline and HiCD full, mean over seeds]({rel(curves)})\n"
     text += f"\n{notes_text}"
