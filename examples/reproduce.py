@@ -70,10 +70,12 @@ from hicd_core.experiment import (  # noqa: E402
     PROFILES,
     STUDENTS,
     Profile,
+    decision_threshold,
     run_summary,
     test_views,
     train_student,
     train_teacher,
+    validation_view,
     write_json,
 )
 from hicd_core.infer import evaluate  # noqa: E402
@@ -152,6 +154,16 @@ PROFILES["real-fc-siam-diff-filtered"] = replace(PROFILES["real-fc-siam-diff"], 
 # (same notes; the four teacher rows measured before are in results/sztaki-fc-siam-diff-precise_superseded.json).
 PROFILES["real-fc-siam-diff-precise"] = replace(PROFILES["real-fc-siam-diff-filtered"], ema_warmup=True,
                                                 precise_bn=18, min_epochs=40)
+# The precise recipe, each model scored at its own decision threshold: the one of 0.30, 0.35, .., 0.90 with the
+# highest F1 on the pairs its run validated on, not 0.5. Trained and selected exactly as the precise study (its
+# checkpoints are reused: --runs-of sztaki-fc-siam-diff-precise). Chosen on the validation scenes before any test
+# row (examples/probes/threshold_probe.py, docs/studies/sztaki-fc-siam-diff-calibrated_notes.md): at 0.5 every
+# precise baseline student marks more change than is labelled (validation precision 34-46, recall 77-82); its best
+# threshold, 0.55-0.70, lifts validation F1 by 1.8-10.8 points, most where it was lowest (mean ± std over seeds
+# 51.64 ± 2.92 -> 59.18 ± 1.72 at resolution-x4, 52.23 ± 4.67 -> 58.28 ± 0.45 at multi). Its rows go to a study
+# of their own (--tag sztaki-fc-siam-diff-calibrated).
+PROFILES["real-fc-siam-diff-calibrated"] = replace(PROFILES["real-fc-siam-diff-precise"],
+                                                   threshold_grid=tuple(round(0.3 + 0.05 * i, 2) for i in range(13)))
 # On the synthetic scenes: the converged protocol without dropout (chosen on the synthetic validation
 # pairs, results/network_probe.json; the published 0.2 learns far slower at this budget).
 PROFILES["converged-fc-siam-diff"] = replace(PROFILES["converged"], model="fc-siam-diff", dropout=0.0)
@@ -282,13 +294,13 @@ def results_table(rows, settings):
     return "\n".join(lines)
 
 
-def best_epoch_table(rows, settings):
-    """Best validation epoch / epochs run, per model, one entry per seed in seed order."""
+def per_seed_table(rows, settings, cell):
+    """``cell(row)`` (a string, or None where the row has none) per model and setting, one entry per seed in seed
+    order; the teacher's HQ/LQ row is left out (the same model as HQ/HQ)."""
     cells = {}
     for r in sorted(rows, key=lambda r: r["seed"]):
-        if "best_epoch" in r:
-            cells.setdefault((r["setting"], label(r["method"], r.get("init", "fresh"))), []).append(
-                f"{r['best_epoch']}/{r['epochs_run']}")
+        if cell(r) is not None:
+            cells.setdefault((r["setting"], label(r["method"], r.get("init", "fresh"))), []).append(cell(r))
     if not cells:
         return ""
     lines = ["| method | " + " | ".join(settings) + " |", "|---|" + "---:|" * len(settings)]
@@ -507,7 +519,9 @@ def write_report(rows, meta, settings, report, plot, *, title, results, notes):
     rel = lambda p: _relative(p, report.parent)  # noqa: E731
     curves = plot.with_name(plot.stem.replace("_f1", "") + "_curves.png")
     has_curves = curve_plot(rows, settings, curves) is not None
-    epochs, scenes = best_epoch_table(rows, settings), per_scene_table(rows, settings)
+    epochs = per_seed_table(rows, settings, lambda r: f"{r['best_epoch']}/{r['epochs_run']}" if "best_epoch" in r else None)
+    thresholds = per_seed_table(rows, settings, lambda r: f"{r['threshold']:.2f}" if "threshold" in r else None)
+    scenes = per_scene_table(rows, settings)
     plots = f"[`{plot.name}`]({rel(plot)})" + (f" and [`{curves.name}`]({rel(curves)})" if has_curves else "")
     text = f"""# {title}
 
@@ -538,6 +552,9 @@ measured so far:
     if epochs:
         text += ("\nBest validation epoch / epochs trained, one entry per seed in seed order (a run that stopped "
                  f"before its budget stopped by patience):\n\n{epochs}\n")
+    if thresholds:
+        text += ("\nDecision threshold of each model, chosen on the pairs its run validated on (the highest F1 of the "
+                 f"profile's grid), one entry per seed in seed order:\n\n{thresholds}\n")
     if has_curves:
         text += f"\n![validation F1 by epoch, baseline and HiCD full, mean over seeds]({rel(curves)})\n"
     text += f"\n{notes_text}"
@@ -549,15 +566,15 @@ measured so far:
 # --------------------------------------------------------------------------- the run
 
 
-def evaluate_scenes(model, dataset, prof, *, tta=False):
-    """Pooled metrics over a test set (one confusion matrix) and F1 per scene, by name (``tta``: as in
-    ``infer.evaluate``; the studies evaluate without it)."""
+def evaluate_scenes(model, dataset, prof, *, tta=False, threshold=0.5):
+    """Pooled metrics over a test set (one confusion matrix) and F1 per scene, by name, at ``threshold`` (``tta``:
+    as in ``infer.evaluate``; the studies evaluate without it)."""
     from hicd_core.metrics import ConfusionMatrix
 
     pooled, per_scene = ConfusionMatrix(), {}
     names = getattr(dataset, "names", [str(i) for i in range(len(dataset))])
     for i, name in enumerate(names):
-        m = evaluate(model, Subset(dataset, [i]), batch_size=1, tile=prof.eval_tile, tta=tta,
+        m = evaluate(model, Subset(dataset, [i]), batch_size=1, tile=prof.eval_tile, tta=tta, threshold=threshold,
                      filter_radius=prof.filter_radius)
         per_scene[name] = m["f1"]
         pooled.tp, pooled.fp, pooled.fn, pooled.tn = (pooled.tp + m["tp"], pooled.fp + m["fp"],
@@ -582,7 +599,9 @@ TITLES = {"reproduce": "Reproducing the HiCD claim: the 6-epoch sweep on synthet
           "sztaki-fc-siam-diff-filtered": "HiCD on the SZTAKI AirChange scenes with FC-Siam-diff, maps scored after a "
                                           "17 x 17 window mean",
           "sztaki-fc-siam-diff-precise": "HiCD on the SZTAKI AirChange scenes with FC-Siam-diff, window mean, "
-                                         "models selected with precise BatchNorm statistics"}
+                                         "models selected with precise BatchNorm statistics",
+          "sztaki-fc-siam-diff-calibrated": "HiCD on the SZTAKI AirChange scenes with FC-Siam-diff, precise "
+                                            "selection, each model's decision threshold chosen on validation"}
 
 
 #: The studies of the README's summary, in its order: (tag, what it is).
@@ -591,7 +610,8 @@ SUMMARY = (("reproduce", "synthetic, 6-epoch sweep"), ("converged", "synthetic, 
            ("levir", "LEVIR-CD samples"), ("converged-fc-siam-diff", "synthetic, converged, FC-Siam-diff"),
            ("sztaki-fc-siam-diff", "SZTAKI AirChange, FC-Siam-diff"),
            ("sztaki-fc-siam-diff-filtered", "SZTAKI AirChange, FC-Siam-diff, window mean 17 x 17"),
-           ("sztaki-fc-siam-diff-precise", "SZTAKI AirChange, FC-Siam-diff, precise selection"))
+           ("sztaki-fc-siam-diff-precise", "SZTAKI AirChange, FC-Siam-diff, precise selection"),
+           ("sztaki-fc-siam-diff-calibrated", "SZTAKI AirChange, FC-Siam-diff, threshold chosen on validation"))
 
 
 def summary_table(settings=SETTINGS, root=ROOT):
@@ -641,6 +661,9 @@ def parse_args(argv):
     parser.add_argument("--tag", default=None, help="name of the study's rows and report (default: from the data "
                                                     "and the model)")
     parser.add_argument("--out", default="runs/reproduce", help="checkpoints (reused when present)")
+    parser.add_argument("--runs-of", default=None, metavar="STUDY",
+                        help="train into (and reuse) the checkpoints of STUDY under --out: for a study that trains "
+                             "exactly as STUDY does and scores differently (a run of another configuration is refused)")
     parser.add_argument("--results", default=None, help="rows JSON (default results/<study>.json)")
     parser.add_argument("--report", default=None, help="report path (default docs/studies/<study>.md)")
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
@@ -716,48 +739,53 @@ def main(argv=None):
               f"IoU {r['iou']:6.2f}" + (f"  best epoch {r['best_epoch']}/{r['epochs_run']}" if "best_epoch" in r else ""),
               flush=True)
 
+    runs = Path(args.out) / (args.runs_of or tag)
     for seed in args.seeds:
-        out = Path(args.out) / tag / f"seed{seed}"
+        out = runs / f"seed{seed}"
         if args.data is None:
             splits = load_splits(None, size=prof.size, n_train=prof.n_train, n_val=prof.n_val,
                                  n_test=prof.n_test, seed=seed)
             meta["profile"] = f"{profile}: {prof}; students start: {' and '.join(args.student_init)}"
         else:
             train, val, test, described, _ = folder_splits(args.data, prof, label_threshold=args.label_threshold,
-                                                           out=Path(args.out) / tag, seed=0)
+                                                           out=runs, seed=0)
             splits = (train, val, test)
             meta["profile"] = f"{profile}: {prof}; split: {described}; students start: {' and '.join(args.student_init)}"
-        teacher = None
-        for setting in args.settings:
-            wanted = [(m, "fresh") for m in METHODS[:2] if (setting, m, seed, "fresh") not in done]
-            wanted += [(v, init) for init in args.student_init for v in args.variants
-                       if (setting, LABELS[v], seed, init) not in done and not args.teacher_only]
-            if not wanted:
-                continue
-            # a fresh baseline student learns without the teacher: train (or load) it only when needed
-            needs_teacher = any(m != "baseline" or init == "teacher" for m, init in wanted)
-            started = time.perf_counter()
-            if teacher is None and needs_teacher:
-                teacher = train_teacher(out / "teacher", splits, prof, seed=seed, xp=xp,
-                                        progress=not args.no_progress)
+        teacher = []  # trained (or loaded) the first time a row needs it
+
+        def the_teacher():
+            if not teacher:
+                started = time.perf_counter()
+                teacher.append(train_teacher(out / "teacher", splits, prof, seed=seed, xp=xp,
+                                             progress=not args.no_progress))
                 meta["seconds"][f"teacher|{seed}"] = round(time.perf_counter() - started, 1)
-            teacher_summary = _summary(out / "teacher") if needs_teacher else None
+            return teacher[0]
+
+        for setting in args.settings:
+            # a fresh baseline student learns without the teacher: it comes first, the teacher only when needed
+            students = [(v, init) for init in args.student_init for v in args.variants
+                        if (setting, LABELS[v], seed, init) not in done and not args.teacher_only]
+            free = [w for w in students if w == ("baseline", "fresh")]
+            wanted = free + [(m, "fresh") for m in METHODS[:2] if (setting, m, seed, "fresh") not in done]
+            wanted += [w for w in students if w not in free]
             test_hq, test_lq = test_views(splits[2], setting, seed)
-            for method, data in (("teacher HQ/HQ", test_hq), ("teacher HQ/LQ", test_lq)):
-                if (method, "fresh") in wanted:
-                    t = time.perf_counter()
-                    record(_measure(teacher, data, prof, args, setting, method, seed, "fresh", teacher_summary),
-                           time.perf_counter() - t)
             for variant, init in wanted:
-                if variant not in LABELS:
-                    continue
                 t = time.perf_counter()
+                if variant in METHODS[:2]:
+                    data = test_hq if variant == "teacher HQ/HQ" else test_lq
+                    record(_measure(the_teacher(), data, prof, args, setting, variant, seed, "fresh",
+                                    _summary(out / "teacher"), validation_view(splits[1], "teacher", setting)),
+                           time.perf_counter() - t)
+                    continue
+                distilled = variant != "baseline" or init == "teacher"
                 folder = out / setting / (f"student-{variant}" + ("-from-teacher" if init == "teacher" else ""))
-                student = train_student(folder, variant, splits, prof, teacher, setting=setting, seed=seed, xp=xp,
-                                        progress=not args.no_progress, student_init=init)
-                r = _measure(student, test_lq, prof, args, setting, LABELS[variant], seed, init, _summary(folder))
-                if variant != "baseline" or init == "teacher":  # which teacher it learnt from
-                    r["teacher_best_val_f1"] = max(teacher_summary["val_f1"])
+                student = train_student(folder, variant, splits, prof, the_teacher() if distilled else None,
+                                        setting=setting, seed=seed, xp=xp, progress=not args.no_progress,
+                                        student_init=init)
+                r = _measure(student, test_lq, prof, args, setting, LABELS[variant], seed, init, _summary(folder),
+                             validation_view(splits[1], "student", setting))
+                if distilled:  # which teacher it learnt from
+                    r["teacher_best_val_f1"] = max(_summary(out / "teacher")["val_f1"])
                 record(r, time.perf_counter() - t)
     return rows
 
@@ -783,12 +811,19 @@ def _summary(folder):
     return summary
 
 
-def _measure(model, data, prof, args, setting, method, seed, init, summary):
+def _measure(model, data, prof, args, setting, method, seed, init, summary, val):
+    """The test row of ``model`` on ``data``, at the decision threshold ``decision_threshold`` chooses on ``val``
+    (the pairs its run validated on; 0.5 unless the profile has a threshold grid)."""
+    threshold, _ = decision_threshold(model, prof, val, batch_size=None if args.data is None else 1)
     if args.data is None:
-        return row(setting, method, seed, init,
-                   evaluate(model, data, batch_size=prof.batch_size, filter_radius=prof.filter_radius), summary)
-    pooled, per_scene = evaluate_scenes(model, data, prof)
-    return row(setting, method, seed, init, pooled, summary, per_scene)
+        r = row(setting, method, seed, init, evaluate(model, data, batch_size=prof.batch_size, threshold=threshold,
+                                                      filter_radius=prof.filter_radius), summary)
+    else:
+        pooled, per_scene = evaluate_scenes(model, data, prof, threshold=threshold)
+        r = row(setting, method, seed, init, pooled, summary, per_scene)
+    if prof.threshold_grid:
+        r["threshold"] = threshold
+    return r
 
 
 if __name__ == "__main__":

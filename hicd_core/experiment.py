@@ -20,7 +20,7 @@ from pathlib import Path
 from . import backend
 from .data.folder import DegradedView
 from .data.splits import load_splits
-from .infer import evaluate
+from .infer import choose_threshold, evaluate
 from .io import atomic_path, load_checkpoint
 from .metrics import METRIC_KEYS
 from .networks import DEFAULT_MODEL
@@ -34,6 +34,8 @@ __all__ = [
     "student_config",
     "train_teacher",
     "train_student",
+    "validation_view",
+    "decision_threshold",
     "test_views",
     "run_summary",
     "run_comparison",
@@ -52,7 +54,9 @@ class Profile:
     rows' evaluation applies as well), and so are ``model`` (the network,
     ``networks.MODELS``), ``dropout``, ``bottleneck``, ``ema``, ``ema_warmup``, ``precise_bn``,
     ``weight_decay`` (the optimizer's, teacher and students alike) and ``colour_jitter``; ``repeats``: how many random crops of each training scene
-    make one epoch (real data).
+    make one epoch (real data). ``threshold_grid`` changes the scoring only: when given, each model's test rows
+    use the threshold of the grid with the highest F1 on the pairs its run validated on (``decision_threshold``),
+    not 0.5; training and model selection are those of the same profile without it.
     """
 
     size: int = 64
@@ -83,6 +87,7 @@ class Profile:
     weight_decay: float = 1e-2
     colour_jitter: float = 0.0
     filter_radius: int = 0
+    threshold_grid: tuple = ()
 
 
 PROFILES = {
@@ -158,6 +163,22 @@ def run_summary(out_dir):
             "stopped": bool(extra.get("stopped", False))}
 
 
+def validation_view(val_set, role, setting):
+    """The pairs a run of ``role`` validated on: the clean ones for a teacher, for a student t2 degraded by
+    ``setting`` (``TrainConfig.val_seed``, as ``fit`` degrades them)."""
+    return DegradedView(val_set, setting, TrainConfig.val_seed) if role == "student" else val_set
+
+
+def decision_threshold(model, prof, val_view, *, batch_size=None):
+    """``(threshold, {threshold: validation metrics} or None)`` for scoring ``model``: 0.5, or with
+    ``prof.threshold_grid`` the grid's threshold of highest F1 on ``val_view`` (``infer.choose_threshold``),
+    each map scored as the run validated it (``eval_tile``, ``filter_radius``)."""
+    if not prof.threshold_grid:
+        return 0.5, None
+    return choose_threshold(model, val_view, prof.threshold_grid, batch_size=batch_size or prof.batch_size,
+                            tile=prof.eval_tile, filter_radius=prof.filter_radius)
+
+
 def test_views(test_set, setting, seed, test_seed=None):
     """The held-out HQ test set and its LQ version (t2 of sample i degraded with seed [test_seed, i])."""
     return test_set, DegradedView(test_set, setting, 54321 + seed if test_seed is None else test_seed)
@@ -179,18 +200,19 @@ def run_comparison(out_dir, *, setting, seed=0, data=None, students=("baseline",
     teacher = train_teacher(out_dir / "teacher", splits, prof, seed=seed, xp=xp, progress=progress, log=log)
     test_hq, test_lq = test_views(splits[2], setting, seed, test_seed)
 
-    def score(model, data):
-        return evaluate(model, data, batch_size=prof.batch_size, filter_radius=prof.filter_radius)
+    def score(model, data, role):
+        threshold, _ = decision_threshold(model, prof, validation_view(splits[1], role, setting))
+        return evaluate(model, data, batch_size=prof.batch_size, threshold=threshold, filter_radius=prof.filter_radius)
 
-    rows = [_metrics_row("teacher HQ/HQ", score(teacher, test_hq)),
-            _metrics_row("teacher HQ/LQ", score(teacher, test_lq))]
+    rows = [_metrics_row("teacher HQ/HQ", score(teacher, test_hq, "teacher")),
+            _metrics_row("teacher HQ/LQ", score(teacher, test_lq, "teacher"))]
     models = {"teacher": teacher}
     for name in students:
         student = train_student(out_dir / f"student-{name}", name, splits, prof, teacher, setting=setting,
                                 seed=seed, xp=xp, progress=progress, student_init=student_init,
                                 distill_overrides=(distill_overrides or {}).get(name), log=log)
         models[name] = student
-        rows.append(_metrics_row(STUDENTS[name][0], score(student, test_lq)))
+        rows.append(_metrics_row(STUDENTS[name][0], score(student, test_lq, "student")))
     return {"setting": setting, "seed": seed, "rows": rows, "seconds": round(time.perf_counter() - started, 1),
             "models": models, "test_lq": test_lq, "test_hq": test_hq}
 

@@ -10,7 +10,7 @@ from .functional import sigmoid
 from .data.loader import iterate_batches
 from .metrics import ConfusionMatrix
 
-__all__ = ["evaluate", "predict_logits", "predict_probability", "stream_probability", "dihedral", "dihedral_inverse",
+__all__ = ["evaluate", "threshold_metrics", "choose_threshold", "predict_logits", "predict_probability", "stream_probability", "dihedral", "dihedral_inverse",
            "box_mean", "filtered_rows"]
 
 #: How many symmetries of the square test-time averaging uses (``tta=True``).
@@ -158,9 +158,44 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
     image's change probability averaged over the ``(2 r + 1)²`` window around each pixel
     (``box_mean``) before the threshold; 0 (the default) scores the network's map as it is.
     """
+    _check_threshold(threshold)
+    return _confusions(model, dataset, [threshold], batch_size=batch_size, ignore_index=ignore_index, tile=tile,
+                       comm=comm, tta=tta, filter_radius=filter_radius)[0].compute()
+
+
+def threshold_metrics(model, dataset, thresholds, *, batch_size=8, ignore_index=None, tile=None, tta=False,
+                      filter_radius=0):
+    """``{threshold: metrics}``: ``evaluate``'s metrics at each decision threshold, each map predicted once.
+
+    At every threshold the comparison is ``evaluate``'s own, so ``threshold_metrics(m, d, [t])[t]`` equals
+    ``evaluate(m, d, threshold=t)`` (same keyword arguments).
+    """
+    thresholds = list(thresholds)
+    if not thresholds:
+        raise ValueError("threshold_metrics needs at least one threshold")
+    for t in thresholds:
+        _check_threshold(t)
+    thresholds = [float(t) for t in thresholds]
+    cms = _confusions(model, dataset, thresholds, batch_size=batch_size, ignore_index=ignore_index, tile=tile,
+                      tta=tta, filter_radius=filter_radius)
+    return {t: cm.compute() for t, cm in zip(thresholds, cms)}
+
+
+def choose_threshold(model, dataset, thresholds, **kwargs):
+    """``(threshold, {threshold: metrics})``: the threshold of ``thresholds`` with the highest F1 of ``model`` on
+    ``dataset`` (validation data, never the test set), ties going to the one nearest 0.5; ``kwargs`` as
+    ``threshold_metrics``'s. A network trained with weighted change pixels (``pos_weight``) and soft Dice marks
+    more change at 0.5 than the F1-best cut (docs/studies/sztaki-fc-siam-diff-calibrated_notes.md)."""
+    scores = threshold_metrics(model, dataset, thresholds, **kwargs)
+    best = max(scores, key=lambda t: (scores[t]["f1"], -abs(t - 0.5)))
+    return best, scores
+
+
+def _confusions(model, dataset, thresholds, *, batch_size, ignore_index, tile, comm=None, tta, filter_radius):
+    """One confusion matrix per decision threshold over ``dataset`` (``evaluate``'s predictions, made once)."""
     _check_filter_radius(filter_radius)
     xp = model.xp
-    cm = ConfusionMatrix()
+    cms = [ConfusionMatrix() for _ in thresholds]
     indices = None if comm is None else range(comm.rank, len(dataset), comm.size)
     for t1, t2, label in iterate_batches(dataset, batch_size, indices):
         H, W = label.shape[-2:]
@@ -169,20 +204,29 @@ def evaluate(model, dataset, *, batch_size=8, ignore_index=None, threshold=0.5, 
             for i in range(len(label)):
                 prob = predict_probability(model, t1[i], t2[i], tile=side, overlap=min(32, side // 4), tta=tta,
                                            filter_radius=filter_radius)
-                cm.update(prob >= threshold, backend.from_host(label[i], xp), ignore_index)
+                target = backend.from_host(label[i], xp)
+                for cm, threshold in zip(cms, thresholds):
+                    cm.update(prob >= threshold, target, ignore_index)
             continue
         logits = predict_logits(model, backend.from_host(t1, xp), backend.from_host(t2, xp), tta=tta)
+        target = backend.from_host(label, xp)
         if filter_radius:
-            cm.update(box_mean(sigmoid(logits[:, 0, ...]), filter_radius, xp=xp) >= threshold,
-                      backend.from_host(label, xp), ignore_index)
+            prob = box_mean(sigmoid(logits[:, 0, ...]), filter_radius, xp=xp)
+            for cm, threshold in zip(cms, thresholds):
+                cm.update(prob >= threshold, target, ignore_index)
             continue
-        # sigmoid(z) >= threshold  <=>  z >= logit(threshold)
-        cut = math.log(threshold / (1.0 - threshold))
-        cm.update(logits[:, 0, ...] >= cut, backend.from_host(label, xp), ignore_index)
+        for cm, threshold in zip(cms, thresholds):  # sigmoid(z) >= threshold  <=>  z >= logit(threshold)
+            cm.update(logits[:, 0, ...] >= math.log(threshold / (1.0 - threshold)), target, ignore_index)
     if comm is not None:
-        counts = comm.allreduce_host([cm.tp, cm.fp, cm.fn, cm.tn])
-        cm.tp, cm.fp, cm.fn, cm.tn = (int(v) for v in counts)
-    return cm.compute()
+        for cm in cms:
+            counts = comm.allreduce_host([cm.tp, cm.fp, cm.fn, cm.tn])
+            cm.tp, cm.fp, cm.fn, cm.tn = (int(v) for v in counts)
+    return cms
+
+
+def _check_threshold(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
+        raise ValueError(f"a decision threshold must be a number strictly between 0 and 1, got {threshold!r}")
 
 
 def _starts(size, tile, stride):

@@ -126,7 +126,9 @@ def test_reproduce_on_a_folder_writes_rows_per_scene_report_and_plots(tmp_path):
             "--results", str(results), "--report", str(report), "--no-progress")
     run_script(*args)
     rows = json.loads(results.read_text())
-    assert [r["method"] for r in rows] == ["teacher HQ/HQ", "teacher HQ/LQ", "student baseline", "student HiCD full"]
+    # the baseline needs no teacher: it is measured first, the teacher only when a row needs it
+    assert [r["method"] for r in rows] == ["student baseline", "teacher HQ/HQ", "teacher HQ/LQ", "student HiCD full"]
+    assert not any("threshold" in r for r in rows)  # scored at 0.5: the profile has no threshold grid
     lists = {p: (tmp_path / "runs" / "data" / "list" / f"{p}.txt").read_text().split() for p in ("train", "val", "test")}
     assert sorted(sum(lists.values(), [])) == sorted(f"scene_{i}" for i in range(10))  # each scene in one split
     for r in rows:
@@ -180,6 +182,20 @@ def test_framework_examples_train_and_report_f1(script, framework):
     pytest.importorskip(framework)
     out = run_script(script, "--steps", "3", "--size", "16")
     assert "student step    3" in out and "HiCD student F1" in out
+
+
+def test_threshold_probe_table_gives_each_checkpoint_its_best_threshold_and_the_spread(tmp_path):
+    rows = [{"checkpoint": "a", "pairs": "multi", "val_f1_by_threshold": {"0.3": 40.0, "0.5": 50.0, "0.65": 55.0},
+             "val_precision_recall_by_threshold": {"0.5": [40.0, 70.0]}},
+            {"checkpoint": "b", "pairs": "multi", "val_f1_by_threshold": {"0.45": 52.0, "0.5": 52.0, "0.6": 52.0}},
+            {"checkpoint": "c", "val_f1_by_threshold": {"0.4": 30.0}}]  # an old row without 0.5: left out
+    (tmp_path / "t.json").write_text(json.dumps(rows))
+    out = run_script("examples/probes/threshold_probe.py", "--table", "--results", str(tmp_path / "t.json"))
+    assert "| a | multi | 50.00 | 40.0 / 70.0 | 0.65 | 55.00 | +5.00 |" in out
+    assert "| b | multi | 52.00 | – / – | 0.50 | 52.00 | +0.00 |" in out  # a tie: the threshold nearest 0.5
+    assert "| multi | 2 | 51.00 ± 1.41 | 53.50 ± 2.12 |" in out and "| c |" not in out
+    only = run_script("examples/probes/threshold_probe.py", "--table", "b", "--results", str(tmp_path / "t.json"))
+    assert "| a |" not in only and "| multi | 1 | 52.00 ± 0.00 | 52.00 ± 0.00 |" in only
 
 
 def test_recipe_probe_table_reads_rows(tmp_path):
@@ -339,6 +355,45 @@ def test_a_report_shows_every_setting_with_rows_whichever_worker_writes_it(tmp_p
     assert "- command: `python examples/reproduce.py --settings multi`" in text
     assert "- machine: cpu A; cpu B" in text
     assert "| student baseline | 1/2 | 1/2, 2/2, 3/2 |" in text
+
+
+def test_a_calibrated_study_scores_each_model_at_its_validation_threshold_on_another_study_s_runs(tmp_path,
+                                                                                                 monkeypatch):
+    pytest.importorskip("PIL")
+    from hicd_core.experiment import validation_view
+    from hicd_core.infer import choose_threshold
+    from hicd_core.networks import load_model
+
+    reproduce = _reproduce_module()
+    grid = (0.3, 0.45, 0.5, 0.55, 0.7)
+    monkeypatch.setitem(reproduce.PROFILES, "real-quick-calibrated",
+                        replace(reproduce.PROFILES["real-quick"], threshold_grid=grid))
+    data = write_scenes(tmp_path / "data", [(40, 48)] * 10)
+    common = ["--data", str(data), "--label-threshold", "128", "--settings", "multi", "--seeds", "0", "--variants",
+              "baseline", "--out", str(tmp_path / "runs"), "--no-progress"]
+    reproduce.main(common + ["--profile", "real-quick", "--tag", "plain", "--results", str(tmp_path / "plain.json"),
+                             "--report", str(tmp_path / "plain.md")])
+    runs = tmp_path / "runs" / "plain" / "seed0"
+    stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*.h5")}
+    rows = reproduce.main(common + ["--profile", "real-quick-calibrated", "--tag", "calibrated", "--runs-of", "plain",
+                                    "--results", str(tmp_path / "cal.json"), "--report", str(tmp_path / "cal.md")])
+    assert not (tmp_path / "runs" / "calibrated").exists()  # nothing trained: the plain study's checkpoints
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.h5")} == stamps
+    _, val, _, _, _ = reproduce.folder_splits(data, reproduce.PROFILES["real-quick"], label_threshold=128,
+                                              out=tmp_path / "lists")
+    prof = reproduce.PROFILES["real-quick-calibrated"]
+    for r in rows:
+        role, folder = (("teacher", runs / "teacher") if r["method"].startswith("teacher")
+                        else ("student", runs / "multi" / "student-baseline"))
+        expected, scores = choose_threshold(load_model(folder / "best.h5")[0], validation_view(val, role, "multi"),
+                                            grid, batch_size=1, tile=prof.eval_tile, filter_radius=prof.filter_radius)
+        assert r["threshold"] == expected and scores[expected]["f1"] == max(m["f1"] for m in scores.values())
+    assert "Decision threshold of each model" in (tmp_path / "cal.md").read_text()
+    # a study that trains differently may not borrow the runs: the checkpoint's configuration is checked
+    monkeypatch.setitem(reproduce.PROFILES, "real-quick-other", replace(prof, pos_weight=2.0))
+    with pytest.raises(ValueError, match="different configuration"):
+        reproduce.main(common + ["--profile", "real-quick-other", "--tag", "other", "--runs-of", "plain",
+                                 "--results", str(tmp_path / "o.json"), "--report", str(tmp_path / "o.md")])
 
 
 def test_the_verdict_states_the_teachers_room_to_distil():

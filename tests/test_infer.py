@@ -8,8 +8,8 @@ import pytest
 from hicd_core import backend
 from hicd_core.data import ArrayDataset
 from hicd_core.fc_siam import FCSiamDiff
-from hicd_core.infer import (SYMMETRIES, box_mean, dihedral, dihedral_inverse, evaluate, filtered_rows, predict_logits,
-                             predict_probability, stream_probability)
+from hicd_core.infer import (SYMMETRIES, box_mean, choose_threshold, dihedral, dihedral_inverse, evaluate, filtered_rows,
+                             predict_logits, predict_probability, stream_probability, threshold_metrics)
 from hicd_core.metrics import ConfusionMatrix
 from hicd_core.model import TinySiamCD
 from hicd_core.train import TrainConfig
@@ -179,3 +179,32 @@ def test_the_cli_trains_with_a_filter_radius_and_eval_and_predict_default_to_it(
     np.testing.assert_array_equal(mask, prob >= 0.5)
     raw = np.asarray(predict_probability(model, t1, t2, tile=32, overlap=8))
     assert 0 < mask.mean() < 1 and not np.array_equal(mask, raw >= 0.5)  # the window mean changed the map
+
+
+def test_threshold_metrics_are_evaluates_at_each_threshold_and_choose_threshold_takes_the_best_f1():
+    model = TinySiamCD((4, 4, 8, 8), seed=3)
+    rng = np.random.default_rng(5)
+    a, b = rng.random((2, 3, 3, 32, 40), dtype=np.float32)
+    prob = 1 / (1 + np.exp(-np.asarray(predict_logits(model, a, b))[:, 0].astype(np.float64)))
+    labels = (prob > np.quantile(prob, 0.7)).astype(np.uint8)  # change where the untrained network is surest
+    data = ArrayDataset(a, b, labels)
+    grid = [float(t) for t in np.quantile(prob, [0.2, 0.5, 0.7, 0.9])]
+    # whole images, their window mean, and scenes larger than the tile: each threshold as evaluate scores it
+    for kwargs in (dict(), dict(filter_radius=2), dict(tile=16)):
+        scores = threshold_metrics(model, data, grid, batch_size=2, **kwargs)
+        assert list(scores) == grid
+        for t in grid:
+            assert scores[t] == evaluate(model, data, batch_size=2, threshold=t, **kwargs)
+    best, scores = choose_threshold(model, data, grid, batch_size=2)
+    assert scores[best]["f1"] == max(m["f1"] for m in scores.values()) and best == grid[2]  # the labels' own cut
+    # a tie (two cuts above every probability: nothing marked, F1 0 at both): the one nearest 0.5 wins
+    top = float(prob.max())
+    above = [top + 2 * (1 - top) / 3, top + (1 - top) / 3]
+    assert choose_threshold(model, data, above)[0] == above[1]
+    for bad in (0.0, 1.0, 1.5, True, "0.5"):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            threshold_metrics(model, data, [0.5, bad])
+    with pytest.raises(ValueError, match="at least one threshold"):
+        threshold_metrics(model, data, [])
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        evaluate(model, data, threshold=1.0)

@@ -1,20 +1,25 @@
-"""Would another decision threshold make the SZTAKI teachers better? Validation scenes only.
+"""Would another decision threshold make the SZTAKI models better? Validation scenes only.
 
     python examples/probes/threshold_probe.py runs/reproduce/sztaki/seed1/teacher/best.h5 ...
+    python examples/probes/threshold_probe.py --table [CHECKPOINT ...]
 
-Evaluates each checkpoint (clean pairs, as the teacher HQ/HQ rows) on the validation
-scenes of ``--data`` (default the SZTAKI AirChange scenes with the split of
-``examples/reproduce.py``) at the decision thresholds ``--thresholds`` and writes, per
-checkpoint, the pooled validation F1 at each threshold and, at 0.5, each scene's F1,
-precision, recall and the share of pixels labelled and predicted as change, to
-``results/threshold_probe.json`` (rows of a checkpoint already there are replaced). The
-test scenes are never evaluated.
+Evaluates each checkpoint on the validation scenes of ``--data`` (default the SZTAKI AirChange
+scenes with the split of ``examples/reproduce.py``) as its run validated them: a teacher on the
+clean pairs, a student on the pairs whose t2 is degraded by its setting (``DegradedView`` with the
+run's ``val_seed``), each change map after the run's window mean (``filter_radius``), tiled as the
+run's ``eval_tile``. It writes, per checkpoint, the pooled validation F1 (and precision and recall)
+at each of the decision thresholds ``--thresholds`` (default the grid of the profile
+``real-fc-siam-diff-calibrated``) and, at 0.5, each scene's F1, precision, recall
+and the share of pixels labelled and predicted as change, to ``results/threshold_probe.json`` (rows
+of a checkpoint already there are replaced). The test scenes are never evaluated. ``--table`` prints,
+from the stored rows, each checkpoint's F1 at 0.5 and at its best threshold, and their mean ± std.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,20 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
-from hicd_core import backend  # noqa: E402
-from hicd_core.experiment import write_json  # noqa: E402
-from hicd_core.infer import predict_probability  # noqa: E402
+from hicd_core.data import Subset  # noqa: E402
+from hicd_core.experiment import validation_view, write_json  # noqa: E402
+from hicd_core.infer import threshold_metrics  # noqa: E402
+from hicd_core.io import load_checkpoint  # noqa: E402
 from hicd_core.networks import load_model  # noqa: E402
-from hicd_core.metrics import ConfusionMatrix  # noqa: E402
 from reproduce import PROFILES, folder_splits  # noqa: E402
 
-
-def metrics_at(threshold, scenes):
-    """Metrics of one confusion matrix over ``scenes`` (pairs of probability and label) at ``threshold``."""
-    cm = ConfusionMatrix()
-    for prob, label in scenes:
-        cm.update(prob >= threshold, label)
-    return cm.compute()
+#: The calibrated profile's grid, which these figures chose it for.
+GRID = PROFILES["real-fc-siam-diff-calibrated"].threshold_grid
 
 
 def scene_row(m):
@@ -46,29 +46,67 @@ def scene_row(m):
             "pred_pct": round(100.0 * (m["tp"] + m["fp"]) / total, 2)}
 
 
+def probe(path, val, thresholds, default_tile):
+    """The row of one checkpoint: pooled validation metrics at each threshold, each scene's at 0.5."""
+    model = load_model(path)[0]
+    config = load_checkpoint(path)["config"]
+    role = config.get("role", "teacher")
+    view = validation_view(val, role, config.get("setting"))
+    if role == "student" and config.get("val_seed") is not None and view.seed != config["val_seed"]:
+        raise SystemExit(f"{path}: validated with val_seed {config['val_seed']}, this probe degrades with {view.seed}")
+    kwargs = dict(batch_size=1, tile=config.get("eval_tile") or default_tile, filter_radius=config.get("filter_radius", 0))
+    pooled = threshold_metrics(model, view, thresholds, **kwargs)
+    scenes = {name: scene_row(threshold_metrics(model, Subset(view, [i]), [0.5], **kwargs)[0.5])
+              for i, name in enumerate(val.names)}
+    return {"checkpoint": str(path), "pairs": config["setting"] if role == "student" else "clean",
+            "filter_radius": kwargs["filter_radius"],
+            "val_f1_by_threshold": {str(t): m["f1"] for t, m in pooled.items()},
+            "val_precision_recall_by_threshold": {str(t): [m["precision"], m["recall"]] for t, m in pooled.items()},
+            "val_scenes_at_0.5": scenes}
+
+
+def table(rows):
+    """Per checkpoint: validation F1, precision and recall at 0.5, the best threshold and its F1; then per kind of
+    pairs the mean ± std of F1 at 0.5 and at each checkpoint's best threshold."""
+    lines = ["| checkpoint | pairs | F1 at 0.5 | precision / recall at 0.5 | best threshold | F1 there | gain |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    groups = {}
+    for r in rows:
+        f1 = {float(t): v for t, v in r["val_f1_by_threshold"].items()}
+        if 0.5 not in f1:
+            continue
+        best = max(f1, key=lambda t: (f1[t], -abs(t - 0.5)))
+        p, rc = r.get("val_precision_recall_by_threshold", {}).get("0.5", ["–", "–"])
+        lines.append(f"| {r['checkpoint']} | {r.get('pairs', 'clean')} | {f1[0.5]:.2f} | {p} / {rc} | {best:.2f} | "
+                     f"{f1[best]:.2f} | {f1[best] - f1[0.5]:+.2f} |")
+        groups.setdefault(r.get("pairs", "clean"), []).append((f1[0.5], f1[best]))
+    lines += ["", "| pairs | checkpoints | F1 at 0.5 | F1 at the best threshold |", "|---|---:|---:|---:|"]
+    for pairs, v in groups.items():
+        at, best = [a for a, _ in v], [b for _, b in v]
+        sd = (lambda x: statistics.stdev(x) if len(x) > 1 else 0.0)
+        lines.append(f"| {pairs} | {len(v)} | {statistics.mean(at):.2f} ± {sd(at):.2f} | "
+                     f"{statistics.mean(best):.2f} ± {sd(best):.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("checkpoints", nargs="*")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
-    parser.add_argument("--thresholds", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    parser.add_argument("--thresholds", nargs="+", type=float, default=list(GRID))
     parser.add_argument("--results", default=str(ROOT / "results" / "threshold_probe.json"))
+    parser.add_argument("--table", action="store_true", help="print the table of the stored rows (those of the "
+                                                             "checkpoints named, or all) and stop")
     args = parser.parse_args(argv)
-    prof = PROFILES["real"]
-    _, val, _, _, _ = folder_splits(args.data, prof)
     results = Path(args.results)
     rows = json.loads(results.read_text()) if results.exists() else []
-    tile = prof.eval_tile
+    if args.table:
+        print(table([r for r in rows if not args.checkpoints or r["checkpoint"] in args.checkpoints]))
+        return 0
+    prof = PROFILES["real"]
+    _, val, _, _, _ = folder_splits(args.data, prof)
     for path in args.checkpoints:
-        model = load_model(path)[0]
-        # each scene predicted once, as hicd_core.infer.evaluate tiles it; thresholds applied after
-        probs = []
-        for i in range(len(val)):
-            t1, t2, label = val[i]
-            prob = predict_probability(model, t1, t2, tile=tile, overlap=min(32, tile // 4))
-            probs.append((prob, backend.from_host(label, model.xp)))
-        pooled = {str(t): metrics_at(t, probs)["f1"] for t in args.thresholds}
-        scenes = {name: scene_row(metrics_at(0.5, [pair])) for name, pair in zip(val.names, probs)}
-        row = {"checkpoint": path, "val_f1_by_threshold": pooled, "val_scenes_at_0.5": scenes}
+        row = probe(path, val, args.thresholds, prof.eval_tile)
         rows = [r for r in rows if r["checkpoint"] != path] + [row]
         write_json(results, rows)
         print(json.dumps(row), flush=True)
