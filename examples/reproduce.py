@@ -65,7 +65,7 @@ from hicd_core.data import (  # noqa: E402
     split_scenes,
     write_split_lists,
 )
-from hicd_core.errors import HicdError  # noqa: E402
+from hicd_core.errors import DatasetError, HicdError  # noqa: E402
 from hicd_core.experiment import (  # noqa: E402
     PROFILES,
     STUDENTS,
@@ -218,6 +218,9 @@ def folder_splits(root, prof, *, label_threshold=None, out=None, seed=0):
             if label_threshold is None:
                 label_threshold = split.get("label_threshold")
         else:
+            if out is None:
+                raise DatasetError(f"{root}: neither a named split ({', '.join(SPLITS)}) nor list/train.txt, "
+                                   "list/val.txt and list/test.txt; a seeded split needs a folder to write its lists to")
             parts = split_scenes(names, seed=seed)
             write_split_lists(parts, out, overwrite=True)
             how = f"a seeded split (seed {seed}) written to {Path(out) / 'list'}"

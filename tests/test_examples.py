@@ -184,6 +184,18 @@ def test_framework_examples_train_and_report_f1(script, framework):
     assert "student step    3" in out and "HiCD student F1" in out
 
 
+def test_a_folder_without_a_split_needs_a_place_for_its_lists(tmp_path):
+    pytest.importorskip("PIL")
+    from hicd_core.errors import DatasetError
+
+    reproduce = _reproduce_module()
+    data = write_scenes(tmp_path / "data", [(40, 48)] * 5)
+    with pytest.raises(DatasetError, match="neither a named split.*a seeded split needs a folder"):
+        reproduce.folder_splits(data, reproduce.PROFILES["real-quick"], label_threshold=128)
+    assert len(reproduce.folder_splits(data, reproduce.PROFILES["real-quick"], label_threshold=128,
+                                       out=tmp_path / "runs")[1]) >= 1
+
+
 def test_threshold_probe_table_gives_each_checkpoint_its_best_threshold_and_the_spread(tmp_path):
     rows = [{"checkpoint": "a", "pairs": "multi", "val_f1_by_threshold": {"0.3": 40.0, "0.5": 50.0, "0.65": 55.0},
              "val_precision_recall_by_threshold": {"0.5": [40.0, 70.0]}},
