@@ -220,7 +220,8 @@ def folder_splits(root, prof, *, label_threshold=None, out=None, seed=0):
         else:
             if out is None:
                 raise DatasetError(f"{root}: neither a named split ({', '.join(SPLITS)}) nor list/train.txt, "
-                                   "list/val.txt and list/test.txt; a seeded split needs a folder to write its lists to")
+                                   "list/val.txt and list/test.txt; a seeded split needs a folder to write its "
+                                   "lists to")
             parts = split_scenes(names, seed=seed)
             write_split_lists(parts, out, overwrite=True)
             how = f"a seeded split (seed {seed}) written to {Path(out) / 'list'}"
@@ -522,7 +523,8 @@ def write_report(rows, meta, settings, report, plot, *, title, results, notes):
     rel = lambda p: _relative(p, report.parent)  # noqa: E731
     curves = plot.with_name(plot.stem.replace("_f1", "") + "_curves.png")
     has_curves = curve_plot(rows, settings, curves) is not None
-    epochs = per_seed_table(rows, settings, lambda r: f"{r['best_epoch']}/{r['epochs_run']}" if "best_epoch" in r else None)
+    epochs = per_seed_table(rows, settings,
+                            lambda r: f"{r['best_epoch']}/{r['epochs_run']}" if "best_epoch" in r else None)
     thresholds = per_seed_table(rows, settings, lambda r: f"{r['threshold']:.2f}" if "threshold" in r else None)
     scenes = per_scene_table(rows, settings)
     plots = f"[`{plot.name}`]({rel(plot)})" + (f" and [`{curves.name}`]({rel(curves)})" if has_curves else "")

@@ -10,8 +10,8 @@ from .functional import sigmoid
 from .data.loader import iterate_batches
 from .metrics import ConfusionMatrix
 
-__all__ = ["evaluate", "threshold_metrics", "choose_threshold", "predict_logits", "predict_probability", "stream_probability", "dihedral", "dihedral_inverse",
-           "box_mean", "filtered_rows"]
+__all__ = ["evaluate", "threshold_metrics", "choose_threshold", "predict_logits", "predict_probability",
+           "stream_probability", "dihedral", "dihedral_inverse", "box_mean", "filtered_rows"]
 
 #: How many symmetries of the square test-time averaging uses (``tta=True``).
 SYMMETRIES = 8

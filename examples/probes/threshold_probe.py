@@ -54,7 +54,8 @@ def probe(path, val, thresholds, default_tile):
     view = validation_view(val, role, config.get("setting"))
     if role == "student" and config.get("val_seed") is not None and view.seed != config["val_seed"]:
         raise SystemExit(f"{path}: validated with val_seed {config['val_seed']}, this probe degrades with {view.seed}")
-    kwargs = dict(batch_size=1, tile=config.get("eval_tile") or default_tile, filter_radius=config.get("filter_radius", 0))
+    kwargs = dict(batch_size=1, tile=config.get("eval_tile") or default_tile,
+                  filter_radius=config.get("filter_radius", 0))
     pooled = threshold_metrics(model, view, thresholds, **kwargs)
     scenes = {name: scene_row(threshold_metrics(model, Subset(view, [i]), [0.5], **kwargs)[0.5])
               for i, name in enumerate(val.names)}
