@@ -745,6 +745,15 @@ def main(argv=None):
               flush=True)
 
     runs = Path(args.out) / (args.runs_of or tag)
+    cuts = {}  # (run folder, validation pairs) -> decision threshold: a teacher's is chosen once for its rows
+
+    def threshold_of(model, folder, role, setting, val):
+        key = (folder, setting if role == "student" else "clean")
+        if key not in cuts:
+            cuts[key] = decision_threshold(model, prof, validation_view(val, role, setting),
+                                           batch_size=None if args.data is None else 1)[0]
+        return cuts[key]
+
     for seed in args.seeds:
         out = runs / f"seed{seed}"
         if args.data is None:
@@ -778,9 +787,9 @@ def main(argv=None):
                 t = time.perf_counter()
                 if variant in METHODS[:2]:
                     data = test_hq if variant == "teacher HQ/HQ" else test_lq
+                    cut = threshold_of(the_teacher(), out / "teacher", "teacher", setting, splits[1])
                     record(_measure(the_teacher(), data, prof, args, setting, variant, seed, "fresh",
-                                    _summary(out / "teacher"), validation_view(splits[1], "teacher", setting)),
-                           time.perf_counter() - t)
+                                    _summary(out / "teacher"), cut), time.perf_counter() - t)
                     continue
                 distilled = variant != "baseline" or init == "teacher"
                 folder = out / setting / (f"student-{variant}" + ("-from-teacher" if init == "teacher" else ""))
@@ -788,7 +797,7 @@ def main(argv=None):
                                         setting=setting, seed=seed, xp=xp, progress=not args.no_progress,
                                         student_init=init)
                 r = _measure(student, test_lq, prof, args, setting, LABELS[variant], seed, init, _summary(folder),
-                             validation_view(splits[1], "student", setting))
+                             threshold_of(student, folder, "student", setting, splits[1]))
                 if distilled:  # which teacher it learnt from
                     r["teacher_best_val_f1"] = max(_summary(out / "teacher")["val_f1"])
                 record(r, time.perf_counter() - t)
@@ -816,10 +825,9 @@ def _summary(folder):
     return summary
 
 
-def _measure(model, data, prof, args, setting, method, seed, init, summary, val):
-    """The test row of ``model`` on ``data``, at the decision threshold ``decision_threshold`` chooses on ``val``
-    (the pairs its run validated on; 0.5 unless the profile has a threshold grid)."""
-    threshold, _ = decision_threshold(model, prof, val, batch_size=None if args.data is None else 1)
+def _measure(model, data, prof, args, setting, method, seed, init, summary, threshold):
+    """The test row of ``model`` on ``data`` at ``threshold`` (``decision_threshold``'s: 0.5 unless the profile
+    has a threshold grid, recorded in the row when it has)."""
     if args.data is None:
         r = row(setting, method, seed, init, evaluate(model, data, batch_size=prof.batch_size, threshold=threshold,
                                                       filter_radius=prof.filter_radius), summary)

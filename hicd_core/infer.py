@@ -10,7 +10,7 @@ from .functional import sigmoid
 from .data.loader import iterate_batches
 from .metrics import ConfusionMatrix
 
-__all__ = ["evaluate", "threshold_metrics", "choose_threshold", "predict_logits", "predict_probability",
+__all__ = ["evaluate", "threshold_metrics", "choose_threshold", "best_threshold", "predict_logits", "predict_probability",
            "stream_probability", "dihedral", "dihedral_inverse", "box_mean", "filtered_rows"]
 
 #: How many symmetries of the square test-time averaging uses (``tta=True``).
@@ -187,8 +187,12 @@ def choose_threshold(model, dataset, thresholds, **kwargs):
     ``threshold_metrics``'s. A network trained with weighted change pixels (``pos_weight``) and soft Dice marks
     more change at 0.5 than the F1-best cut (docs/studies/sztaki-fc-siam-diff-calibrated_notes.md)."""
     scores = threshold_metrics(model, dataset, thresholds, **kwargs)
-    best = max(scores, key=lambda t: (scores[t]["f1"], -abs(t - 0.5)))
-    return best, scores
+    return best_threshold({t: m["f1"] for t, m in scores.items()}), scores
+
+
+def best_threshold(f1_by_threshold):
+    """The threshold of highest F1 in ``{threshold: F1}``, ties going to the one nearest 0.5."""
+    return max(f1_by_threshold, key=lambda t: (f1_by_threshold[t], -abs(t - 0.5)))
 
 
 def _confusions(model, dataset, thresholds, *, batch_size, ignore_index, tile, comm=None, tta, filter_radius):

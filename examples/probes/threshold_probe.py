@@ -29,8 +29,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from hicd_core.data import Subset  # noqa: E402
 from hicd_core.experiment import validation_view, write_json  # noqa: E402
-from hicd_core.infer import threshold_metrics  # noqa: E402
+from hicd_core.infer import best_threshold, threshold_metrics  # noqa: E402
 from hicd_core.io import load_checkpoint  # noqa: E402
+from hicd_core.metrics import ConfusionMatrix  # noqa: E402
 from hicd_core.networks import load_model  # noqa: E402
 from reproduce import PROFILES, folder_splits  # noqa: E402
 
@@ -56,9 +57,16 @@ def probe(path, val, thresholds, default_tile):
         raise SystemExit(f"{path}: validated with val_seed {config['val_seed']}, this probe degrades with {view.seed}")
     kwargs = dict(batch_size=1, tile=config.get("eval_tile") or default_tile,
                   filter_radius=config.get("filter_radius", 0))
-    pooled = threshold_metrics(model, view, thresholds, **kwargs)
-    scenes = {name: scene_row(threshold_metrics(model, Subset(view, [i]), [0.5], **kwargs)[0.5])
-              for i, name in enumerate(val.names)}
+    # each scene predicted once at every threshold (and 0.5); the pooled metrics from the scenes' counts
+    grid = sorted(set(thresholds) | {0.5})
+    per_scene = [threshold_metrics(model, Subset(view, [i]), grid, **kwargs) for i in range(len(view))]
+    pooled = {}
+    for t in thresholds:
+        cm = ConfusionMatrix()
+        for m in per_scene:
+            cm.tp, cm.fp, cm.fn, cm.tn = cm.tp + m[t]["tp"], cm.fp + m[t]["fp"], cm.fn + m[t]["fn"], cm.tn + m[t]["tn"]
+        pooled[t] = cm.compute()
+    scenes = {name: scene_row(m[0.5]) for name, m in zip(val.names, per_scene)}
     return {"checkpoint": str(path), "pairs": config["setting"] if role == "student" else "clean",
             "filter_radius": kwargs["filter_radius"],
             "val_f1_by_threshold": {str(t): m["f1"] for t, m in pooled.items()},
@@ -76,15 +84,15 @@ def table(rows):
         f1 = {float(t): v for t, v in r["val_f1_by_threshold"].items()}
         if 0.5 not in f1:
             continue
-        best = max(f1, key=lambda t: (f1[t], -abs(t - 0.5)))
+        best = best_threshold(f1)
         p, rc = r.get("val_precision_recall_by_threshold", {}).get("0.5", ["–", "–"])
         lines.append(f"| {r['checkpoint']} | {r.get('pairs', 'clean')} | {f1[0.5]:.2f} | {p} / {rc} | {best:.2f} | "
                      f"{f1[best]:.2f} | {f1[best] - f1[0.5]:+.2f} |")
         groups.setdefault(r.get("pairs", "clean"), []).append((f1[0.5], f1[best]))
     lines += ["", "| pairs | checkpoints | F1 at 0.5 | F1 at the best threshold |", "|---|---:|---:|---:|"]
+    sd = (lambda x: statistics.stdev(x) if len(x) > 1 else 0.0)  # noqa: E731
     for pairs, v in groups.items():
         at, best = [a for a, _ in v], [b for _, b in v]
-        sd = (lambda x: statistics.stdev(x) if len(x) > 1 else 0.0)
         lines.append(f"| {pairs} | {len(v)} | {statistics.mean(at):.2f} ± {sd(at):.2f} | "
                      f"{statistics.mean(best):.2f} ± {sd(best):.2f} |")
     return "\n".join(lines)
