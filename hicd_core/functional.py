@@ -18,7 +18,8 @@ import math
 from typing import NamedTuple
 
 from . import conv_layouts
-from .backend import array_namespace, conv_thread_count, device, from_host, is_cupy_namespace, is_numpy_namespace
+from .backend import (array_namespace, conv_thread_count, device, from_host, is_cupy_namespace, is_numpy_namespace,
+                      mutable_namespace)
 from .im2col import batched_forward, col2im, im2col, weight_grad
 
 __all__ = [
@@ -249,7 +250,30 @@ def _channel_sums(fn, arrays, split, *, xp):
     return xp.sum(per_image, axis=0)
 
 
-def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, sync=None):
+def _over_images(job, n, split, *, xp):
+    """``job(s, e)`` for the images ``[s, e)`` of a batch of ``n``: once for all (``split`` None), or
+    block by block on the host threads (``job`` writes its block's part of a result in place)."""
+    if split is None:
+        job(0, n)
+    else:
+        conv_layouts._in_blocks(job, *split, xp=xp)
+
+
+def _centred(x, mean, split, overwrite, *, xp):
+    """``x - mean``, written into ``x`` when ``overwrite``."""
+    if not overwrite:
+        return _by_images(lambda a: a - mean, (x,), split, xp=xp)
+
+    def job(s, e):
+        block = x[s:e, ...]
+        block -= mean
+
+    _over_images(job, x.shape[0], split, xp=xp)
+    return x
+
+
+def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, momentum=0.1, eps=1e-5, sync=None,
+                        overwrite_x=False):
     """Batch normalisation over (N, H, W) per channel.
 
     Parameters
@@ -270,6 +294,11 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
         shape), from per-channel sums added over ranks (``sync.allreduce_sum``), and
         the backward sums over ranks as well (docs/MATH.md, section 8). None: this
         process's batch alone.
+    overwrite_x : bool
+        Whether ``x`` may be overwritten (by its centred values, which the cache keeps), as
+        SciPy's ``overwrite_a``: for a caller that allocated ``x`` and needs it no more
+        (``cbr_forward``). Honoured on NumPy and CuPy when ``x`` and the parameters share a
+        dtype; the results are the same either way.
 
     Returns
     -------
@@ -294,6 +323,9 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
             raise ValueError(f"batchnorm2d: {name} must have shape ({C},), got {tuple(a.shape)}")
     shape = (1, C, 1, 1)
     split = _image_split(x, xp) if gamma.dtype == x.dtype else None  # the output takes x's dtype
+    # in place: x's memory takes the centred values, and y's first holds their squares
+    in_place = mutable_namespace(xp) and all(a.dtype == x.dtype for a in (gamma, beta, running_mean, running_var))
+    y = None
     if training:
         m = x.shape[0] * x.shape[2] * x.shape[3] * (1 if sync is None else sync.size)
         if m < 2:
@@ -303,23 +335,37 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, *, training, 
             return sums if sync is None else sync.allreduce_sum(sums)
 
         mean = total(lambda a: a, x) * (1.0 / m)
-        centred = _by_images(lambda a: a - xp.reshape(mean, shape), (x,), split, xp=xp)
-        var = total(lambda c: c * c, centred) * (1.0 / m)
+        centred = _centred(x, xp.reshape(mean, shape), split, overwrite_x and in_place, xp=xp)
+        if in_place:
+            y = _by_images(lambda c: c * c, (centred,), split, xp=xp)
+            var = total(lambda q: q, y) * (1.0 / m)
+        else:
+            var = total(lambda c: c * c, centred) * (1.0 / m)
         inv_std = 1.0 / xp.sqrt(var + eps)
         new_mean = running_mean * (1.0 - momentum) + mean * momentum
         new_var = running_var * (1.0 - momentum) + var * (momentum * m / (m - 1))
     else:
         inv_std = 1.0 / xp.sqrt(running_var + eps)
-        centred = _by_images(lambda a: a - xp.reshape(running_mean, shape), (x,), split, xp=xp)
+        centred = _centred(x, xp.reshape(running_mean, shape), split, overwrite_x and in_place, xp=xp)
         new_mean, new_var = running_mean, running_var
     # y = gamma xhat + beta with xhat = centred inv_std, folded into one scale per channel
     scale, shift = xp.reshape(gamma * inv_std, shape), xp.reshape(beta, shape)
-    y = _by_images(lambda c: c * scale + shift, (centred,), split, xp=xp)
+    if in_place:
+        y = xp.empty_like(centred) if y is None else y
+
+        def affine(s, e):
+            block = y[s:e, ...]
+            xp.multiply(centred[s:e, ...], scale, out=block)
+            block += shift
+
+        _over_images(affine, x.shape[0], split, xp=xp)
+    else:
+        y = _by_images(lambda c: c * scale + shift, (centred,), split, xp=xp)
     return y, BatchNormCache(centred, xp.reshape(inv_std, shape), gamma, training, sync if training else None), \
         new_mean, new_var
 
 
-def batchnorm2d_backward(dy, cache: BatchNormCache):
+def batchnorm2d_backward(dy, cache: BatchNormCache, *, overwrite_dy=False):
     """Gradients of ``batchnorm2d_forward``: ``dy -> (dx, dgamma, dbeta)``.
 
     With ``xhat = centred inv_std`` and ``m = N H W``, per channel:
@@ -331,14 +377,23 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
     over every rank's shard and ``m`` of the global batch (one all-reduce of both),
     while the returned ``dgamma`` and ``dbeta`` are this rank's parts, which the
     optimiser's gradient all-reduce adds up like every other parameter's.
+
+    ``overwrite_dy``: ``dy`` may be overwritten (it becomes ``dx``), as ``overwrite_x`` of the
+    forward: honoured in training on NumPy and CuPy when ``dy`` and the cache share a dtype.
     """
     xp = array_namespace(dy)
     C = dy.shape[1]
     shape = (1, C, 1, 1)
     inv_std = xp.reshape(cache.inv_std, (C,))
     split = _image_split(dy, xp)
+    in_place = (cache.training and mutable_namespace(xp)
+                and all(t.dtype == dy.dtype for t in (cache.centred, cache.inv_std, cache.gamma)))
     dbeta = _channel_sums(lambda g: g, (dy,), split, xp=xp)
-    dgamma = _channel_sums(lambda g, c: g * c, (dy, cache.centred), split, xp=xp) * inv_std
+    if in_place:  # the products dy centred stay, to hold centred b below
+        products = _by_images(lambda g, c: g * c, (dy, cache.centred), split, xp=xp)
+        dgamma = _channel_sums(lambda q: q, (products,), split, xp=xp) * inv_std
+    else:
+        dgamma = _channel_sums(lambda g, c: g * c, (dy, cache.centred), split, xp=xp) * inv_std
     a = cache.gamma * inv_std
     if not cache.training:
         return _by_images(lambda g: g * xp.reshape(a, shape), (dy,), split, xp=xp), dgamma, dbeta
@@ -350,7 +405,19 @@ def batchnorm2d_backward(dy, cache: BatchNormCache):
     b = -a * inv_std * sum_dgamma * (1.0 / m)
     c = -a * sum_dy * (1.0 / m)
     a, b, c = xp.reshape(a, shape), xp.reshape(b, shape), xp.reshape(c, shape)
-    dx = _by_images(lambda g, centred: g * a + centred * b + c, (dy, cache.centred), split, xp=xp)
+    if not in_place:
+        return _by_images(lambda g, centred: g * a + centred * b + c, (dy, cache.centred), split, xp=xp), \
+            dgamma, dbeta
+    dx = dy if overwrite_dy else xp.empty_like(dy)
+
+    def job(s, e):  # dy a + centred b + c, added in that order
+        block, spare = dx[s:e, ...], products[s:e, ...]
+        xp.multiply(dy[s:e, ...], a, out=block)
+        xp.multiply(cache.centred[s:e, ...], b, out=spare)
+        block += spare
+        block += c
+
+    _over_images(job, dy.shape[0], split, xp=xp)
     return dx, dgamma, dbeta
 
 
@@ -368,10 +435,29 @@ def relu_forward(x):
     return y, ReluCache(y)
 
 
+def _relu_of_own(x):
+    """``relu_forward(x)`` for an ``x`` that the caller allocated and no longer needs: written into
+    ``x`` where the namespace allows (the same values, without a new array)."""
+    xp = array_namespace(x)
+    if not mutable_namespace(xp):
+        return relu_forward(x)
+    split = _image_split(x, xp)
+    if split is None:
+        xp.maximum(x, 0.0, out=x)
+    else:
+        conv_layouts._in_blocks(lambda s, e: xp.maximum(x[s:e, ...], 0.0, out=x[s:e, ...]), *split, xp=xp)
+    return x, ReluCache(x)
+
+
 def relu_backward(dy, cache: ReluCache):
     xp = array_namespace(dy)
-    # a multiply by the 0/1 mask is several times faster than where() in NumPy
-    return _by_images(lambda g, y: g * xp.astype(y > 0, g.dtype), (dy, cache.y), _image_split(dy, xp), xp=xp)
+    # a multiply by the 0/1 mask is several times faster than where() in NumPy; NumPy and CuPy
+    # multiply by the boolean mask itself (True as 1.0: the same values without a cast pass)
+    if mutable_namespace(xp):
+        mask = lambda y: y > 0  # noqa: E731
+    else:
+        mask = lambda y: xp.astype(y > 0, dy.dtype)  # noqa: E731
+    return _by_images(lambda g, y: g * mask(y), (dy, cache.y), _image_split(dy, xp), xp=xp)
 
 
 # --------------------------------------------------------------------------- conv-BN-ReLU (SPEC 4's CBR)
@@ -397,8 +483,8 @@ def cbr_forward(x, weight, bias, gamma, beta, running_mean, running_var, *, stri
     """
     y, conv_cache = conv2d_forward(x, weight, bias, stride=stride, padding=1, layout=layout)
     y, bn_cache, mean, var = batchnorm2d_forward(y, gamma, beta, running_mean, running_var, training=training,
-                                                 momentum=momentum, eps=eps, sync=sync)
-    y, relu_cache = relu_forward(y)
+                                                 momentum=momentum, eps=eps, sync=sync, overwrite_x=True)
+    y, relu_cache = _relu_of_own(y)  # BatchNorm's output is this function's own
     return y, CBRCache(conv_cache, bn_cache, relu_cache), mean, var
 
 
@@ -406,7 +492,7 @@ def cbr_backward(dy, cache: CBRCache, *, input_grad=True):
     """Gradients of ``cbr_forward``: ``(dx, dweight, dbias, dgamma, dbeta)`` (dx None with ``input_grad=False``,
     dbias None without a bias)."""
     dy = relu_backward(dy, cache.relu)
-    dy, dgamma, dbeta = batchnorm2d_backward(dy, cache.bn)
+    dy, dgamma, dbeta = batchnorm2d_backward(dy, cache.bn, overwrite_dy=True)  # ReLU's dx is this function's own
     dx, dweight, dbias = conv2d_backward(dy, cache.conv, input_grad=input_grad)
     return dx, dweight, dbias, dgamma, dbeta
 

@@ -389,6 +389,62 @@ def test_batchnorm_and_relu_on_host_threads_equal_one_thread(threads, dtype):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cbr_in_place_equals_the_layers_out_of_place(threads, dtype):
+    """``cbr_forward`` / ``cbr_backward`` reuse the memory of their own intermediates (BatchNorm's
+    ``overwrite_x`` and ``overwrite_dy``, ReLU into BatchNorm's output): every value, the sign of
+    every zero included, is the one of the public layers run one after another out of place, and
+    those leave their inputs untouched."""
+    from hicd_core import backend
+
+    if threads > 1:
+        pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((4, 3, 7, 6)).astype(dtype)
+    weight = (rng.standard_normal((5, 3, 3, 3)) * 0.3).astype(dtype)
+    dy = rng.standard_normal((4, 5, 7, 6)).astype(dtype)
+    gamma, beta = rng.standard_normal(5).astype(dtype), rng.standard_normal(5).astype(dtype)
+    mean, var = rng.standard_normal(5).astype(dtype), rng.uniform(0.5, 2, 5).astype(dtype)
+    for training in (True, False):
+        with backend.conv_threads(threads):
+            y, cache, m, v = F.cbr_forward(x, weight, None, gamma, beta, mean, var, training=training)
+            grads = F.cbr_backward(dy, cache)
+            conv, conv_cache = F.conv2d_forward(x, weight, None, stride=1, padding=1)
+            kept = [a.copy() for a in (conv, gamma, beta, mean, var)]
+            bn, bn_cache, m2, v2 = F.batchnorm2d_forward(conv, gamma, beta, mean, var, training=training)
+            r, relu_cache = F.relu_forward(bn)
+            bn_copy, dy_copy = bn.copy(), dy.copy()
+            d = F.relu_backward(dy, relu_cache)
+            d_copy = d.copy()
+            dbn, dgamma, dbeta = F.batchnorm2d_backward(d, bn_cache)
+            dx, dweight, _ = F.conv2d_backward(dbn, conv_cache)
+        for a, b in zip([y, m, v, *[g for g in grads if g is not None]], [r, m2, v2, dx, dweight, dgamma, dbeta]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes()
+        for a, b in zip((conv, gamma, beta, mean, var, bn, dy, d), (*kept, bn_copy, dy_copy, d_copy)):
+            assert a.tobytes() == b.tobytes()
+
+
+def test_batchnorm_overwrite_only_where_the_dtypes_agree():
+    """``overwrite_x=True`` with float64 parameters on a float32 input promotes as the out-of-place
+    layer does (x is then left as it was); with one dtype it centres x in place."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    mean, var = np.zeros(3), np.ones(3)
+    want = F.batchnorm2d_forward(x, gamma, beta, mean, var, training=True)[0]
+    x_copy = x.copy()
+    got = F.batchnorm2d_forward(x, gamma, beta, mean, var, training=True, overwrite_x=True)[0]
+    assert got.dtype == want.dtype == np.float64 and got.tobytes() == want.tobytes()
+    np.testing.assert_array_equal(x, x_copy)
+    same = [a.astype(np.float32) for a in (gamma, beta, mean, var)]
+    want, cache, _, _ = F.batchnorm2d_forward(x, *same, training=True)
+    got, own_cache, _, _ = F.batchnorm2d_forward(x_copy, *same, training=True, overwrite_x=True)
+    assert got.tobytes() == want.tobytes() and own_cache.centred is x_copy
+    np.testing.assert_array_equal(x_copy, cache.centred)
+
+
 def test_conv_threads_checks_its_count_and_restores_it(monkeypatch):
     from hicd_core import backend
 
