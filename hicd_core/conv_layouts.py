@@ -128,9 +128,27 @@ def flat_padded(x, padding, *, xp):
     N, C, H, W = x.shape
     p = padding
     Wp, rows = W + p, H + 2 * p + 2  # a row above, whose last p zeros lead the array, and a spare row below
-    buf = xp.zeros((N, C, rows, Wp), dtype=x.dtype, device=device(x))
-    buf[:, :, p + 1 : p + 1 + H, :W] = x
+    buf = xp.empty((N, C, rows, Wp), dtype=x.dtype, device=device(x))
+
+    def fill(s, e):  # every element written once: the zeros around the image, then the image
+        block = buf[s:e, ...]
+        block[:, :, : p + 1, :] = 0
+        block[:, :, p + 1 + H :, :] = 0
+        block[:, :, p + 1 : p + 1 + H, W:] = 0
+        block[:, :, p + 1 : p + 1 + H, :W] = x[s:e, ...]
+
+    _in_blocks(fill, *pass_blocks(N, xp=xp), xp=xp)
     return xp.reshape(buf, (N, C, rows * Wp))[:, :, Wp - p :]
+
+
+def pass_blocks(N, *, xp):
+    """``(blocks, threads)`` for one elementwise pass over a batch of ``N`` images: one block per host
+    thread (``backend.conv_threads``) on NumPy, else the whole batch at once."""
+    threads = conv_thread_count() if is_numpy_namespace(xp) else 1
+    if threads < 2 or N < 2:
+        return [(0, N)], 1
+    b = -(-N // threads)
+    return [(s, min(s + b, N)) for s in range(0, N, b)], threads
 
 
 def _flat_im2col(flat, k, Wp, L, *, xp):

@@ -575,7 +575,7 @@ def upsample2x_backward(dy, cache=None):
 
 
 class MaxPoolCache(NamedTuple):
-    picks: tuple  # four 0/1 arrays (N, C, H/2, W/2): which of the window's (0,0), (0,1), (1,0), (1,1) won
+    picks: tuple  # four masks (N, C, H/2, W/2), 0/1 or boolean: which of the window's (0,0), (0,1), (1,0), (1,1) won
 
 
 def _quarters(x):
@@ -620,14 +620,21 @@ def maxpool2x2_forward(x):
         if taken is not None:
             hit = xp.logical_and(hit, xp.logical_not(taken))
         taken = hit if taken is None else xp.logical_or(taken, hit)
-        picks.append(xp.astype(hit, x.dtype))
+        # NumPy and CuPy multiply by a boolean mask as by its 0/1 values: no cast pass
+        picks.append(hit if mutable_namespace(xp) else xp.astype(hit, x.dtype))
     return y, MaxPoolCache(tuple(picks))
 
 
 def maxpool2x2_backward(dy, cache: MaxPoolCache):
     """Gradient of ``maxpool2x2_forward``: ``dy (N, C, h, w) -> dx (N, C, 2h, 2w)``."""
     xp = array_namespace(dy)
-    return _interleave(*(dy * pick for pick in cache.picks), xp=xp)
+    if not mutable_namespace(xp):
+        return _interleave(*(dy * pick for pick in cache.picks), xp=xp)
+    N, C, h, w = dy.shape
+    dx = xp.empty((N, C, 2 * h, 2 * w), dtype=dy.dtype, device=device(dy))
+    for quarter, pick in zip(_quarters(dx), cache.picks):  # each product written into its phase of dx
+        xp.multiply(dy, pick, out=quarter)
+    return dx
 
 
 class ConvTransposeCache(NamedTuple):
