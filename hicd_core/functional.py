@@ -3,7 +3,9 @@
 Every layer is ``thing_forward(x, params..., *, options) -> (y, cache)`` and
 ``thing_backward(dy, cache) -> gradients`` (CS231n style). Caches are small named
 tuples holding exactly what the backward needs; nothing here keeps state, writes
-into ``dy``, an input or a cache. Arrays are channel-first ``(N, C, H, W)``; the
+into ``dy``, an input or a cache, unless a caller says that it may (BatchNorm's
+``overwrite_x`` and ``overwrite_dy``, which ``cbr_forward`` / ``cbr_backward`` give for
+arrays they allocated themselves). Arrays are channel-first ``(N, C, H, W)``; the
 code runs on any array-API namespace (NumPy, CuPy, array-api-strict).
 Derivations: ``docs/MATH.md`` section 7.
 
@@ -441,11 +443,7 @@ def _relu_of_own(x):
     xp = array_namespace(x)
     if not mutable_namespace(xp):
         return relu_forward(x)
-    split = _image_split(x, xp)
-    if split is None:
-        xp.maximum(x, 0.0, out=x)
-    else:
-        conv_layouts._in_blocks(lambda s, e: xp.maximum(x[s:e, ...], 0.0, out=x[s:e, ...]), *split, xp=xp)
+    _over_images(lambda s, e: xp.maximum(x[s:e, ...], 0.0, out=x[s:e, ...]), x.shape[0], _image_split(x, xp), xp=xp)
     return x, ReluCache(x)
 
 
