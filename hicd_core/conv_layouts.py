@@ -137,11 +137,11 @@ def flat_padded(x, padding, *, xp):
         block[:, :, p + 1 : p + 1 + H, W:] = 0
         block[:, :, p + 1 : p + 1 + H, :W] = x[s:e, ...]
 
-    _in_blocks(fill, *pass_blocks(N, xp=xp), xp=xp)
+    _in_blocks(fill, *_pass_blocks(N, xp=xp), xp=xp)
     return xp.reshape(buf, (N, C, rows * Wp))[:, :, Wp - p :]
 
 
-def pass_blocks(N, *, xp):
+def _pass_blocks(N, *, xp):
     """``(blocks, threads)`` for one elementwise pass over a batch of ``N`` images: one block per host
     thread (``backend.conv_threads``) on NumPy, else the whole batch at once."""
     threads = conv_thread_count() if is_numpy_namespace(xp) else 1
