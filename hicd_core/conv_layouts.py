@@ -137,18 +137,8 @@ def flat_padded(x, padding, *, xp):
         block[:, :, p + 1 : p + 1 + H, W:] = 0
         block[:, :, p + 1 : p + 1 + H, :W] = x[s:e, ...]
 
-    _in_blocks(fill, *_pass_blocks(N, xp=xp), xp=xp)
+    _in_blocks(fill, *_thread_blocks(N, C * rows * Wp * (xp.finfo(x.dtype).bits // 8), xp=xp), xp=xp)
     return xp.reshape(buf, (N, C, rows * Wp))[:, :, Wp - p :]
-
-
-def _pass_blocks(N, *, xp):
-    """``(blocks, threads)`` for one elementwise pass over a batch of ``N`` images: one block per host
-    thread (``backend.conv_threads``) on NumPy, else the whole batch at once."""
-    threads = conv_thread_count() if is_numpy_namespace(xp) else 1
-    if threads < 2 or N < 2:
-        return [(0, N)], 1
-    b = -(-N // threads)
-    return [(s, min(s + b, N)) for s in range(0, N, b)], threads
 
 
 def _flat_im2col(flat, k, Wp, L, *, xp):

@@ -449,13 +449,14 @@ def _relu_of_own(x):
 
 def relu_backward(dy, cache: ReluCache):
     xp = array_namespace(dy)
-    # a multiply by the 0/1 mask is several times faster than where() in NumPy; NumPy and CuPy
-    # multiply by the boolean mask itself (True as 1.0: the same values without a cast pass)
-    if mutable_namespace(xp):
-        mask = lambda y: y > 0  # noqa: E731
-    else:
-        mask = lambda y: xp.astype(y > 0, dy.dtype)  # noqa: E731
-    return _by_images(lambda g, y: g * mask(y), (dy, cache.y), _image_split(dy, xp), xp=xp)
+    # a multiply by the 0/1 mask is several times faster than where() in NumPy
+    return _by_images(lambda g, y: g * _factor(y > 0, dy.dtype, xp=xp), (dy, cache.y), _image_split(dy, xp), xp=xp)
+
+
+def _factor(mask, dtype, *, xp):
+    """A boolean ``mask`` as a factor of ``dtype`` arrays: NumPy and CuPy multiply by the mask itself
+    (True as 1.0, the same values without a cast pass), other namespaces by its 0/1 cast."""
+    return mask if mutable_namespace(xp) else xp.astype(mask, dtype)
 
 
 # --------------------------------------------------------------------------- conv-BN-ReLU (SPEC 4's CBR)
@@ -618,8 +619,7 @@ def maxpool2x2_forward(x):
         if taken is not None:
             hit = xp.logical_and(hit, xp.logical_not(taken))
         taken = hit if taken is None else xp.logical_or(taken, hit)
-        # NumPy and CuPy multiply by a boolean mask as by its 0/1 values: no cast pass
-        picks.append(hit if mutable_namespace(xp) else xp.astype(hit, x.dtype))
+        picks.append(_factor(hit, x.dtype, xp=xp))
     return y, MaxPoolCache(tuple(picks))
 
 
