@@ -25,6 +25,7 @@ from pathlib import Path
 
 from . import backend
 from .backend import all_finite
+from .data.degradations import SETTINGS
 from .data.folder import DegradedView, change_fraction, channel_stats, validate_dataset
 from .data.loader import TrainBatches
 from .distill import feature_mse_loss, hicd_loss
@@ -263,7 +264,9 @@ class TrainConfig:
     every checkpoint; ``change_crop_rate`` is the share of training crops drawn around a
     change pixel; ``colour_jitter`` (0: off) gives t1 and t2 of every training crop a random gain
     in ``1 ± colour_jitter`` and offset in ``± colour_jitter / 2`` per channel, each image its own
-    (``data.random_colour``); ``patience`` stops training once validation F1 has not improved
+    (``data.random_colour``); ``pair_degrade_rate`` (0: off) is the share of a teacher's training crops
+    whose t1 and t2 are both degraded by the quality setting ``pair_degrade``, each image with its own
+    seed (an augmentation: validation and test pairs stay clean); ``patience`` stops training once validation F1 has not improved
     for that many epochs (``epochs`` is then the maximum budget; the learning-rate
     schedule spans the whole budget), but never before ``min_epochs`` epochs have run (0, the
     default: from the first epoch on), so that a network whose validation F1 takes off late is not
@@ -322,6 +325,8 @@ class TrainConfig:
     normalize: bool | str = False
     change_crop_rate: float = 0.0
     colour_jitter: float = 0.0
+    pair_degrade: str | None = None
+    pair_degrade_rate: float = 0.0
     patience: int | None = None
     min_epochs: int = 0
     smoothing: int = 1
@@ -378,6 +383,14 @@ class TrainConfig:
             raise ValueError(f"change_crop_rate must be in [0, 1], got {self.change_crop_rate}")
         if isinstance(self.colour_jitter, bool) or not 0.0 <= self.colour_jitter < 1.0:
             raise ValueError(f"colour_jitter must be a strength in [0, 1), got {self.colour_jitter!r}")
+        if isinstance(self.pair_degrade_rate, bool) or not 0.0 <= self.pair_degrade_rate <= 1.0:
+            raise ValueError(f"pair_degrade_rate must be a share in [0, 1], got {self.pair_degrade_rate!r}")
+        if self.pair_degrade_rate > 0 and self.role != "teacher":
+            raise ValueError("pair_degrade_rate degrades both images of a teacher's training crops; a student's "
+                             "t2 is degraded by its setting (set pair_degrade_rate to 0)")
+        if self.pair_degrade_rate > 0 and self.pair_degrade not in SETTINGS:
+            raise ValueError(f"pair_degrade must be a quality setting, one of {SETTINGS}, when pair_degrade_rate > 0; "
+                             f"got {self.pair_degrade!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, numbers.Integral) or self.threads < 1:
             raise ValueError(f"threads must be a positive int, got {self.threads!r}")
         if self.patience is not None and self.patience < 1:
@@ -542,7 +555,8 @@ def _training_batches(cfg, train_set, rng):
     """The training batches of ``cfg`` drawn from ``rng`` (a student's carry its degraded t2)."""
     return TrainBatches(train_set, cfg.batch_size, rng=rng, crop=cfg.crop,
                         setting=cfg.setting if cfg.role == "student" else None, augment=cfg.augment,
-                        change_rate=cfg.change_crop_rate, colour=cfg.colour_jitter)
+                        change_rate=cfg.change_crop_rate, colour=cfg.colour_jitter,
+                        pair_setting=cfg.pair_degrade, pair_rate=cfg.pair_degrade_rate)
 
 
 def precise_statistics(model, batches, count, *, xp, comm=None, seed=0, momentum=None):

@@ -350,6 +350,28 @@ def test_train_batches_colour_draws_t1_and_t2_apart_and_zero_keeps_the_stream():
         TrainBatches(data, 2, rng=np.random.default_rng(0), colour=1.5)
 
 
+def test_train_batches_pair_degradation_degrades_both_images_apart_and_zero_keeps_the_stream():
+    rng = np.random.default_rng(5)
+    data = [(rng.random((3, 16, 16)).astype(np.float32),) * 2 + ((rng.random((16, 16)) > 0.5).astype(np.uint8),)
+            for _ in range(4)]
+
+    def first(**kw):
+        return next(iter(TrainBatches(data, 2, rng=np.random.default_rng(9), crop=8, **kw).epoch()))
+
+    plain, off = first(), first(pair_setting="multi", pair_rate=0.0)
+    assert all(np.array_equal(x, y) for x, y in zip(plain[:2] + plain[3:], off[:2] + off[3:]))
+    x1, x2, _, label = first(pair_setting="multi", pair_rate=1.0)
+    assert np.array_equal(label[0], plain[3][0])  # the first crop is drawn before any degradation
+    assert not np.allclose(x1, plain[0]) and not np.allclose(x2, plain[1])  # both images degraded
+    assert not np.allclose(x1, x2)  # each with its own seed (t1 == t2 before)
+    blurred = first(pair_setting="resolution-x4", pair_rate=1.0)
+    assert np.array_equal(blurred[0], blurred[1])  # a deterministic setting degrades equal images alike
+    with pytest.raises(ValueError, match="pair_rate must be in"):
+        TrainBatches(data, 2, rng=np.random.default_rng(0), pair_setting="multi", pair_rate=1.5)
+    with pytest.raises(ValueError, match="needs a pair_setting"):
+        TrainBatches(data, 2, rng=np.random.default_rng(0), pair_rate=0.5)
+
+
 def test_channel_stats_and_in_memory_cache():
     rng = np.random.default_rng(2)
     t1 = (rng.random((4, 3, 8, 8)) * [[[0.5]], [[1.0]], [[0.1]]]).astype(np.float32)

@@ -320,6 +320,28 @@ def test_colour_jitter_must_be_a_strength(bad):
         TrainConfig(colour_jitter=bad)
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"pair_degrade_rate": 1.5, "pair_degrade": "multi"}, "pair_degrade_rate must be a share"),
+    ({"pair_degrade_rate": 0.5}, "pair_degrade must be a quality setting"),
+    ({"pair_degrade_rate": 0.5, "pair_degrade": "blurry"}, "pair_degrade must be a quality setting"),
+    ({"pair_degrade_rate": 0.5, "pair_degrade": "multi", "role": "student", "setting": "multi"},
+     "a student's t2 is degraded by its setting"),
+])
+def test_pair_degradation_is_checked(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_a_teacher_with_pair_degradation_trains_other_batches_than_without(tmp_path):
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    cfg = TrainConfig(role="teacher", epochs=1, batch_size=4, seed=0)
+    plain = fit(cfg, data, data, tmp_path / "plain", progress=False).history[0]["train"]
+    off = fit(replace(cfg, pair_degrade="multi"), data, data, tmp_path / "off", progress=False).history[0]["train"]
+    on = fit(replace(cfg, pair_degrade="multi", pair_degrade_rate=1.0), data, data, tmp_path / "on",
+             progress=False).history[0]["train"]
+    assert off == plain and on != plain
+
+
 def test_host_threads_train_the_same_network_and_a_run_resumes_with_another_count(tmp_path):
     """``threads`` runs the convolutions' image blocks on host threads: the same run up to the
     weight gradients' rounding; the count is not part of a run's identity (resume with any)."""

@@ -43,12 +43,15 @@ class TrainBatches:
     seed is drawn from the same generator. ``change_rate``: the share of crops
     drawn around a change pixel (``random_crop_flip``); ``colour``: the strength of a random gain
     and offset per channel, drawn for t1 and t2 separately before t2 is degraded
-    (``random_colour``; 0: off). The generator's state is therefore all
-    a checkpoint needs to replay the data exactly.
+    (``random_colour``; 0: off); ``pair_setting`` and ``pair_rate``: in that share of the crops, t1
+    and t2 are both degraded by the named quality setting, each with its own seed, after the colour
+    change and before a student's t2 is degraded again (an augmentation for teachers; 0: off, and
+    nothing is drawn for it). The generator's state is therefore all a checkpoint needs to replay the
+    data exactly.
     """
 
     def __init__(self, dataset, batch_size, *, rng, crop=None, setting=None, augment=True, change_rate=0.0,
-                 colour=0.0):
+                 colour=0.0, pair_setting=None, pair_rate=0.0):
         if len(dataset) < batch_size:
             raise ValueError(f"the training set has {len(dataset)} samples, fewer than one batch of {batch_size}")
         if not 0.0 <= change_rate <= 1.0:
@@ -57,7 +60,12 @@ class TrainBatches:
             raise ValueError(f"colour must be a strength in [0, 1), got {colour}")
         self.dataset, self.batch_size, self.rng = dataset, batch_size, rng
         self.crop, self.setting, self.augment, self.change_rate = crop, setting, augment, float(change_rate)
+        if not 0.0 <= pair_rate <= 1.0:
+            raise ValueError(f"pair_rate must be in [0, 1], got {pair_rate}")
+        if pair_rate > 0 and pair_setting is None:
+            raise ValueError(f"pair_rate {pair_rate} needs a pair_setting (a quality setting) to degrade the pairs by")
         self.colour = float(colour)
+        self.pair_setting, self.pair_rate = pair_setting, float(pair_rate)
 
     def __len__(self):
         return len(self.dataset) // self.batch_size
@@ -72,6 +80,9 @@ class TrainBatches:
                     t1, t2, label = random_crop_flip(t1, t2, label, self.rng, self.crop, flips=self.augment,
                                                      change_rate=self.change_rate if self.crop else 0.0)
                 t1, t2 = random_colour(t1, self.rng, self.colour), random_colour(t2, self.rng, self.colour)
+                if self.pair_rate > 0 and self.rng.random() < self.pair_rate:
+                    t1 = degrade(t1, self.pair_setting, int(self.rng.integers(2**63)))
+                    t2 = degrade(t2, self.pair_setting, int(self.rng.integers(2**63)))
                 x1s.append(t1)
                 hqs.append(t2)
                 labels.append(label)
