@@ -266,9 +266,9 @@ class TrainConfig:
     in ``1 ± colour_jitter`` and offset in ``± colour_jitter / 2`` per channel, each image its own
     (``data.random_colour``); ``pair_degrade_rate`` (0: off) is the share of a teacher's training crops
     whose t1 and t2 are both degraded by the quality setting ``pair_degrade``, each image with its own
-    seed (an augmentation: validation and test pairs stay clean); ``patience`` stops training once validation F1 has not improved
-    for that many epochs (``epochs`` is then the maximum budget; the learning-rate
-    schedule spans the whole budget), but never before ``min_epochs`` epochs have run (0, the
+    seed (an augmentation: validation and test pairs stay clean); ``patience`` stops training once
+    validation F1 has not improved for that many epochs (``epochs`` is then the maximum budget; the
+    learning-rate schedule spans the whole budget), but never before ``min_epochs`` epochs have run (0, the
     default: from the first epoch on), so that a network whose validation F1 takes off late is not
     stopped by the count from a lucky first epoch; ``smoothing`` selects the best model (and counts
     the patience) by the mean validation F1 of the last ``smoothing`` epochs instead of

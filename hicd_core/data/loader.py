@@ -58,12 +58,12 @@ class TrainBatches:
             raise ValueError(f"change_rate must be in [0, 1], got {change_rate}")
         if not 0.0 <= colour < 1.0:
             raise ValueError(f"colour must be a strength in [0, 1), got {colour}")
-        self.dataset, self.batch_size, self.rng = dataset, batch_size, rng
-        self.crop, self.setting, self.augment, self.change_rate = crop, setting, augment, float(change_rate)
         if not 0.0 <= pair_rate <= 1.0:
             raise ValueError(f"pair_rate must be in [0, 1], got {pair_rate}")
         if pair_rate > 0 and pair_setting is None:
             raise ValueError(f"pair_rate {pair_rate} needs a pair_setting (a quality setting) to degrade the pairs by")
+        self.dataset, self.batch_size, self.rng = dataset, batch_size, rng
+        self.crop, self.setting, self.augment, self.change_rate = crop, setting, augment, float(change_rate)
         self.colour = float(colour)
         self.pair_setting, self.pair_rate = pair_setting, float(pair_rate)
 
