@@ -250,7 +250,11 @@ class TrainConfig:
     by ``setting``, drawn fresh per batch, plus ``distill``). ``student_init``:
     ``"teacher"`` starts a student from the teacher's weights (the default: every
     student variant starts from the same point, and the comparison isolates the
-    loss), ``"fresh"`` from the Kaiming initialisation of ``seed``.
+    loss), ``"fresh"`` from the Kaiming initialisation of ``init_seed`` (None, the default: ``seed``).
+    Everything else a run draws (its batches, crops, augmentations and degradations, dropout
+    masks, the batches of ``precise_bn``) follows ``seed``, so two runs can share their initial
+    weights and differ in their data, or the other way round; a student that starts from the
+    teacher has no initial weights of its own and takes no ``init_seed``.
     Validation uses a fixed low-quality set: t2 of sample ``i`` degraded with
     seed ``[val_seed, i]``.
 
@@ -342,6 +346,7 @@ class TrainConfig:
     threads: int = 1
     widths: tuple = (16, 32, 64, 128)
     seed: int = 0
+    init_seed: int | None = None
     student_init: str = "teacher"
     val_seed: int = 12345
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(method="baseline"))
@@ -365,6 +370,13 @@ class TrainConfig:
             raise ValueError("a student needs a quality setting")
         if self.student_init not in ("teacher", "fresh"):
             raise ValueError(f"student_init must be 'teacher' or 'fresh', got {self.student_init!r}")
+        if self.init_seed is not None:
+            if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, numbers.Integral) \
+                    or self.init_seed < 0:
+                raise ValueError(f"init_seed must be a non-negative integer (or None: seed), got {self.init_seed!r}")
+            if self.role == "student" and self.student_init == "teacher":
+                raise ValueError("init_seed is for a run that starts from its own initial weights; this student "
+                                 "starts from the teacher's (student_init='teacher')")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         if self.ema is not None and not (isinstance(self.ema, float) and 0.0 < self.ema < 1.0):
@@ -531,7 +543,7 @@ def _setup(cfg, train_set, val_set, out_dir, xp, teacher, comm=None) -> _Run:
         raise ValueError(f"a student that starts from the teacher needs the teacher's network: the teacher is "
                          f"{model_name(teacher)!r}, the student {cfg.model!r} (use student_init='fresh')")
     model = build_model(cfg.model, cfg.widths, in_channels, dropout=cfg.dropout, bottleneck=cfg.bottleneck, xp=xp,
-                        seed=cfg.seed,
+                        seed=cfg.seed if cfg.init_seed is None else cfg.init_seed,
                         **_normalisation(cfg, train_set, teacher if from_teacher else None))
     if cfg.crop is not None and cfg.crop % model.size_multiple:
         raise ValueError(f"crop {cfg.crop} must be a multiple of {model.size_multiple} for {cfg.model!r}")

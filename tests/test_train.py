@@ -342,6 +342,40 @@ def test_a_teacher_with_pair_degradation_trains_other_batches_than_without(tmp_p
     assert off == plain and on != plain
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"init_seed": -1}, "init_seed must be a non-negative integer"),
+    ({"init_seed": 1.5}, "init_seed must be a non-negative integer"),
+    ({"init_seed": True}, "init_seed must be a non-negative integer"),
+    ({"role": "student", "setting": "multi", "init_seed": 1}, "starts from the teacher's"),
+])
+def test_init_seed_is_checked(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
+
+
+def test_init_seed_sets_the_initial_weights_and_seed_the_data(tmp_path):
+    """A run of ``seed`` 0 and ``init_seed`` 1 starts from the weights of seed 1 and draws the batches of seed 0;
+    ``init_seed`` equal to ``seed`` is the run without it, bit for bit."""
+    from hicd_core.train import _setup
+    data = ArrayDataset(*synthetic_pairs(8, 16, seed=0))
+    cfg = TrainConfig(role="teacher", epochs=1, batch_size=4, seed=0)
+    runs = {name: _setup(c, data, data, tmp_path / name, np, None)
+            for name, c in [("s0", cfg), ("s1", replace(cfg, seed=1)), ("mixed", replace(cfg, init_seed=1))]}
+    for name, p in runs["mixed"].model.params.items():
+        np.testing.assert_array_equal(p, runs["s1"].model.params[name], err_msg=name)
+    assert any(not np.array_equal(p, runs["s0"].model.params[k]) for k, p in runs["mixed"].model.params.items())
+    first = {name: next(iter(r.batches.epoch())) for name, r in runs.items()}
+    for a, b in zip(first["mixed"], first["s0"]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first["mixed"][0], first["s1"][0])
+    same = fit(replace(cfg, init_seed=0), data, data, tmp_path / "same", progress=False)
+    plain = fit(cfg, data, data, tmp_path / "plain", progress=False)
+    for name, p in plain.model.params.items():
+        np.testing.assert_array_equal(np.asarray(same.model.params[name]), np.asarray(p), err_msg=name)
+    student = TrainConfig(role="student", setting="multi", student_init="fresh", init_seed=3)  # allowed: own weights
+    assert student.init_seed == 3
+
+
 def test_host_threads_train_the_same_network_and_a_run_resumes_with_another_count(tmp_path):
     """``threads`` runs the convolutions' image blocks on host threads: the same run up to the
     weight gradients' rounding; the count is not part of a run's identity (resume with any)."""
