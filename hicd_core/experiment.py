@@ -145,12 +145,13 @@ def train_teacher(out_dir, splits, prof, *, seed=0, xp=None, progress=True, log=
 
 
 def train_student(out_dir, name, splits, prof, teacher, *, setting, seed=0, xp=None, progress=True,
-                  student_init="teacher", distill_overrides=None, log=print):
-    """Train (or resume / reuse) the named student variant in ``out_dir``; returns the best-F1 model."""
+                  student_init="teacher", init_seed=None, distill_overrides=None, log=print):
+    """Train (or resume / reuse) the named student variant in ``out_dir``; returns the best-F1 model.
+    ``init_seed``: a fresh student's initial weights from this seed, its data from ``seed`` (None: ``seed``)."""
     train_set, val_set = splits[0], splits[1]
     distill = student_config(name, prof.crop or prof.size, **(distill_overrides or {}))
     cfg = replace(_base_config(prof, seed), role="student", setting=setting, epochs=prof.student_epochs,
-                  lr=prof.student_lr, distill=distill, student_init=student_init)
+                  lr=prof.student_lr, distill=distill, student_init=student_init, init_seed=init_seed)
     log(f"[{setting} seed {seed}] {STUDENTS[name][0]}: {cfg.epochs} epochs")
     fit(cfg, train_set, val_set, out_dir, xp=xp, teacher=teacher, resume=True, progress=progress)
     return load_model(Path(out_dir) / "best.h5", xp=xp)[0]

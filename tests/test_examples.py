@@ -503,6 +503,32 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
         site_probe.fields(["pos_weight"])
 
 
+def test_seed_probe_tables_initial_weights_against_data_with_the_study_on_the_diagonal():
+    seed_probe = _probe_module("seed_probe")
+    study = [{"setting": "x", "method": "student baseline", "seed": s, "init": "fresh", "val_f1": curve,
+              "best_epoch": 2} for s, curve in ((0, [40.0, 50.0, 49.0]), (3, [30.0, 42.0, 35.0]))]
+    study.append({"setting": "x", "method": "student HiCD full", "seed": 0, "init": "fresh", "val_f1": [1.0, 99.0],
+                  "best_epoch": 2})  # not a baseline: not on the diagonal
+    mixed = lambda init, data, curve, best: {"setting": "x", "variant": "baseline", "init_seed": init,  # noqa: E731
+                                             "data_seed": data, "profile": "p", "val_f1": curve, "best_epoch": best}
+    half = seed_probe.table([mixed(3, 0, [44.0, 41.0, 40.0], 1)], study)
+    lines = half.splitlines()
+    assert lines[0] == "x, seeds 0 and 3: selected validation F1 (best epoch, last-epoch F1)"
+    assert lines[4] == "| seed 0 | 50.00 (2, 49.00) | – |" and lines[5] == "| seed 3 | 44.00 (1, 40.00) | 42.00 (2, 35.00) |"
+    assert "effect" not in half  # one mixed run: no effects yet
+    full = seed_probe.table([mixed(3, 0, [44.0, 41.0, 40.0], 1), mixed(0, 3, [46.0, 47.0, 45.0], 2)], study)
+    # init: (50 + 47 - 44 - 42) / 2 = 5.5; data: (50 + 44 - 47 - 42) / 2 = 2.5
+    assert full.splitlines()[-1] == ("effect of the initial weights (seed 0 - seed 3): +5.50; "
+                                     "effect of the data (seed 0 - seed 3): +2.50")
+    assert seed_probe.table([], study) == "seed_probe: no rows yet"
+    same = subprocess.run([sys.executable, "examples/probes/seed_probe.py", "--data-seed", "2", "--init-seed", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert same.returncode != 0 and "equals --data-seed" in same.stderr
+    bad = subprocess.run([sys.executable, "examples/probes/seed_probe.py", "--setting", "x9", "--init-seed", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown setting 'x9'" in bad.stderr
+
+
 def test_bn_probe_carries_statistics_on_without_touching_the_model_and_tables_the_draws():
     from hicd_core.data.loader import TrainBatches
     from hicd_core.networks import build_model
