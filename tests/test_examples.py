@@ -550,6 +550,20 @@ def test_bn_probe_carries_statistics_on_without_touching_the_model_and_tables_th
              "running": [score(55.8), score(56.62)], "precise": [score(55.35), score(55.9)]}]
     lines = bn_probe.table(rows).splitlines()
     assert lines[2] == "| `a/best.h5` | 59.61 | 55.80, 56.62 (56.21) | 55.35, 55.90 (55.62) |"
+    assert bn_probe.seeds_table(rows).splitlines()[2:] == []  # a teacher's row: not a student's
+    student = dict(rows[0], checkpoint="s/best.h5", role="student", setting="multi",
+                   saved={"f1": 47.0, "precision": 25.0}, precise=[{"f1": 50.0, "precision": 30.0},
+                                                               {"f1": 53.0, "precision": 34.0}])
+    assert bn_probe.seeds_table(rows + [student]).splitlines()[2:] == [
+        "| `s/best.h5` | multi | 47.00 (25.00) | 51.50 (32.00) | +4.50 |"]
+    # a student's batches and validation pairs carry its setting's degraded t2; a teacher's are clean
+    prof = _reproduce_module().PROFILES["real-fc-siam-diff-precise"]
+    val = ArrayDataset(*synthetic_pairs(2, 16, seed=3))
+    cfg, view, role, setting = bn_probe.run_views({"role": "student", "setting": "multi"}, prof, val)
+    assert (cfg.role, cfg.setting, role, setting) == ("student", "multi", "student", "multi")
+    assert not np.array_equal(view[0][1], val[0][1]) and np.array_equal(view[0][0], val[0][0])
+    cfg, view, role, setting = bn_probe.run_views({}, prof, val)
+    assert (cfg.role, role, setting) == ("teacher", "teacher", None) and view is val
 
 
 def test_site_probe_curves_give_take_off_best_and_mean_jump(tmp_path):

@@ -5,10 +5,11 @@
 A network trained with BatchNorm is validated with running statistics, ``R <- 0.9 R + 0.1 S`` after
 each training batch, which the last ten or so batches dominate (docs/MATH.md 7.3) and which belong
 to the weights as they were while training, not to an average of them (``ema``). The same weights
-can therefore be validated with other statistics. This probe scores a checkpoint (a teacher's
-``best.h5`` of the SZTAKI studies or of ``site_probe.py``) on the validation scenes of ``--data`` (the
-split of ``examples/reproduce.py``, scored as a study scores a test scene, with the profile's
-``filter_radius``) three ways, weights fixed:
+can therefore be validated with other statistics. This probe scores a checkpoint (``best.h5`` of a
+teacher or a student of the SZTAKI studies, of ``site_probe.py`` or ``seed_probe.py``) on the validation
+scenes of ``--data`` as its run validated them (a teacher on the clean pairs, a student with t2 degraded
+by its setting; the split of ``examples/reproduce.py``, scored as a study scores a test scene, with the
+profile's ``filter_radius``) three ways, weights fixed:
 
 * ``saved``: the statistics in the checkpoint;
 * ``running``: the saved statistics carried on through ``--batches`` more training batches at
@@ -16,12 +17,16 @@ split of ``examples/reproduce.py``, scored as a study scores a test scene, with 
 * ``precise``: the equal-weight mean over ``--batches`` training batches
   (``train.precise_statistics``; ``--draws`` draws).
 
-Training batches are drawn as the profile's teacher draws them (crops, flips, change-centred crops,
-colour jitter) from generators seeded ``[99, draw]``. If the ``running`` figures spread by several
+Training batches are drawn as the checkpoint's run draws them (crops, flips, change-centred crops,
+colour jitter, and a student's degraded t2) from generators seeded ``[99, draw]``: the same batches
+for every checkpoint, whatever its seed. If the ``running`` figures spread by several
 points, every epoch's validation F1 carries that lottery and the epoch selected as best is partly
 the luckiest draw; the ``precise`` figures show what the weights give with statistics that do not
 depend on the last batches. Rows (one per checkpoint, every figure) go to ``results/bn_probe.json``;
-nothing is trained, no test scene is read.
+nothing is trained, no test scene is read. ``--seeds`` prints, for the student rows, the selected
+validation F1 and precision with the saved statistics and with the common ``precise`` ones (mean over
+the draws), one line per checkpoint: whether what sets a seed's students apart is in their weights or in
+the batches their statistics were estimated on.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
 
 from hicd_core import backend  # noqa: E402
-from hicd_core.experiment import PROFILES, _base_config, write_json  # noqa: E402
+from hicd_core.experiment import PROFILES, _base_config, validation_view, write_json  # noqa: E402
 from hicd_core.networks import load_model  # noqa: E402
 from hicd_core.train import _training_batches, precise_statistics  # noqa: E402
 import reproduce  # noqa: E402
@@ -58,12 +64,23 @@ def scored(model, buffers, val, prof):
             "recall": round(pooled["recall"], 2), "per_scene": {k: round(v, 2) for k, v in per_scene.items()}}
 
 
+def run_views(config, prof, val):
+    """``(TrainConfig whose batches to draw, validation pairs, role, setting)`` of a checkpoint's run
+    (its saved ``config``): a student's batches and validation pairs carry t2 degraded by its setting."""
+    role, setting = config.get("role", "teacher"), config.get("setting")
+    cfg = _base_config(prof, 0)
+    if role == "student":
+        cfg = replace(cfg, role="student", setting=setting)
+    return cfg, validation_view(val, role, setting), role, setting
+
+
 def probe(path, args):
     prof = PROFILES[args.profile]
     train, val, _, _, _ = reproduce.folder_splits(args.data, prof, out=None, seed=0)
-    model = load_model(path)[0]
-    cfg = _base_config(prof, 0)
-    row = {"checkpoint": str(path), "profile": args.profile, "batches": args.batches,
+    model, ck = load_model(path)
+    cfg, val, role, setting = run_views(ck.get("config") or {}, prof, val)
+    row = {"checkpoint": str(path), "profile": args.profile, "batches": args.batches, "role": role,
+           **({"setting": setting} if role == "student" else {}),
            "saved": scored(model, model.buffers, val, prof), "running": [], "precise": []}
     print(path, "saved", json.dumps(row["saved"]), flush=True)
     for draw in range(args.draws):
@@ -89,6 +106,21 @@ def table(rows):
     return "\n".join(lines)
 
 
+def seeds_table(rows):
+    """Markdown: per student checkpoint, validation F1 and precision with its saved statistics and with the
+    common precise ones (mean over the draws)."""
+    lines = ["| checkpoint | setting | saved F1 (precision) | common precise F1 (precision), mean | change |",
+             "|---|---|---:|---:|---:|"]
+    for r in rows:
+        if r.get("role") != "student" or not r["precise"]:
+            continue
+        f1 = statistics.mean(d["f1"] for d in r["precise"])
+        precision = statistics.mean(d["precision"] for d in r["precise"])
+        lines.append(f"| `{r['checkpoint']}` | {r['setting']} | {r['saved']['f1']:.2f} "
+                     f"({r['saved']['precision']:.2f}) | {f1:.2f} ({precision:.2f}) | {f1 - r['saved']['f1']:+.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="*")
@@ -99,12 +131,15 @@ def main(argv=None):
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
     parser.add_argument("--results", default=str(ROOT / "results" / "bn_probe.json"))
     parser.add_argument("--table", action="store_true", help="print the rows as the notes' table and stop")
+    parser.add_argument("--seeds", action="store_true", help="print the student rows, saved against common "
+                        "statistics, and stop")
     args = parser.parse_args(argv)
     results = Path(args.results)
-    if args.table:
+    if args.table or args.seeds:
         if not results.is_file():
             raise SystemExit(f"bn_probe: no rows at {results}")
-        print(table(json.loads(results.read_text())))
+        rows = json.loads(results.read_text())
+        print(table(rows) if args.table else seeds_table(rows))
         return
     if not args.checkpoints:
         parser.error("give one or more checkpoints (or --table)")
