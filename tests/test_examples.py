@@ -514,7 +514,8 @@ def test_seed_probe_tables_initial_weights_against_data_with_the_study_on_the_di
     half = seed_probe.table([mixed(3, 0, [44.0, 41.0, 40.0], 1)], study)
     lines = half.splitlines()
     assert lines[0] == "x, seeds 0 and 3: selected validation F1 (best epoch, last-epoch F1)"
-    assert lines[4] == "| seed 0 | 50.00 (2, 49.00) | – |" and lines[5] == "| seed 3 | 44.00 (1, 40.00) | 42.00 (2, 35.00) |"
+    assert lines[4] == "| seed 0 | 50.00 (2, 49.00) | – |"
+    assert lines[5] == "| seed 3 | 44.00 (1, 40.00) | 42.00 (2, 35.00) |"
     assert "effect" not in half  # one mixed run: no effects yet
     full = seed_probe.table([mixed(3, 0, [44.0, 41.0, 40.0], 1), mixed(0, 3, [46.0, 47.0, 45.0], 2)], study)
     # init: (50 + 47 - 44 - 42) / 2 = 5.5; data: (50 + 44 - 47 - 42) / 2 = 2.5
@@ -555,7 +556,18 @@ def test_bn_probe_carries_statistics_on_without_touching_the_model_and_tables_th
                    saved={"f1": 47.0, "precision": 25.0}, precise=[{"f1": 50.0, "precision": 30.0},
                                                                {"f1": 53.0, "precision": 34.0}])
     assert bn_probe.seeds_table(rows + [student]).splitlines()[2:] == [
-        "| `s/best.h5` | multi | 47.00 (25.00) | 51.50 (32.00) | +4.50 |"]
+        "| `s/best.h5` | multi | 18 | 47.00 (25.00) | 51.50 (32.00) | 3.00 | +4.50 |", "",
+        "range of F1 over the draws, mean over 1 checkpoint(s): 3.00"]
+    study = lambda seed, variant, saved, common: dict(  # noqa: E731
+        student, checkpoint=f"runs/reproduce/x/seed{seed}/multi/student-{variant}/best.h5",
+        saved={"f1": saved, "precision": 0.0}, precise=[{"f1": common, "precision": 0.0}])
+    gap = bn_probe.weak_seed_gap([study(1, "hicd", 56.0, 57.0), study(2, "hicd", 58.0, 57.0),
+                                  study(3, "hicd", 47.0, 53.0), study(1, "feature-mse", 55.0, 55.0),
+                                  study(3, "feature-mse", 50.0, 52.0), study(2, "baseline", 50.0, 50.0),
+                                  student], 3).splitlines()
+    assert gap == ["multi feature-mse: seeds [1] minus seed 3: saved +5.00, common +3.00",
+                   "multi hicd: seeds [1, 2] minus seed 3: saved +10.00, common +4.00",
+                   "multi, mean over 2 variant(s): D_saved +7.50, D_common +3.50, D_common / D_saved 0.47"]
     # a student's batches and validation pairs carry its setting's degraded t2; a teacher's are clean
     prof = _reproduce_module().PROFILES["real-fc-siam-diff-precise"]
     val = ArrayDataset(*synthetic_pairs(2, 16, seed=3))

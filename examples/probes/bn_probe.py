@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from dataclasses import replace
@@ -84,7 +85,7 @@ def probe(path, args):
            "saved": scored(model, model.buffers, val, prof), "running": [], "precise": []}
     print(path, "saved", json.dumps(row["saved"]), flush=True)
     for draw in range(args.draws):
-        for kind in ("running", "precise"):
+        for kind in ("precise",) if args.precise_only else ("running", "precise"):
             batches = _training_batches(cfg, train, backend.host_rng([99, draw]))
             buffers = (carried_on(model, batches, args.batches) if kind == "running"
                        else precise_statistics(model, batches, args.batches, xp=model.xp, seed=99))
@@ -108,16 +109,54 @@ def table(rows):
 
 def seeds_table(rows):
     """Markdown: per student checkpoint, validation F1 and precision with its saved statistics and with the
-    common precise ones (mean over the draws)."""
-    lines = ["| checkpoint | setting | saved F1 (precision) | common precise F1 (precision), mean | change |",
-             "|---|---|---:|---:|---:|"]
+    common precise ones (mean over the draws, and the range of F1 over the draws)."""
+    lines = ["| checkpoint | setting | batches | saved F1 (precision) | common precise F1 (precision), mean "
+             "| range over draws | change |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("role") != "student" or not r["precise"]:
             continue
-        f1 = statistics.mean(d["f1"] for d in r["precise"])
-        precision = statistics.mean(d["precision"] for d in r["precise"])
-        lines.append(f"| `{r['checkpoint']}` | {r['setting']} | {r['saved']['f1']:.2f} "
-                     f"({r['saved']['precision']:.2f}) | {f1:.2f} ({precision:.2f}) | {f1 - r['saved']['f1']:+.2f} |")
+        f1s = [d["f1"] for d in r["precise"]]
+        f1, precision = statistics.mean(f1s), statistics.mean(d["precision"] for d in r["precise"])
+        lines.append(f"| `{r['checkpoint']}` | {r['setting']} | {r['batches']} | {r['saved']['f1']:.2f} "
+                     f"({r['saved']['precision']:.2f}) | {f1:.2f} ({precision:.2f}) | {max(f1s) - min(f1s):.2f} "
+                     f"| {f1 - r['saved']['f1']:+.2f} |")
+    ranges = [max(d["f1"] for d in r["precise"]) - min(d["f1"] for d in r["precise"]) for r in rows
+              if r.get("role") == "student" and r["precise"]]
+    if ranges:
+        lines += ["", f"range of F1 over the draws, mean over {len(ranges)} checkpoint(s): "
+                      f"{statistics.mean(ranges):.2f}"]
+    return "\n".join(lines)
+
+
+STUDY_RUN = re.compile(r"seed(\d+)/([^/]+)/student-([^/]+)/[^/]+\.h5$")  # a reproduce.py student's checkpoint
+
+
+def weak_seed_gap(rows, weak):
+    """Lines: per setting and variant of the ``reproduce.py`` student rows, the mean validation F1 of the other
+    seeds minus seed ``weak``'s, with the saved statistics and with the common precise ones (mean over the
+    draws), then both averaged over the variants that have seed ``weak`` and another seed."""
+    groups = {}
+    for r in rows:
+        found = STUDY_RUN.search(r["checkpoint"])
+        if r.get("role") == "student" and r["precise"] and found:
+            seed, setting, variant = int(found[1]), found[2], found[3]
+            common = statistics.mean(d["f1"] for d in r["precise"])
+            groups.setdefault((setting, variant), {})[seed] = (r["saved"]["f1"], common)
+    lines, gaps = [], {}
+    for (setting, variant), by_seed in sorted(groups.items()):
+        others = [v for s, v in by_seed.items() if s != weak]
+        if weak not in by_seed or not others:
+            continue
+        saved = statistics.mean(v[0] for v in others) - by_seed[weak][0]
+        common = statistics.mean(v[1] for v in others) - by_seed[weak][1]
+        gaps.setdefault(setting, []).append((saved, common))
+        lines.append(f"{setting} {variant}: seeds {sorted(s for s in by_seed if s != weak)} minus seed {weak}: "
+                     f"saved {saved:+.2f}, common {common:+.2f}")
+    for setting, pairs in sorted(gaps.items()):
+        saved, common = (statistics.mean(p[i] for p in pairs) for i in (0, 1))
+        lines.append(f"{setting}, mean over {len(pairs)} variant(s): D_saved {saved:+.2f}, D_common {common:+.2f}, "
+                     f"D_common / D_saved {common / saved:.2f}" if saved else
+                     f"{setting}, mean over {len(pairs)} variant(s): D_saved {saved:+.2f}, D_common {common:+.2f}")
     return "\n".join(lines)
 
 
@@ -132,14 +171,20 @@ def main(argv=None):
     parser.add_argument("--results", default=str(ROOT / "results" / "bn_probe.json"))
     parser.add_argument("--table", action="store_true", help="print the rows as the notes' table and stop")
     parser.add_argument("--seeds", action="store_true", help="print the student rows, saved against common "
-                        "statistics, and stop")
+                        "statistics (rows of --batches batches), and how far seed --weak-seed's students trail "
+                        "the others' with each, and stop")
+    parser.add_argument("--precise-only", action="store_true", help="draw no running statistics (their "
+                        "momentum forgets all but the last batches of a long estimate)")
+    parser.add_argument("--weak-seed", type=int, default=3, help="the seed --seeds sets against the others")
     args = parser.parse_args(argv)
     results = Path(args.results)
     if args.table or args.seeds:
         if not results.is_file():
             raise SystemExit(f"bn_probe: no rows at {results}")
         rows = json.loads(results.read_text())
-        print(table(rows) if args.table else seeds_table(rows))
+        if args.seeds:  # rows of one estimate size
+            rows = [r for r in rows if r["batches"] == args.batches]
+        print(table(rows) if args.table else seeds_table(rows) + "\n\n" + weak_seed_gap(rows, args.weak_seed))
         return
     if not args.checkpoints:
         parser.error("give one or more checkpoints (or --table)")
