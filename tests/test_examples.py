@@ -522,6 +522,11 @@ def test_seed_probe_tables_initial_weights_against_data_with_the_study_on_the_di
     assert full.splitlines()[-1] == ("effect of the initial weights (seed 0 - seed 3): +5.50; "
                                      "effect of the data (seed 0 - seed 3): +2.50")
     assert seed_probe.table([], study) == "seed_probe: no rows yet"
+    changed = dict(mixed(3, 3, [45.0, 47.0, 46.0], 2), set={"precise_bn": 144})
+    lines = seed_probe.table([mixed(3, 0, [44.0, 41.0, 40.0], 1), changed], study).splitlines()
+    assert lines[5] == "| seed 3 | 44.00 (1, 40.00) | 42.00 (2, 35.00) |"  # the changed run is not a cell
+    assert lines[-1] == "| x | 3 / 3 | precise_bn 144 | 47.00 (2, 46.00) | 42.00 (2, 35.00) |"
+    assert seed_probe.key(changed) != seed_probe.key(dict(changed, set=None))
     same = subprocess.run([sys.executable, "examples/probes/seed_probe.py", "--data-seed", "2", "--init-seed", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert same.returncode != 0 and "equals --data-seed" in same.stderr
