@@ -67,8 +67,9 @@ def run(args):
                   progress=False)
     summary = reproduce._summary(out)
     row = {"setting": args.setting, "variant": "baseline", "data_seed": args.data_seed, "init_seed": args.init_seed,
-           "profile": PROFILE, **({"set": changes} if changes else {}), "split": described, "val_f1": summary["val_f1"], "best_epoch": summary["best_epoch"],
-           "epochs_run": summary["epochs_run"], "host": reproduce.machine_description("numpy"),
+           "profile": PROFILE, **({"set": changes} if changes else {}), "split": described,
+           "val_f1": summary["val_f1"], "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
+           "host": reproduce.machine_description("numpy"),
            "seconds": round(time.perf_counter() - started, 1)}
     results = Path(args.results)
     rows = [r for r in (json.loads(results.read_text()) if results.exists() else []) if key(r) != key(row)]
