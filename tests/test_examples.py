@@ -533,6 +533,9 @@ def test_seed_probe_tables_initial_weights_against_data_with_the_study_on_the_di
     bad = subprocess.run([sys.executable, "examples/probes/seed_probe.py", "--setting", "x9", "--init-seed", "1"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown setting 'x9'" in bad.stderr
+    nowhere = subprocess.run([sys.executable, "examples/probes/seed_probe.py", "--init-seed", "1", "--data",
+                              str(ROOT / "no-such-folder")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert nowhere.returncode != 0 and "no data folder at" in nowhere.stderr
 
 
 def test_bn_probe_carries_statistics_on_without_touching_the_model_and_tables_the_draws():

@@ -53,11 +53,13 @@ def run(args):
                          f"own student (its row in {STUDY.name})")
     if args.setting not in reproduce.SETTINGS:
         raise SystemExit(f"seed_probe: unknown setting {args.setting!r}; choose one of {list(reproduce.SETTINGS)}")
-    backend.keep_host_memory()
     try:
         prof = replace(PROFILES[PROFILE], **changes)
     except TypeError as err:
         raise SystemExit(f"seed_probe: --set {args.set}: {err}") from None
+    if not Path(args.data).is_dir():
+        raise SystemExit(f"seed_probe: no data folder at {args.data}")
+    backend.keep_host_memory()
     train, val, _, described, _ = reproduce.folder_splits(args.data, prof, out=None, seed=0)
     out = Path(args.out) / (f"{args.setting}-data{args.data_seed}-init{args.init_seed}"
                             + "".join(f"-{k}{v}" for k, v in changes.items()))
@@ -143,8 +145,6 @@ def main(argv=None):
                 raise SystemExit(f"seed_probe: no rows at {path}")
         print(table(json.loads(Path(args.results).read_text()), json.loads(Path(args.study).read_text())))
         return
-    if not Path(args.data).is_dir():
-        raise SystemExit(f"seed_probe: no data folder at {args.data}")
     run(args)
 
 
