@@ -23,10 +23,12 @@ for every checkpoint, whatever its seed. If the ``running`` figures spread by se
 points, every epoch's validation F1 carries that lottery and the epoch selected as best is partly
 the luckiest draw; the ``precise`` figures show what the weights give with statistics that do not
 depend on the last batches. Rows (one per checkpoint, every figure) go to ``results/bn_probe.json``;
-nothing is trained, no test scene is read. ``--seeds`` prints, for the student rows, the selected
-validation F1 and precision with the saved statistics and with the common ``precise`` ones (mean over
-the draws), one line per checkpoint: whether what sets a seed's students apart is in their weights or in
-the batches their statistics were estimated on.
+nothing is trained, no test scene is read. ``--seeds`` prints, for the student rows of ``--batches``
+batches, the selected validation F1 and precision with the saved statistics and with the common
+``precise`` ones (mean over the draws, and their range), one line per checkpoint, then how far the
+students of ``--weak-seed`` trail the other seeds' with each (``reproduce.py`` checkpoints): whether
+what sets a seed's students apart is in their weights or in the batches their statistics were
+estimated on.
 """
 
 from __future__ import annotations
@@ -112,16 +114,16 @@ def seeds_table(rows):
     common precise ones (mean over the draws, and the range of F1 over the draws)."""
     lines = ["| checkpoint | setting | batches | saved F1 (precision) | common precise F1 (precision), mean "
              "| range over draws | change |", "|---|---|---:|---:|---:|---:|---:|"]
+    ranges = []
     for r in rows:
         if r.get("role") != "student" or not r["precise"]:
             continue
         f1s = [d["f1"] for d in r["precise"]]
         f1, precision = statistics.mean(f1s), statistics.mean(d["precision"] for d in r["precise"])
+        ranges.append(max(f1s) - min(f1s))
         lines.append(f"| `{r['checkpoint']}` | {r['setting']} | {r['batches']} | {r['saved']['f1']:.2f} "
-                     f"({r['saved']['precision']:.2f}) | {f1:.2f} ({precision:.2f}) | {max(f1s) - min(f1s):.2f} "
+                     f"({r['saved']['precision']:.2f}) | {f1:.2f} ({precision:.2f}) | {ranges[-1]:.2f} "
                      f"| {f1 - r['saved']['f1']:+.2f} |")
-    ranges = [max(d["f1"] for d in r["precise"]) - min(d["f1"] for d in r["precise"]) for r in rows
-              if r.get("role") == "student" and r["precise"]]
     if ranges:
         lines += ["", f"range of F1 over the draws, mean over {len(ranges)} checkpoint(s): "
                       f"{statistics.mean(ranges):.2f}"]
