@@ -104,9 +104,11 @@ def run(args):
     model = load_model(out / "best.h5")[0]
     _, per_scene = reproduce.evaluate_scenes(model, val, prof)
     curve = [round(r["val"]["f1"], 2) for r in result.history]
+    train_loss = [round(r["train"]["loss"], 4) for r in result.history]  # is the teacher still fitting its crops?
     row = {"site": args.site, "seed": args.seed, "budget": args.budget, "profile": args.profile, "split": described,
            "crops_per_scene": train.times, "min_epochs": cfg.min_epochs, **({"set": changes} if changes else {}),
-           "val_f1": curve, "val_f1_per_scene": {k: round(v, 2) for k, v in per_scene.items()},
+           "val_f1": curve, "train_loss": train_loss,
+           "val_f1_per_scene": {k: round(v, 2) for k, v in per_scene.items()},
            "seconds": round(time.perf_counter() - started, 1)}
     results = Path(args.results)
     rows = [r for r in (json.loads(results.read_text()) if results.exists() else [])
