@@ -498,6 +498,13 @@ def test_site_probe_table_sets_each_run_beside_the_study_teacher_of_its_seed():
     assert ["both sites, pos_weight auto", "szada_2", "52.00", "50.00", "+2.00"] in [ln[1:2] + ln[5:] for ln in lines]
     larger = dict(row("all", 0, {"szada_2": 51.0, "tiszadob_2": 41.0}, crops=4), set={"crop": 256})
     assert len(site_probe.table(rows + [larger]).partition("\n\n")[0].splitlines()) == 2 + 4 + 2  # not the study's
+    # the same change to another profile's teacher is paired with that profile's teacher, and named apart
+    precise = [dict(r, profile="real-fc-siam-diff-precise", min_epochs=40) for r in rows[:3:2]]
+    precise[0]["val_f1"] = [1.0, 8.0, 2.0]
+    summed = [[c.strip() for c in line.split("|")[1:-1]]
+              for line in site_probe.table(rows + precise).partition("\n\n")[2].splitlines()]
+    assert ["both sites, 3 x the crops", "0", "+0.00"] in summed
+    assert ["both sites, 3 x the crops, profile real-fc-siam-diff-precise", "0", "-3.00"] in summed
     assert site_probe.fields(["pos_weight=16", "normalize=image"]) == {"pos_weight": 16, "normalize": "image"}
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         site_probe.fields(["pos_weight"])

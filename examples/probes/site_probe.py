@@ -149,8 +149,14 @@ def changes(r):
     return out + [f"{k} {v}" for k, v in (r.get("set") or {}).items()]
 
 
+DEFAULT_PROFILE = "real-fc-siam-diff-filtered"
+
+
 def label(r):
-    return ", ".join(["both sites"] * (r["site"] == "all") + changes(r))
+    """What a run is, in words; a profile other than the default is named, so that the summary never pairs
+    a change made to one profile's teacher with the same change made to another's."""
+    other = [] if r["profile"] == DEFAULT_PROFILE else [f"profile {r['profile']}"]
+    return ", ".join(["both sites"] * (r["site"] == "all") + changes(r) + other)
 
 
 def table(rows):
@@ -228,7 +234,7 @@ def main(argv=None):
                         help="other TrainConfig fields to change, values as JSON (pos_weight=16)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="crops per training scene and epoch before --budget (default: the profile's)")
-    parser.add_argument("--profile", default="real-fc-siam-diff-filtered", choices=sorted(PROFILES))
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sztaki-airchange"))
     parser.add_argument("--out", default="runs/site_probe")
     parser.add_argument("--results", default=str(ROOT / "results" / "site_probe.json"))
