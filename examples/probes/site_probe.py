@@ -52,6 +52,8 @@ from hicd_core.train import fit  # noqa: E402
 import reproduce  # noqa: E402
 from recipe_probe import mean_jump  # noqa: E402
 
+DEFAULT_PROFILE = "real-fc-siam-diff-filtered"  # the study whose teachers the probe was written for
+
 
 def site_splits(data, prof, site, budget=1):
     """``(train, val, description)``: all training scenes (``site`` 'all') or those of one site,
@@ -147,9 +149,6 @@ def changes(r):
     if prof is not None and r["min_epochs"] != prof.min_epochs:
         out.append(f"min_epochs {r['min_epochs']}")
     return out + [f"{k} {v}" for k, v in (r.get("set") or {}).items()]
-
-
-DEFAULT_PROFILE = "real-fc-siam-diff-filtered"
 
 
 def label(r):
